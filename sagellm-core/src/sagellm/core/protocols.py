@@ -1,0 +1,677 @@
+"""The slots of sageLLM, one ``typing.Protocol`` each.
+
+An implementation is a class registered under the slot's entry-point group (see
+:mod:`sagellm.core.registry`). It declares its pydantic config as the class attribute
+``config_class`` and is built as ``cls(config, **context)``, where ``context`` carries the
+components it collaborates with (for example a scheduler receives ``kv_pool=`` and
+``prefix_index=``). Protocols are runtime-checkable so ``isinstance(impl, KVPool)`` is
+the first line of every conformance suite; the behaviour is checked by the suites in
+:mod:`sagellm.core.testing`.
+
+Conventions: ``num_*`` are counts, ``*_ids`` are id lists, ``can_*`` never change state.
+Capacity shortfalls return ``None`` (or an empty result); exceptions are for caller
+mistakes and derive from :class:`sagellm.core.errors.SageLLMError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Hashable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from sagellm.core.types import (
+    AllocationResult,
+    CapabilityDescriptor,
+    CoTStep,
+    EvictionDecision,
+    ExecutionPlan,
+    FinishReason,
+    GenerationRequest,
+    KVBlockInfo,
+    KVCacheSchema,
+    LifetimePrediction,
+    MigrationPlan,
+    MigrationResult,
+    ModelOutput,
+    PolicyContext,
+    PrefixEntry,
+    PrefixMatch,
+    QuantizationProfile,
+    RequestOutput,
+    SamplingParams,
+    SchedulerOutput,
+    SpeculativeDraft,
+    TopologyInfo,
+    TransferPlan,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from pydantic import BaseModel
+
+__all__ = [
+    "CoTController",
+    "CommBackend",
+    "EvictionPolicy",
+    "IRBuilder",
+    "InferenceEngine",
+    "KVMigrator",
+    "KVPool",
+    "KVQuota",
+    "KVTransferChannel",
+    "KernelProvider",
+    "LifetimePredictor",
+    "OverlapScheduler",
+    "Platform",
+    "PrefixIndex",
+    "Proposer",
+    "Quantizer",
+    "Runtime",
+    "Scheduler",
+    "Sparsifier",
+    "TieredKVStore",
+    "TopologyDetector",
+]
+
+
+# ============================================================== direction 2: KV and scheduling
+
+
+@runtime_checkable
+class KVPool(Protocol):
+    """A paged pool of KV-cache blocks on one device (group ``sagellm.kv_pool``).
+
+    Anchor: vLLM v1 ``BlockPool`` (free-block queue, ``ref_cnt`` per block) and the block
+    half of its ``KVCacheManager``. Differences: the pool owns the per-layer storage
+    tensors, laid out from a :class:`KVCacheSchema`, so a runtime reads and writes KV
+    through :meth:`layer_cache`; prefix caching is not inside the pool but in a separate
+    :class:`PrefixIndex` that holds references like any other user.
+
+    Context at construction: ``schema=`` (KVCacheSchema), ``device=`` (torch device string).
+    """
+
+    config_class: ClassVar[type[BaseModel]]
+
+    @property
+    def schema(self) -> KVCacheSchema:
+        """Layout of every block."""
+        ...
+
+    @property
+    def num_blocks(self) -> int:
+        """Capacity in blocks (fixed at construction)."""
+        ...
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks with reference count 0."""
+        ...
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        """True when :meth:`allocate` of ``num_blocks`` would succeed now; no side effect."""
+        ...
+
+    def allocate(self, num_blocks: int) -> list[int] | None:
+        """Hand out ``num_blocks`` distinct free blocks, each with reference count 1.
+
+        Returns ``None`` (and changes nothing) when fewer are free: the caller preempts or
+        evicts. O(num_blocks). Raises ``ValueError`` for a negative count.
+        """
+        ...
+
+    def share(self, block_ids: Sequence[int]) -> None:
+        """Add one reference to each block (they must be allocated), e.g. a prefix hit."""
+        ...
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Drop one reference from each block; a block at 0 returns to the free list.
+
+        Freeing a block that is already free is a caller bug and raises ``ValueError``
+        naming the block, without changing any block.
+        """
+        ...
+
+    def ref_count(self, block_id: int) -> int:
+        """Current reference count of ``block_id`` (0 when free)."""
+        ...
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy the KV content of ``src`` into ``dst`` for every ``(src, dst)`` pair."""
+        ...
+
+    def layer_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value storage of one layer, each ``[num_blocks, block_size, heads, dim]``."""
+        ...
+
+    def block_info(self, block_id: int) -> KVBlockInfo:
+        """What the pool knows about one block."""
+        ...
+
+    def make_stats(self) -> Any:
+        """A :class:`~sagellm.core.telemetry.KVPoolStats` snapshot; resets counters."""
+        ...
+
+
+@runtime_checkable
+class TieredKVStore(Protocol):
+    """A hierarchy of KV tiers, fastest first (``device``, ``host``, ``disk``).
+
+    Anchor: the seeds' ``HierarchyManager`` and LMCache/Mooncake-style offloading.
+    Blocks are addressed per tier; a block demoted from the device tier gets an id in the
+    lower tier and keeps its content. Part of group ``sagellm.kv_pool`` implementations.
+    """
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """Tier names, fastest first."""
+        ...
+
+    def allocate(self, tier: str, num_blocks: int, tenant: str = "") -> AllocationResult | None:
+        """Blocks in ``tier`` charged to ``tenant``; ``None`` when full or over quota."""
+        ...
+
+    def free(self, tier: str, block_ids: Sequence[int]) -> None:
+        """Release blocks of ``tier``."""
+        ...
+
+    def block_info(self, tier: str, block_id: int) -> KVBlockInfo:
+        """What the tier knows about one block."""
+        ...
+
+    def make_stats(self) -> Any:
+        """A list of :class:`~sagellm.core.telemetry.TierStats`, one per tier."""
+        ...
+
+
+@runtime_checkable
+class KVMigrator(Protocol):
+    """Executes :class:`MigrationPlan` objects between tiers (the seeds' ``KVMigrator``)."""
+
+    def plan(self, src_tier: str, dst_tier: str, block_ids: Sequence[int]) -> MigrationPlan | None:
+        """Allocate destinations for ``block_ids``; ``None`` when the destination is full."""
+        ...
+
+    def migrate(self, plan: MigrationPlan) -> MigrationResult:
+        """Copy the blocks, release the sources unless ``keep_source``; report bandwidth."""
+        ...
+
+
+@runtime_checkable
+class KVQuota(Protocol):
+    """Per-tenant block quotas (the seeds' ``QuotaManager``)."""
+
+    def can_charge(self, tenant: str, num_blocks: int) -> bool:
+        """True when ``tenant`` may take ``num_blocks`` more; no side effect."""
+        ...
+
+    def charge(self, tenant: str, num_blocks: int) -> bool:
+        """Account blocks to ``tenant``; False (and a counted violation) when over quota."""
+        ...
+
+    def release(self, tenant: str, num_blocks: int) -> None:
+        """Return blocks charged to ``tenant``."""
+        ...
+
+    def usage(self) -> Mapping[str, int]:
+        """Blocks charged per tenant."""
+        ...
+
+
+@runtime_checkable
+class PrefixIndex(Protocol):
+    """An index from token prefixes to KV blocks (group ``sagellm.prefix_cache``).
+
+    Anchors: SGLang ``RadixCache`` (``match_prefix``, ``insert``, ``inc_lock_ref``,
+    ``evict``) and vLLM's automatic prefix caching (hash-chained full blocks). Differences:
+    the index never touches the pool; it only records which blocks hold which tokens and
+    reports blocks it stops referencing, so the caller moves the pool's reference counts.
+    Only full blocks are indexed. Entries are separated by an isolation key (tenant and
+    cache salt): a lookup never matches another key's prefixes.
+
+    Context at construction: ``block_size=`` and optionally ``eviction_policy=``.
+    """
+
+    config_class: ClassVar[type[BaseModel]]
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per block; matches are multiples of it."""
+        ...
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks the index references."""
+        ...
+
+    def match(self, token_ids: Sequence[int], isolation_key: str = "") -> PrefixMatch:
+        """Longest cached prefix of ``token_ids`` made of full blocks.
+
+        Never reports more tokens than given. Counts as an access for eviction order.
+        Does not lock: call :meth:`lock` before relying on the blocks.
+        """
+        ...
+
+    def insert(
+        self, token_ids: Sequence[int], block_ids: Sequence[int], isolation_key: str = ""
+    ) -> list[int]:
+        """Record that ``block_ids`` hold the full blocks of ``token_ids``.
+
+        Returns the block ids the index newly references (the caller adds a pool
+        reference for each). Blocks for prefixes already cached are not taken: the
+        cached ids stay, and the caller keeps sole ownership of its duplicates.
+        """
+        ...
+
+    def lock(self, match: PrefixMatch) -> None:
+        """Protect the matched blocks from eviction until :meth:`unlock`."""
+        ...
+
+    def unlock(self, match: PrefixMatch) -> None:
+        """Undo one :meth:`lock` of the same match."""
+        ...
+
+    def evict(self, num_blocks: int) -> list[int]:
+        """Drop up to ``num_blocks`` unlocked blocks, leaves first; return their ids.
+
+        The caller releases the index's pool reference of every returned block.
+        """
+        ...
+
+    def entries(self) -> Iterable[PrefixEntry]:
+        """Every cached entry (for inspection and tests)."""
+        ...
+
+    def clear(self) -> list[int]:
+        """Drop every unlocked entry; return the released block ids."""
+        ...
+
+    def make_stats(self) -> Any:
+        """A :class:`~sagellm.core.telemetry.PrefixCacheStats` snapshot; resets counters."""
+        ...
+
+
+@runtime_checkable
+class EvictionPolicy(Protocol):
+    """Chooses which cached keys to drop (group ``sagellm.eviction``).
+
+    Anchor: libCacheSim's cache interface (``get`` = find + insert on miss, ``evict``,
+    ``remove``); keys are hashable (block ids, prefix node ids). Difference: the policy
+    only orders keys and keeps its ghost history; the owner (a prefix index, a tier)
+    stores the data and asks for victims. ``capacity`` is the owner's size in keys, which
+    adaptive policies (ARC, S3-FIFO) need. Pinned keys are never victims.
+    """
+
+    config_class: ClassVar[type[BaseModel]]
+
+    def insert(self, key: Hashable, *, cost: float = 1.0, now: float | None = None) -> None:
+        """A new key entered the cache (``cost``: seconds to recompute it)."""
+        ...
+
+    def access(self, key: Hashable, *, now: float | None = None) -> None:
+        """A held key was used (a hit)."""
+        ...
+
+    def remove(self, key: Hashable) -> None:
+        """The owner dropped ``key`` by itself (not through :meth:`evict`)."""
+        ...
+
+    def pin(self, key: Hashable) -> None:
+        """Exclude a held key from eviction; pins nest."""
+        ...
+
+    def unpin(self, key: Hashable) -> None:
+        """Undo one :meth:`pin`."""
+        ...
+
+    def evict(self, num: int, context: PolicyContext | None = None) -> EvictionDecision:
+        """Remove and return up to ``num`` held, unpinned keys, best victim first."""
+        ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    def make_stats(self) -> Any:
+        """An :class:`~sagellm.core.telemetry.EvictionStats` snapshot; resets counters."""
+        ...
+
+
+@runtime_checkable
+class LifetimePredictor(Protocol):
+    """Predicts when a KV block or prefix is used again (group ``sagellm.lifetime``).
+
+    Anchor: learned cache-replacement work (LRB, "learning relaxed Belady") reduced to
+    online features the engine has. Features are a flat mapping of numbers: prefix depth,
+    access count, seconds since last access, request kind, tenant hash.
+    """
+
+    config_class: ClassVar[type[BaseModel]]
+
+    def observe(self, key: Hashable, features: Mapping[str, float], now: float) -> None:
+        """Record an access of ``key`` at ``now``; learns from the gap to its previous one."""
+        ...
+
+    def predict(self, features: Mapping[str, float]) -> LifetimePrediction:
+        """Predicted reuse of an entry with ``features``. Must be cheap (microseconds)."""
+        ...
+
+    def make_stats(self) -> Any:
+        """A :class:`~sagellm.core.telemetry.LifetimeStats` snapshot; resets counters."""
+        ...
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """Decides which tokens of which requests are computed each step (group ``sagellm.scheduler``).
+
+    Anchor: vLLM v1 ``SchedulerInterface`` (``add_request``, ``schedule``,
+    ``update_from_output``, ``finish_requests``) and its rule: every request's
+    ``num_computed_tokens`` catches up with its token count under a per-step token budget;
+    chunked prefill, prefix hits and speculative tokens are the same mechanism.
+    Differences: the output is lowered to an :class:`ExecutionPlan` IR by
+    :meth:`build_plan`; stop conditions that need text (stop strings) are decided by the
+    engine, which calls :meth:`finish_requests`.
+
+    Context at construction: ``kv_pool=`` (KVPool), ``max_model_len=`` (int), optionally
+    ``prefix_index=`` (PrefixIndex) and ``tiered_store=`` (TieredKVStore).
+    """
+
+    config_class: ClassVar[type[BaseModel]]
+
+    def add_request(self, request: GenerationRequest) -> None:
+        """Queue a request. Raises InvalidRequestError when it can never fit (too long)."""
+        ...
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work, allocating blocks (and preempting) as needed."""
+        ...
+
+    def build_plan(self, output: SchedulerOutput) -> ExecutionPlan:
+        """Lower a scheduler output to the IR the runtime executes."""
+        ...
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled_token_ids: Mapping[str, Sequence[int]]
+    ) -> None:
+        """Advance computed tokens of every scheduled chunk and append the sampled tokens.
+
+        ``sampled_token_ids`` holds, for every chunk with ``sample`` set, the accepted
+        tokens (one, or more after speculative verification).
+        """
+        ...
+
+    def finish_requests(self, request_ids: Iterable[str], reason: FinishReason) -> None:
+        """End requests (stop, length, abort) and release their blocks; unknown ids are ignored."""
+        ...
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request is waiting or running."""
+        ...
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued."""
+        ...
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding blocks."""
+        ...
+
+    def make_stats(self) -> Any:
+        """A :class:`~sagellm.core.telemetry.SchedulerStats` snapshot; resets counters."""
+        ...
+
+
+@runtime_checkable
+class IRBuilder(Protocol):
+    """Lowers scheduler decisions to an :class:`ExecutionPlan` (the seeds' ``IRBuilder``).
+
+    Anchor: none in the peers (vLLM hands ``SchedulerOutput`` straight to the model
+    runner); the IR makes prefill/decode separation, migrations and transfers explicit so
+    a later pass can place them on different instances.
+    """
+
+    def build(self, output: SchedulerOutput) -> ExecutionPlan:
+        """Nodes for migrations, prefill chunks, the decode batch and sampling, optimised."""
+        ...
+
+
+# ============================================================== runtime, platform, engine
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """Executes plans on a model (group ``sagellm.runtime``).
+
+    Anchor: vLLM ``GPUModelRunner.execute_model`` and nano-vllm ``ModelRunner``.
+    Difference: the runtime reads KV through a bound :class:`KVPool` and returns logits;
+    sampling is the engine's.
+    """
+
+    config_class: ClassVar[type[BaseModel]]
+
+    def capabilities(self) -> CapabilityDescriptor:
+        """Devices, dtypes and the longest sequence the loaded model supports."""
+        ...
+
+    def kv_cache_schema(self, block_size: int, dtype: str | None = None) -> KVCacheSchema:
+        """The KV layout this model needs at ``block_size`` tokens per block."""
+        ...
+
+    def bind_kv_pool(self, pool: KVPool) -> None:
+        """Use ``pool``'s storage for attention; raises CapabilityMismatchError if its schema differs."""
+        ...
+
+    def execute(self, plan: ExecutionPlan) -> ModelOutput:
+        """Run the plan's migrations and forward pass; logits of every sampled chunk."""
+        ...
+
+
+@runtime_checkable
+class Platform(Protocol):
+    """A device family (group ``sagellm.platform``; cpu, cuda and rocm are built in).
+
+    Anchor: vLLM ``vllm/platforms`` (``Platform``, ``device_type``, ``dist_backend``).
+    """
+
+    name: str  # "cpu", "cuda", "rocm", "ascend", ...
+    device_type: str  # torch device type: "cpu", "cuda", "npu", "mlu", ...
+    dist_backend: str  # torch.distributed backend: gloo, nccl, hccl, cncl, bkcl
+    visible_devices_env: str  # e.g. CUDA_VISIBLE_DEVICES, ASCEND_RT_VISIBLE_DEVICES
+
+    def is_available(self) -> bool:
+        """True when the device and its torch extension are present."""
+        ...
+
+    def device_count(self) -> int:
+        """Devices visible to this process."""
+        ...
+
+    def memory_info(self, device_index: int = 0) -> tuple[int, int]:
+        """``(free_bytes, total_bytes)`` of one device."""
+        ...
+
+    def supported_dtypes(self) -> tuple[str, ...]:
+        """Element types the device computes in."""
+        ...
+
+
+@runtime_checkable
+class InferenceEngine(Protocol):
+    """A serving engine (the seeds' ``BaseInferenceEngine``).
+
+    Anchor: vLLM ``AsyncLLM`` (``generate`` yielding outputs, ``abort``) and its control
+    plane view. A control plane routes between engines by :meth:`capabilities`.
+    """
+
+    def capabilities(self) -> CapabilityDescriptor:
+        """What the engine serves (model, devices, dtypes, features)."""
+        ...
+
+    def generate(
+        self, prompt: str | Sequence[int], sampling: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's state after every step until it finishes."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its resources; unknown ids are ignored."""
+        ...
+
+    def is_healthy(self) -> bool:
+        """True while the engine loop runs."""
+        ...
+
+
+# ============================================================== direction 1: communication
+
+
+@runtime_checkable
+class TopologyDetector(Protocol):
+    """Discovers devices, NUMA layout and links (group ``sagellm.topology``).
+
+    Anchor: ``nvidia-smi topo -m`` / NCCL topology detection; torch device queries.
+    """
+
+    def detect(self) -> TopologyInfo:
+        """Inspect the machine."""
+        ...
+
+
+@runtime_checkable
+class CommBackend(Protocol):
+    """Collective and point-to-point operations (group ``sagellm.comm_backend``).
+
+    Anchor: ``torch.distributed`` (same names and semantics, in place on tensors).
+    """
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """Reduce ``tensor`` in place across ranks."""
+        ...
+
+    def all_gather(self, output: torch.Tensor, tensor: torch.Tensor) -> None:
+        """Concatenate every rank's ``tensor`` into ``output`` along dim 0."""
+        ...
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None: ...
+
+    def recv(self, tensor: torch.Tensor, src: int) -> None: ...
+
+    def barrier(self) -> None: ...
+
+
+@runtime_checkable
+class KVTransferChannel(Protocol):
+    """Moves KV blocks between instances (group ``sagellm.kv_transfer``).
+
+    Anchor: vLLM's KV connector API (``save_kv_layer``/``start_load_kv``/
+    ``wait_for_save``), Mooncake and NIXL transfer engines. Difference: whole plans of
+    blocks rather than per-layer hooks; layer pipelining belongs to the overlap slot.
+    """
+
+    def send(self, plan: TransferPlan, pool: KVPool) -> None:
+        """Start sending the plan's blocks from ``pool``."""
+        ...
+
+    def receive(self, plan: TransferPlan, pool: KVPool) -> None:
+        """Receive the plan's blocks into ``pool`` at ``plan.dst_block_ids``."""
+        ...
+
+    def wait(self, plan: TransferPlan) -> float:
+        """Block until the plan is complete; seconds it took."""
+        ...
+
+
+@runtime_checkable
+class OverlapScheduler(Protocol):
+    """Overlaps communication with computation (group ``sagellm.overlap``).
+
+    Anchor: micro-batch pipelining in SGLang two-batch overlap and DeepSpeed.
+    """
+
+    def split(self, plan: ExecutionPlan, num_micro_batches: int) -> list[ExecutionPlan]:
+        """Cut a plan into micro-batches whose communication can overlap the next compute."""
+        ...
+
+
+# ============================================================== direction 3: acceleration
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """Quantizes weights and/or the KV cache (group ``sagellm.quantization``).
+
+    Anchor: gpt-fast ``WeightOnlyInt8QuantHandler``: ``create_quantized_state_dict`` then
+    ``convert_for_runtime`` that swaps ``nn.Linear`` modules.
+    """
+
+    config_class: ClassVar[type[BaseModel]]
+
+    def profile(self) -> QuantizationProfile:
+        """What this quantizer produces."""
+        ...
+
+    def quantize_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Quantized tensors (and scales) for every weight it handles."""
+        ...
+
+    def convert_for_runtime(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Swap modules so the model consumes the quantized state dict."""
+        ...
+
+
+@runtime_checkable
+class Sparsifier(Protocol):
+    """Skips work on unimportant weights, heads or tokens (group ``sagellm.sparsity``)."""
+
+    config_class: ClassVar[type[BaseModel]]
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Return the sparsified model (in place where possible)."""
+        ...
+
+
+@runtime_checkable
+class Proposer(Protocol):
+    """Proposes draft tokens for speculative decoding (group ``sagellm.speculative``).
+
+    Anchor: vLLM v1 ``NgramProposer``/``EagleProposer`` and gpt-fast's ``speculative_decode``.
+    """
+
+    config_class: ClassVar[type[BaseModel]]
+
+    def propose(self, token_ids: Mapping[str, Sequence[int]], num_tokens: int) -> list[SpeculativeDraft]:
+        """Up to ``num_tokens`` drafts for each request given its tokens so far."""
+        ...
+
+
+@runtime_checkable
+class KernelProvider(Protocol):
+    """Supplies fused or device-specific kernels (group ``sagellm.kernels``)."""
+
+    def available_ops(self) -> tuple[str, ...]:
+        """Names of the ops it implements: "rms_norm", "rotary", "paged_attention", ..."""
+        ...
+
+    def get(self, op: str) -> Any:
+        """The callable for ``op``; KeyError when not provided."""
+        ...
+
+
+@runtime_checkable
+class CoTController(Protocol):
+    """Accelerates chain-of-thought generation (group ``sagellm.cot``)."""
+
+    config_class: ClassVar[type[BaseModel]]
+
+    def step(self, request_id: str, token_ids: Sequence[int]) -> CoTStep | None:
+        """Called after each decode step; may propose, verify or cut reasoning steps."""
+        ...
