@@ -81,6 +81,8 @@ def render(pkg: repo.Package, packages: dict[str, repo.Package], *, standalone: 
         "branches": ["main"],
         "dvcs": "git",
         "environment_type": "uv",
+        # asv runs install/build commands from the env's own bin: give it uv there.
+        "matrix": {"req": {"uv": [""]}},
         "install_timeout": 1200,
         "default_benchmark_timeout": 120,
         "build_command": ["uv build --wheel --out-dir {build_cache_dir} {build_dir}"],

@@ -61,7 +61,7 @@ def _register_in_root(folder: str, module: str, root: Path) -> list[Path]:
         sources = list(re.finditer(r"^sagellm-[\w-]+ = \{ workspace = true \}\n", text, re.M))
         at = sources[-1].end() if sources else len(text)
         text = text[:at] + source + text[at:]
-    layer = re.search(r'^    "(\(sagellm\.[\w.]+\)(?: \| \(sagellm\.[\w.]+\))*)",$', text, re.M)
+    layer = re.search(r'^    "(\(sagellm\.[\w.]+\)(?: \| \(sagellm\.[\w.]+\))+)",$', text, re.M)
     if layer and f"(sagellm.{module})" not in layer.group(1):
         text = text[: layer.end(1)] + f" | (sagellm.{module})" + text[layer.end(1) :]
     pyproject.write_text(text)

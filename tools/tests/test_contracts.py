@@ -9,6 +9,7 @@ Run by ``nox -s contracts`` (an environment with import-linter and every package
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -23,13 +24,13 @@ import sagellm_repo as repo  # noqa: E402
 RESEARCH_CONTRACT = "Research packages are independent of each other and of sagellm.engine"
 CORE_CONTRACT = "sagellm.core imports no other sagellm package"
 
-# Run lint-imports on the copy only: drop every sys.path entry inside the real repository
-# (editable installs), then put the copy's src folders first.
+# Run lint-imports on the copy only: drop the real src folders from sys.path (editable
+# installs put them there), then put the copy's src folders first.
 _RUNNER = """
-import sys
-real, srcs = sys.argv[1], sys.argv[2:]
-sys.path[:] = [p for p in sys.path if not p.startswith(real)]
-sys.path[:0] = srcs
+import os, sys
+real = set(os.environ["REAL_SRCS"].split(os.pathsep))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p) not in real]
+sys.path[:0] = sys.argv[1:]
 from importlinter.cli import lint_imports_command
 lint_imports_command.main(args=["--no-cache"], prog_name="lint-imports")
 """
@@ -72,9 +73,11 @@ def _module_file(srcs: list[Path], module: str) -> Path:
 
 
 def _lint(copy: Path, srcs: list[Path]) -> subprocess.CompletedProcess[str]:
+    real = [str((p.path / "src").resolve()) for p in repo.discover().values()]
     return subprocess.run(
-        [sys.executable, "-c", _RUNNER, str(repo.ROOT), *map(str, srcs)],
+        [sys.executable, "-c", _RUNNER, *map(str, srcs)],
         cwd=copy,
+        env={**os.environ, "REAL_SRCS": os.pathsep.join(real)},
         capture_output=True,
         text=True,
         timeout=300,
