@@ -154,8 +154,11 @@ def _git(
 @nox.session
 @nox.parametrize("package", FOLDERS, ids=FOLDERS)
 def tests(session: nox.Session, package: str) -> None:
-    """Tests of one package folder with only core, that package (+ its test extra) and the
-    local packages it depends on installed. Extra args go to pytest."""
+    """Tests of one package, alone (core + the package + its test extra).
+
+    The engine also gets the local packages it depends on and the embedded model. Tests
+    marked `integration` are left to `nox -s integration`. Extra args go to pytest.
+    """
     pkg = _package(session, package)
     _install_local(session, [package], extras={package: _test_extras(package)})
     if not pkg.test_extra:
@@ -171,8 +174,11 @@ def tests(session: nox.Session, package: str) -> None:
 
 @nox.session
 def integration(session: nox.Session) -> None:
-    """Everything installed (+ the embedded model): packaging checks of every installed
-    package, tests/integration/ if present, and the engine's tests marked `integration`."""
+    """Cross-package tests with every package and the embedded model installed.
+
+    Runs tools/tests/test_packaging.py (packaging rules of every package),
+    tests/integration/ if present, and the engine's tests marked `integration`.
+    """
     folders = list(repo.discover())
     _install_local(session, folders, extras={f: _test_extras(f) for f in folders})
     serve = [
@@ -221,8 +227,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy over every package's src/: sagellm.core with the strict flag set, the others
-    with the default (checked) set; config in pyproject.toml."""
+    """mypy over every package (strict flag set for sagellm.core; see pyproject.toml)."""
     folders = list(repo.discover())
     _install_local(session, folders)
     session.install("-c", str(CONSTRAINTS), MYPY, "types-PyYAML")
@@ -235,9 +240,12 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def contracts(session: nox.Session) -> None:
-    """import-linter contracts (pyproject.toml) with every package installed; a runtime
-    check that `import sagellm.core` leaves torch unimported; and the test proving the
-    contracts catch a research package importing another one or the engine."""
+    """Import contracts (import-linter) with every package installed.
+
+    Also checks at run time that `import sagellm.core` leaves torch unimported, and runs
+    tools/tests/test_contracts.py, which proves the contracts catch a research package
+    importing another one or the engine.
+    """
     folders = list(repo.discover())
     _install_local(session, folders)
     session.install("-c", str(CONSTRAINTS), IMPORT_LINTER, PYTEST, "torch")
@@ -318,9 +326,12 @@ def _wheel_requirements(
 
 @nox.session(venv_backend="none")
 def install_check(session: nox.Session) -> None:
-    """Build dist/, install sagellm[kv,comm,accel,serve] from it into a fresh venv
-    (third-party dependencies from the index, torch from find-links, sagellm names only from
-    dist/), import every package and list the installed implementations."""
+    """Install sagellm[kv,comm,accel,serve] from freshly built dist/ into a fresh venv.
+
+    Third-party dependencies come from the index, torch from find-links, sagellm names only
+    from dist/ (direct wheel URLs). Then imports every package and runs
+    `python -m sagellm.core`.
+    """
     wheels = _build(session)
     extras = ["kv", "comm", "accel", "serve"]
     python = _fresh_venv(session, "install_check")
@@ -374,8 +385,7 @@ def install_check(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def no_torch(session: nox.Session) -> None:
-    """Fresh venv with sagellm-core only: it imports, `python -m sagellm.core` lists the
-    installed implementations, and torch was not pulled in."""
+    """sagellm-core alone in a fresh venv: imports and lists implementations, no torch."""
     python = _fresh_venv(session, "no_torch")
     _install_local(session, [repo.CORE], editable=False, python=python)
     session.run(
@@ -411,9 +421,12 @@ def _asv_setup(session: nox.Session, package: str) -> repo.Package:
 @nox.session
 @nox.parametrize("package", FOLDERS, ids=FOLDERS)
 def bench(session: nox.Session, package: str) -> None:
-    """asv benchmarks of one package. Default: one quick pass over the working tree
-    (`asv run --quick --python=same`, nothing saved). `-- full`: every commit that touched
-    the folder (`git rev-list HEAD -- <folder>`), results saved under <folder>/.asv/."""
+    """asv benchmarks of one package (`-- full`: every commit that touched it).
+
+    Default: one quick pass over the working tree (`asv run --quick --python=same`, nothing
+    saved). `-- full`: every commit in `git rev-list HEAD -- <folder>`, built in asv's uv
+    environment, results saved under <folder>/.asv/. More args go to `asv run`.
+    """
     mode = session.posargs[0] if session.posargs else "quick"
     if mode not in ("quick", "full"):
         session.error(f"unknown mode {mode!r}: use `-- quick` (default) or `-- full`")
@@ -449,8 +462,11 @@ def bench(session: nox.Session, package: str) -> None:
 @nox.session
 @nox.parametrize("package", FOLDERS, ids=FOLDERS)
 def dashboard(session: nox.Session, package: str) -> None:
-    """Saved asv run of HEAD (built in asv's own uv env), then `asv publish`:
-    HTML dashboard under <folder>/.asv/html/index.html."""
+    """asv HTML dashboard of one package in <folder>/.asv/html/.
+
+    First a saved run of HEAD built in asv's own uv environment (quick runs save nothing),
+    then `asv publish`.
+    """
     pkg = _asv_setup(session, package)
     session.run(
         "asv", "run", "HEAD^!", "--skip-existing-successful", "--show-stderr", *session.posargs
@@ -513,15 +529,19 @@ def _standalone_commit(pkg: repo.Package, packages: dict[str, repo.Package], spl
 
 @nox.session(venv_backend="none")
 def export(session: nox.Session) -> None:
-    """Split every committed package folder with its history into export/<folder>.git
-    (`git subtree split`), assemble export/sagellm.git whose submodules are those
-    repositories (laid out by .gitmodules), clone it with --recurse-submodules, then from one
-    package's own clone (posarg; default sagellm-prefix-cache, else sagellm-kv-pool) with no
-    other package's source: install core from a built wheel, run the tests and a quick asv
-    pass. Exports HEAD; uncommitted changes are not exported."""
+    """Polyrepo form: one repository per package + a superproject of submodules.
+
+    Splits every committed package folder with its history into export/<folder>.git
+    (`git subtree split`, plus one commit with the standalone asv.conf.json and .gitignore),
+    assembles export/sagellm.git whose submodules are those repositories (laid out by
+    .gitmodules), clones it with --recurse-submodules, then from one package's own clone
+    (posarg; default sagellm-prefix-cache, else sagellm-kv-pool) with no other package's
+    source: installs core from a wheel built into dist/, runs the tests and a quick asv
+    pass. Exports HEAD; uncommitted changes are not exported.
+    """
     started = time.monotonic()
     packages = repo.discover()
-    committed = [f for f in packages if _git("ls-tree", "HEAD", "--", f)]
+    committed = [f for f in packages if _git("ls-tree", "HEAD", "--", f"{f}/pyproject.toml")]
     if repo.CORE not in committed:
         session.error("sagellm-core is not committed: nothing can be exported")
     default = "sagellm-prefix-cache" if "sagellm-prefix-cache" in committed else "sagellm-kv-pool"
@@ -662,10 +682,12 @@ def export(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def new(session: nox.Session) -> None:
-    """Scaffold sagellm-<name>/ from templates/package: `nox -s new -- <name> [<slot>]`
-    (<slot> from sagellm.core.registry.GROUPS, e.g. prefix_cache). Refuses an existing
-    folder. Also registers the folder in pyproject.toml (uv workspace source, import
-    contract), .gitmodules and README.md, and writes its asv.conf.json."""
+    """New package folder from templates/package: `nox -s new -- <name> [<slot>]`.
+
+    <slot> is a key of sagellm.core.registry.GROUPS (e.g. prefix_cache). Refuses an
+    existing folder. Also registers the folder in pyproject.toml (uv workspace source,
+    import contract), .gitmodules and README.md, and writes its asv.conf.json.
+    """
     if not session.posargs:
         session.error("usage: nox -s new -- <name> [<slot>]")
     name = session.posargs[0].removeprefix("sagellm-")
@@ -695,8 +717,11 @@ def new(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def test(session: nox.Session) -> None:
-    """The full check: lint, contracts, typecheck, tests of every package, integration,
-    install_check, no_torch. Fails if any of them fails (each in its own venv)."""
+    """Everything CI checks: lint, contracts, typecheck, tests(*), integration, ...
+
+    Queues lint, contracts, typecheck, tests(<folder>) for every folder, integration,
+    install_check and no_torch in this nox run; it fails if any of them fails.
+    """
     names = ["lint", "contracts", "typecheck"]
     names += [f"tests({folder})" for folder in repo.discover()]
     names += ["integration", "install_check", "no_torch"]
