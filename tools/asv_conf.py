@@ -119,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         if pkg.error:
             print(f"{folder}: pyproject.toml unreadable ({pkg.error}); skipped", file=sys.stderr)
             continue
-        text = render(pkg, packages, standalone=False)
+        try:
+            text = render(pkg, packages, standalone=False)
+        except ValueError as exc:
+            print(f"{folder}: {exc}", file=sys.stderr)
+            stale.append(folder)
+            continue
         path = pkg.path / "asv.conf.json"
         current = path.read_text() if path.exists() else None
         if current == text:
