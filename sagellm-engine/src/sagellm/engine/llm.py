@@ -1,0 +1,234 @@
+"""Offline Python API: ``LLM(model=...).generate(prompts, sampling)``.
+
+The prompts are all queued at once and the engine steps until every one has finished,
+so the scheduler batches them (continuous batching); results come back in input order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sagellm.core.config import EngineConfig
+from sagellm.core.errors import InvalidRequestError
+from sagellm.core.types import RequestKind, RequestOutput, SamplingParams
+from sagellm.engine.args import make_engine_config
+from sagellm.engine.config import BuildOptions
+from sagellm.engine.llm_engine import LLMEngine, Prompt
+
+__all__ = ["LLM", "Message", "apply_chat_template"]
+
+Message = Mapping[str, Any]
+
+#: Consecutive steps without scheduled work after which generate() gives up (a scheduler
+#: that can admit nothing while requests wait would otherwise spin forever).
+_MAX_IDLE_STEPS = 1000
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            else:
+                raise InvalidRequestError(
+                    "only text content parts ({'type': 'text', 'text': ...}) are supported"
+                )
+        return "".join(parts)
+    if content is None:
+        return ""
+    raise InvalidRequestError("message content must be a string or a list of text parts")
+
+
+def apply_chat_template(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    *,
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
+    **template_kwargs: Any,
+) -> str:
+    """The prompt text of a conversation under the tokenizer's chat template."""
+    if tokenizer is None:
+        raise InvalidRequestError("chat needs a tokenizer; this engine has none")
+    if not messages:
+        raise InvalidRequestError("messages is empty: a conversation needs at least one message")
+    conv = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m:
+            raise InvalidRequestError(f"messages[{i}] needs a 'role' and a 'content'")
+        conv.append({"role": str(m["role"]), "content": _message_text(m.get("content"))})
+    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidRequestError("the model's tokenizer has no chat template; use completions")
+    text: str = tokenizer.apply_chat_template(
+        conv,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        chat_template=chat_template,
+        **template_kwargs,
+    )
+    return text
+
+
+class LLM:
+    """Batch generation with a locally built engine.
+
+    Usage::
+
+        from sagellm.engine import LLM
+        from sagellm.core.types import SamplingParams
+
+        llm = LLM(model="smollm2-135m")
+        out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8))
+        print(out[0].outputs[0].text)
+        print(llm.chat([{"role": "user", "content": "Hi!"}])[0].outputs[0].text)
+
+    Keyword options are those of :func:`sagellm.engine.args.make_engine_config`
+    (``dtype``, ``num_threads``, ``block_size``, ``max_num_seqs``, ``kv_pool``, ...).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        config: EngineConfig | str | os.PathLike[str] | None = None,
+        build_options: BuildOptions | None = None,
+        **engine_options: Any,
+    ) -> None:
+        if isinstance(config, EngineConfig):
+            if engine_options:
+                raise InvalidRequestError(
+                    "pass either an EngineConfig or keyword options, not both"
+                )
+            if model is not None:
+                config = config.model_copy(update={"model": model})
+            options = build_options or BuildOptions()
+        else:
+            config, options = make_engine_config(config, model=model, **engine_options)
+            options = build_options or options
+        self.engine = LLMEngine.from_config(config, options)
+        self._counter = 0
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer."""
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+        kind: RequestKind = RequestKind.COMPLETION,
+        add_special_tokens: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete every prompt (text or token ids); outputs in input order."""
+        batch = self._as_batch(prompts)
+        if isinstance(sampling, Sequence):
+            if len(sampling) != len(batch):
+                raise InvalidRequestError(
+                    f"{len(sampling)} sampling params for {len(batch)} prompts: give one or one each"
+                )
+            params = list(sampling)
+        else:
+            params = [sampling or SamplingParams()] * len(batch)
+        return self._run(batch, params, use_tqdm, kind, add_special_tokens)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Answer one conversation or a list of them with the tokenizer's chat template."""
+        if not messages:
+            raise InvalidRequestError(
+                "messages is empty: a conversation needs at least one message"
+            )
+        first = messages[0]
+        conversations: list[Sequence[Message]]
+        if isinstance(first, Mapping):
+            conversations = [messages]  # type: ignore[list-item]
+        else:
+            conversations = list(messages)  # type: ignore[arg-type]
+        prompts = [
+            apply_chat_template(
+                self.tokenizer,
+                conv,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template,
+                **dict(chat_template_kwargs or {}),
+            )
+            for conv in conversations
+        ]
+        return self.generate(
+            prompts, sampling, use_tqdm=use_tqdm, kind=RequestKind.CHAT, add_special_tokens=False
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, str):
+            return [prompts]
+        if isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int):
+            return [prompts]  # type: ignore[list-item]
+        return list(prompts)  # type: ignore[arg-type]
+
+    def _run(
+        self,
+        prompts: list[Prompt],
+        params: list[SamplingParams],
+        use_tqdm: bool,
+        kind: RequestKind,
+        add_special_tokens: bool,
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = f"llm-{self._counter}"
+                self._counter += 1
+                engine.add_request(rid, prompt, p, kind=kind, add_special_tokens=add_special_tokens)
+                ids.append(rid)
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="generating", unit="req")
+        idle = 0
+        try:
+            while engine.has_unfinished_requests():
+                outputs = engine.step()
+                idle = 0 if engine.last_step_num_tokens else idle + 1
+                if idle > _MAX_IDLE_STEPS:
+                    raise RuntimeError(
+                        f"the scheduler scheduled nothing for {_MAX_IDLE_STEPS} steps while "
+                        f"{engine.get_num_unfinished_requests()} requests wait; the KV pool is "
+                        "probably too small for them"
+                    )
+                for out in outputs:
+                    if out.finished:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            engine.abort_request(ids)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[rid] for rid in ids]

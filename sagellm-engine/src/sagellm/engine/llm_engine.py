@@ -1,0 +1,513 @@
+"""The synchronous engine loop.
+
+One :meth:`LLMEngine.step` is: ``scheduler.schedule()`` -> ``scheduler.build_plan()`` ->
+``runtime.execute()`` -> sampler -> ``scheduler.update_from_output()`` -> stop checks ->
+``scheduler.finish_requests()``. The scheduler owns admission, blocks and preemption; the
+engine owns everything that needs tokens or text: sampling, detokenization and the stop
+conditions (end of sequence, stop tokens, stop strings, ``max_tokens``, context length).
+
+A request with ``n > 1`` becomes ``n`` sub-requests with their own seeds; their outputs are
+merged back into one :class:`RequestOutput` with ``n`` completions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagellm.core.config import EngineConfig
+from sagellm.core.errors import CapabilityMismatchError, InvalidRequestError
+from sagellm.core.types import (
+    CompletionOutput,
+    FinishReason,
+    GenerationRequest,
+    IRNodeKind,
+    RequestKind,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+)
+from sagellm.engine.builder import EngineBuilder, EngineParts
+from sagellm.engine.config import BuildOptions
+from sagellm.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from sagellm.engine.metrics import EngineStats
+from sagellm.engine.sampler import Sampler, SamplingRow, mix_seed
+
+__all__ = ["LLMEngine", "Prompt"]
+
+logger = logging.getLogger(__name__)
+
+#: A prompt as callers give it: text, or token ids.
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class _Sequence:
+    """Engine-side state of one sub-request (one of the ``n`` continuations)."""
+
+    request_id: str  # id the scheduler knows
+    parent: _Request
+    index: int  # position among the parent's n completions
+    seed: int
+    sampling: SamplingParams  # the parent's, with n=1
+    detokenizer: IncrementalDetokenizer | None
+    stop_matcher: StopStringMatcher
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def completion(self) -> CompletionOutput:
+        """The continuation as callers see it; a possible stop-string prefix is held back."""
+        text = self.text
+        if not self.finished:
+            held = self.stop_matcher.holdback(text)
+            if held:
+                text = text[:-held]
+        return CompletionOutput(
+            index=self.index,
+            text=text,
+            token_ids=list(self.output_token_ids),
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            cumulative_logprob=self.cumulative_logprob,
+        )
+
+
+@dataclass
+class _Request:
+    """A caller's request and its sub-requests."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    sequences: list[_Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.sequences)
+
+    def output(self) -> RequestOutput:
+        seqs = self.sequences
+        metrics = RequestMetrics(
+            arrival_time=self.arrival_time,
+            num_prompt_tokens=len(self.prompt_token_ids),
+        )
+        firsts = [s.metrics.first_scheduled_time for s in seqs if s.metrics.first_scheduled_time]
+        metrics.first_scheduled_time = min(firsts) if firsts else None
+        tokens = [s.metrics.first_token_time for s in seqs if s.metrics.first_token_time]
+        metrics.first_token_time = min(tokens) if tokens else None
+        if self.finished:
+            ends = [s.metrics.finished_time for s in seqs if s.metrics.finished_time]
+            metrics.finished_time = max(ends) if ends else None
+        metrics.num_cached_tokens = max(s.metrics.num_cached_tokens for s in seqs)
+        metrics.num_output_tokens = sum(len(s.output_token_ids) for s in seqs)
+        metrics.num_preemptions = sum(s.metrics.num_preemptions for s in seqs)
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_token_ids),
+            outputs=[s.completion() for s in seqs],
+            finished=self.finished,
+            metrics=metrics,
+        )
+
+
+class LLMEngine:
+    """Runs requests to completion one scheduler step at a time.
+
+    Usage::
+
+        engine = LLMEngine.from_config(load_engine_config(overrides={"model": "smollm2-135m"}))
+        engine.add_request("r1", "The capital of France is", SamplingParams(max_tokens=8))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    print(out.outputs[0].text)
+    """
+
+    def __init__(self, parts: EngineParts) -> None:
+        self.parts = parts
+        self.config: EngineConfig = parts.config
+        self.runtime = parts.runtime
+        self.kv_pool = parts.kv_pool
+        self.scheduler = parts.scheduler
+        self.tokenizer = parts.tokenizer
+        self.max_model_len = parts.max_model_len
+        self.model_name = parts.model_name
+        self.sampler = Sampler()
+        self.eos_token_ids = self._eos_token_ids()
+        self.vocab_size = self._vocab_size()
+        self._seed_rng = random.Random(self.config.seed)
+        self._requests: dict[str, _Request] = {}  # by caller id
+        self._sequences: dict[str, _Sequence] = {}  # by scheduler id
+        self._stats = EngineStats()
+        self._auto_ids = itertools.count()
+        self.last_step_num_tokens = 0  # tokens the latest step computed (0: it was idle)
+
+    @classmethod
+    def from_config(
+        cls, config: EngineConfig | None = None, options: BuildOptions | None = None, **kwargs: Any
+    ) -> LLMEngine:
+        """Build the components of ``config`` through the registry and wrap them."""
+        return cls(EngineBuilder(config or EngineConfig(), options, **kwargs).build())
+
+    # ------------------------------------------------------------------ requests
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` with the model's tokenizer."""
+        if self.tokenizer is None:
+            raise InvalidRequestError(
+                "this engine was built without a tokenizer: pass token ids instead of text"
+            )
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return ids
+
+    def validate(self, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> None:
+        """Raise InvalidRequestError when a request could never be served."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty: give at least one token or character")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens but the context holds {self.max_model_len} "
+                f"(prompt plus at least one generated token); shorten the prompt to at most "
+                f"{self.max_model_len - 1} tokens"
+            )
+        bad = [t for t in prompt_token_ids if not (0 <= int(t) < self.vocab_size)]
+        if bad:
+            raise InvalidRequestError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}); "
+                "use ids produced by this model's tokenizer"
+            )
+        if sampling.stop and self.tokenizer is None:
+            raise InvalidRequestError(
+                "stop strings need a tokenizer; this engine has none: use stop_token_ids"
+            )
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: Prompt,
+        sampling: SamplingParams | None = None,
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        tenant: str = "",
+        cache_salt: str = "",
+        kind: RequestKind = RequestKind.COMPLETION,
+        add_special_tokens: bool = True,
+    ) -> str:
+        """Queue a request (text or token ids); returns its id.
+
+        Raises InvalidRequestError for an empty prompt, one that leaves no room in the
+        context, token ids outside the vocabulary or an id already in use.
+        """
+        sampling = sampling or SamplingParams()
+        if request_id is None:
+            request_id = f"req-{next(self._auto_ids)}"
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = self.tokenize(prompt, add_special_tokens=add_special_tokens)
+        else:
+            text = None
+            try:
+                token_ids = [int(t) for t in prompt]
+            except (TypeError, ValueError) as exc:
+                raise InvalidRequestError(
+                    "a prompt is either a string or a sequence of integer token ids"
+                ) from exc
+        self.validate(token_ids, sampling)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        req = _Request(request_id, text, token_ids, sampling, arrival)
+        base_seed = sampling.seed if sampling.seed is not None else self._seed_rng.getrandbits(63)
+        child_sampling = sampling.model_copy(update={"n": 1}) if sampling.n != 1 else sampling
+        for i in range(sampling.n):
+            sub_id = request_id if sampling.n == 1 else f"{request_id}#{i}"
+            if sub_id in self._sequences:
+                raise InvalidRequestError(f"request id {sub_id!r} is already in use")
+            seed = base_seed if sampling.n == 1 else mix_seed(base_seed, i)
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, token_ids, skip_special_tokens=sampling.skip_special_tokens
+                )
+            seq = _Sequence(
+                request_id=sub_id,
+                parent=req,
+                index=i,
+                seed=seed,
+                sampling=child_sampling,
+                detokenizer=detok,
+                stop_matcher=StopStringMatcher(sampling.stop),
+                logprobs=[] if sampling.logprobs is not None else None,
+                cumulative_logprob=0.0 if sampling.logprobs is not None else None,
+                metrics=RequestMetrics(arrival_time=arrival, num_prompt_tokens=len(token_ids)),
+            )
+            req.sequences.append(seq)
+        added: list[str] = []
+        try:
+            for seq in req.sequences:
+                self.scheduler.add_request(
+                    GenerationRequest(
+                        request_id=seq.request_id,
+                        prompt_token_ids=tuple(token_ids),
+                        sampling=seq.sampling,
+                        arrival_time=arrival,
+                        priority=priority,
+                        tenant=tenant,
+                        cache_salt=cache_salt,
+                        kind=kind,
+                        eos_token_ids=self.eos_token_ids,
+                    )
+                )
+                added.append(seq.request_id)
+                self._sequences[seq.request_id] = seq
+        except Exception:
+            for sub_id in added:
+                self._sequences.pop(sub_id, None)
+            self.scheduler.finish_requests(added, FinishReason.ABORT)
+            raise
+        self._requests[request_id] = req
+        self._stats.num_requests_added += 1
+        self._stats.num_prompt_tokens += len(token_ids) * sampling.n
+        return request_id
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
+        """Stop requests and free their blocks; unknown ids are ignored.
+
+        Returns the final (aborted) output of every request that was live.
+        """
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        outputs = []
+        now = time.monotonic()
+        for rid in request_ids:
+            req = self._requests.pop(rid, None)
+            if req is None:
+                continue
+            live = [s for s in req.sequences if not s.finished]
+            self.scheduler.finish_requests([s.request_id for s in live], FinishReason.ABORT)
+            for seq in live:
+                seq.finish_reason = FinishReason.ABORT
+                seq.metrics.finished_time = now
+            for seq in req.sequences:
+                self._sequences.pop(seq.request_id, None)
+            self._stats.num_requests_aborted += 1
+            outputs.append(req.output())
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        """True while a request is waiting or running."""
+        return bool(self._requests)
+
+    def live_request_ids(self) -> list[str]:
+        """Ids of the caller requests not yet finished."""
+        return list(self._requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        """Caller requests not yet finished."""
+        return len(self._requests)
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; outputs of every request that advanced or finished."""
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        self.last_step_num_tokens = out.num_scheduled_tokens
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        finished: dict[FinishReason, list[str]] = {}
+
+        for rid in out.preempted_request_ids:
+            seq = self._sequences.get(rid)
+            if seq is not None:
+                seq.metrics.num_preemptions += 1
+        for rid in out.rejected_request_ids:
+            seq = self._sequences.get(rid)
+            if seq is not None and not seq.finished:
+                self._finish(seq, FinishReason.REJECTED, None, now)
+                touched[seq.parent.request_id] = seq.parent
+        self._stats.num_preemptions += len(out.preempted_request_ids)
+
+        if out.chunks:
+            for chunk in out.chunks:
+                seq = self._sequences.get(chunk.request_id)
+                if seq is not None and seq.metrics.first_scheduled_time is None:
+                    seq.metrics.first_scheduled_time = now
+                    seq.metrics.num_cached_tokens = chunk.num_computed_tokens
+                if chunk.num_draft_tokens:
+                    raise CapabilityMismatchError(
+                        "the scheduler planned speculative tokens but this engine has no "
+                        "proposer to verify them; disable speculation in the scheduler options"
+                    )
+            plan = self.scheduler.build_plan(out)
+            if plan.graph.of_kind(IRNodeKind.KV_MIGRATE) or plan.graph.of_kind(
+                IRNodeKind.KV_TRANSFER
+            ):
+                raise CapabilityMismatchError(
+                    "the plan moves KV blocks between tiers or instances, which this "
+                    "single-tier engine cannot run; use a scheduler without tiering"
+                )
+            model_out = self.runtime.execute(plan)
+            row_ids = list(model_out.request_ids)
+            rows = []
+            for rid in row_ids:
+                seq = self._sequences[rid]
+                rows.append(
+                    SamplingRow(
+                        params=seq.sampling,
+                        seed=seq.seed,
+                        prompt_token_ids=seq.parent.prompt_token_ids,
+                        output_token_ids=seq.output_token_ids,
+                    )
+                )
+            sampled = self.sampler(model_out.logits, rows)
+            sampled_map = {rid: [tok] for rid, tok in zip(row_ids, sampled.token_ids)}
+            self.scheduler.update_from_output(out, sampled_map)
+            now = time.monotonic()
+            for i, rid in enumerate(row_ids):
+                seq = self._sequences[rid]
+                reason = self._append_token(
+                    seq, sampled.token_ids[i], sampled.sampled_logprobs[i], sampled.top_logprobs[i]
+                )
+                if seq.metrics.first_token_time is None:
+                    seq.metrics.first_token_time = now
+                touched[seq.parent.request_id] = seq.parent
+                if reason is not None:
+                    finished.setdefault(reason[0], []).append(rid)
+                    self._finish(seq, reason[0], reason[1], now)
+            self._stats.num_generation_tokens += len(row_ids)
+            self._stats.num_scheduled_tokens += out.num_scheduled_tokens
+
+        for reason, ids in finished.items():
+            self.scheduler.finish_requests(ids, reason)
+
+        outputs = []
+        for req in touched.values():
+            outputs.append(req.output())
+            if req.finished:
+                self._retire(req)
+        self._stats.num_steps += 1
+        self._stats.step_seconds += time.perf_counter() - t0
+        return outputs
+
+    # ------------------------------------------------------------------ stats
+
+    def make_stats(self) -> EngineStats:
+        """The engine's own stats since the previous call (counters reset)."""
+        stats = self._stats
+        self._stats = EngineStats()
+        stats.num_running_requests = len(self._requests)
+        return stats
+
+    def component_stats(self) -> dict[str, object]:
+        """``make_stats()`` of the engine and of every component that has one."""
+        out: dict[str, object] = {"engine": self.make_stats()}
+        for name, comp in self.parts.components().items():
+            make = getattr(comp, "make_stats", None)
+            if callable(make):
+                out[name] = make()
+        return out
+
+    # ------------------------------------------------------------------ helpers
+
+    def _append_token(
+        self,
+        seq: _Sequence,
+        token_id: int,
+        logprob: float | None,
+        top: dict[int, float] | None,
+    ) -> tuple[FinishReason, str | int | None] | None:
+        """Record a sampled token; the finish reason and stop reason if it ends the sequence."""
+        p = seq.sampling
+        seq.output_token_ids.append(token_id)
+        if seq.logprobs is not None and top is not None:
+            seq.logprobs.append(top)
+            seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + (logprob or 0.0)
+        stop_token = (not p.ignore_eos and token_id in self.eos_token_ids) or (
+            token_id in p.stop_token_ids
+        )
+        if stop_token:
+            # The stop token itself is part of token_ids but not of the text.
+            if seq.detokenizer is not None:
+                seq.text += seq.detokenizer.flush()
+            stop_reason = token_id if token_id in p.stop_token_ids else None
+            return FinishReason.STOP, stop_reason
+        if seq.detokenizer is not None:
+            delta = seq.detokenizer.add(token_id)
+            if delta:
+                seq.text += delta
+                match = seq.stop_matcher.find(seq.text, len(delta))
+                if match is not None:
+                    pos, stop = match
+                    seq.text = (
+                        seq.text[: pos + len(stop)]
+                        if p.include_stop_str_in_output
+                        else (seq.text[:pos])
+                    )
+                    return FinishReason.STOP, stop
+        num_output = len(seq.output_token_ids)
+        if (p.max_tokens is not None and num_output >= p.max_tokens) or (
+            len(seq.parent.prompt_token_ids) + num_output >= self.max_model_len
+        ):
+            if seq.detokenizer is not None:
+                seq.text += seq.detokenizer.flush()
+            return FinishReason.LENGTH, None
+        return None
+
+    def _finish(
+        self, seq: _Sequence, reason: FinishReason, stop_reason: str | int | None, now: float
+    ) -> None:
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        seq.metrics.finished_time = now
+        seq.metrics.num_output_tokens = len(seq.output_token_ids)
+        self._sequences.pop(seq.request_id, None)
+
+    def _retire(self, req: _Request) -> None:
+        self._requests.pop(req.request_id, None)
+        self._stats.num_requests_finished += 1
+        out_metrics = req.output().metrics
+        if out_metrics.ttft is not None:
+            self._stats.ttft_seconds.append(out_metrics.ttft)
+        for seq in req.sequences:
+            tpot = seq.metrics.tpot
+            if tpot is not None and len(seq.output_token_ids) > 1:
+                self._stats.tpot_seconds.append(tpot)
+            if seq.metrics.finished_time is not None:
+                self._stats.e2e_seconds.append(seq.metrics.finished_time - req.arrival_time)
+
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        ids: list[int] = []
+        model_config = getattr(self.runtime, "model_config", None)
+        ids.extend(getattr(model_config, "eos_token_ids", ()) or ())
+        tok = self.tokenizer
+        if tok is not None and getattr(tok, "eos_token_id", None) is not None:
+            ids.append(int(tok.eos_token_id))
+        return tuple(dict.fromkeys(int(i) for i in ids))
+
+    def _vocab_size(self) -> int:
+        model_config = getattr(self.runtime, "model_config", None)
+        size = getattr(model_config, "vocab_size", None)
+        if size is None and self.tokenizer is not None:
+            size = len(self.tokenizer)
+        return int(size) if size is not None else 1 << 31

@@ -1,0 +1,239 @@
+"""Token selection from logits, vectorised over the batch.
+
+Order of operations (as in vLLM v1): logprobs of the raw distribution, penalties
+(repetition on prompt and output, presence and frequency on output), greedy rows take the
+argmax, other rows are divided by their temperature, then min-p, top-k and top-p mask the
+tail and a token is drawn with the exponential race ``argmax(p / q)``, ``q ~ Exp(1)``.
+
+Randomness is reproducible per request: row ``i`` draws its noise from a generator seeded
+with ``mix(seed_i, token_index_i)``, where ``token_index`` is the number of tokens the
+request has already generated. The draw therefore does not depend on which other requests
+share the batch, nor on preemption (a recomputed request resamples the same index with the
+same seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from sagellm.core.types import SamplingParams
+
+__all__ = ["Sampler", "SamplerOutput", "SamplingRow", "mix_seed"]
+
+#: Temperatures below this are treated as greedy (dividing by them overflows nothing,
+#: but the distribution is a point mass in all but name).
+_GREEDY_EPS = 1e-5
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(seed: int, index: int) -> int:
+    """A 63-bit seed derived from ``(seed, index)`` with the splitmix64 finaliser.
+
+    Neighbouring indices give unrelated streams, so the generator of token ``i`` is not a
+    shifted copy of the one of token ``i + 1``.
+    """
+    z = (seed * 0x9E3779B97F4A7C15 + index + 0x632BE59BD9B4E019) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return z & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRow:
+    """What the sampler needs to know about one row of logits."""
+
+    params: SamplingParams
+    seed: int  # the request's seed (its own, or one the engine assigned)
+    prompt_token_ids: Sequence[int] = ()  # for the repetition penalty
+    output_token_ids: Sequence[int] = ()  # tokens generated so far; its length is the index
+
+    @property
+    def token_index(self) -> int:
+        """Index of the token being sampled among the request's outputs."""
+        return len(self.output_token_ids)
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """Tokens picked for every row, with logprobs where requested."""
+
+    token_ids: list[int]
+    # per row: logprob of the sampled token under the raw distribution (None: not asked)
+    sampled_logprobs: list[float | None] = field(default_factory=list)
+    # per row: top-k ids -> logprob, the sampled token included (None: not asked)
+    top_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+class Sampler:
+    """Picks the next token of every row of a logits batch.
+
+    Usage::
+
+        sampler = Sampler()
+        out = sampler(logits, [SamplingRow(SamplingParams(temperature=0), seed=0)])
+        out.token_ids  # [argmax of row 0]
+    """
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """Sample one token per row; ``logits`` is ``[len(rows), vocab]``."""
+        return self.sample(logits, rows)
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """Sample one token per row; ``logits`` is ``[len(rows), vocab]`` (not modified)."""
+        num_rows = len(rows)
+        if logits.dim() != 2 or logits.shape[0] != num_rows:
+            raise ValueError(
+                f"logits of shape {tuple(logits.shape)} do not match {num_rows} sampling rows"
+            )
+        if num_rows == 0:
+            return SamplerOutput([], [], [])
+        params = [r.params for r in rows]
+        want_logprobs = [p.logprobs is not None for p in params]
+        any_penalty = any(_has_penalty(p) for p in params)
+        all_greedy = all(p.temperature < _GREEDY_EPS for p in params)
+
+        if all_greedy and not any_penalty and not any(want_logprobs):
+            # The common serving case: one argmax over the whole batch.
+            token_ids = logits.argmax(dim=-1).tolist()
+            return SamplerOutput(token_ids, [None] * num_rows, [None] * num_rows)
+
+        logits = logits.float()
+        raw_logprobs = None
+        if any(want_logprobs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if any_penalty:
+            logits = self._apply_penalties(logits, rows)
+
+        greedy = torch.tensor([p.temperature < _GREEDY_EPS for p in params])
+        if all_greedy:
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = self._sample_random(logits, rows, params, greedy)
+
+        token_ids = sampled.tolist()
+        sampled_logprobs: list[float | None] = [None] * num_rows
+        top: list[dict[int, float] | None] = [None] * num_rows
+        if raw_logprobs is not None:
+            sampled_lp = raw_logprobs.gather(1, sampled.view(-1, 1)).view(-1).tolist()
+            max_k = max(p.logprobs or 0 for p in params)
+            top_vals = top_ids = None
+            if max_k > 0:
+                top_vals_t, top_ids_t = raw_logprobs.topk(max_k, dim=-1)
+                top_vals, top_ids = top_vals_t.tolist(), top_ids_t.tolist()
+            for i, p in enumerate(params):
+                if p.logprobs is None:
+                    continue
+                entry: dict[int, float] = {}
+                if top_ids is not None and top_vals is not None:
+                    for tid, val in zip(top_ids[i][: p.logprobs], top_vals[i][: p.logprobs]):
+                        entry[tid] = val
+                entry[token_ids[i]] = sampled_lp[i]
+                top[i] = entry
+                sampled_logprobs[i] = sampled_lp[i]
+        return SamplerOutput(token_ids, sampled_logprobs, top)
+
+    # ------------------------------------------------------------------ steps
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        num_rows, vocab = logits.shape
+        device = logits.device
+        # Pad token lists with `vocab` (an extra column dropped afterwards) so the counts
+        # of the whole batch come from one scatter_add.
+        out_len = max(1, max(len(r.output_token_ids) for r in rows))
+        out_ids = torch.full((num_rows, out_len), vocab, dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r.output_token_ids:
+                out_ids[i, : len(r.output_token_ids)] = torch.as_tensor(
+                    list(r.output_token_ids), dtype=torch.long
+                )
+        out_ids = out_ids.to(device)
+        counts = torch.zeros((num_rows, vocab + 1), dtype=logits.dtype, device=device)
+        counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=logits.dtype))
+        counts = counts[:, :vocab]
+
+        rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device)
+        pres = torch.tensor([r.params.presence_penalty for r in rows], device=device)
+        freq = torch.tensor([r.params.frequency_penalty for r in rows], device=device)
+
+        logits = logits.clone()
+        if bool((rep != 1.0).any()):
+            prompt_len = max(1, max(len(r.prompt_token_ids) for r in rows))
+            prompt_ids = torch.full((num_rows, prompt_len), vocab, dtype=torch.long)
+            for i, r in enumerate(rows):
+                if r.params.repetition_penalty != 1.0 and r.prompt_token_ids:
+                    prompt_ids[i, : len(r.prompt_token_ids)] = torch.as_tensor(
+                        list(r.prompt_token_ids), dtype=torch.long
+                    )
+            seen = torch.zeros((num_rows, vocab + 1), dtype=torch.bool, device=device)
+            seen.scatter_(1, prompt_ids.to(device), True)
+            seen = seen[:, :vocab] | (counts > 0)
+            r_col = rep.view(-1, 1)
+            # CTRL rule: a seen token's logit moves toward zero-probability either way.
+            penalised = torch.where(logits > 0, logits / r_col, logits * r_col)
+            logits = torch.where(seen, penalised, logits)
+        logits -= freq.view(-1, 1) * counts
+        logits -= pres.view(-1, 1) * (counts > 0).to(logits.dtype)
+        return logits
+
+    @staticmethod
+    def _sample_random(
+        logits: torch.Tensor,
+        rows: Sequence[SamplingRow],
+        params: Sequence[SamplingParams],
+        greedy: torch.Tensor,
+    ) -> torch.Tensor:
+        num_rows, vocab = logits.shape
+        device = logits.device
+        greedy = greedy.to(device)
+        greedy_ids = logits.argmax(dim=-1)
+
+        temps = torch.tensor([max(p.temperature, _GREEDY_EPS) for p in params], device=device)
+        scaled = logits / temps.view(-1, 1)
+
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        if bool((min_p > 0).any()):
+            probs = torch.softmax(scaled, dim=-1)
+            top_prob = probs.max(dim=-1, keepdim=True).values
+            scaled = scaled.masked_fill(probs < min_p.view(-1, 1) * top_prob, float("-inf"))
+
+        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        need_k = bool((top_k < vocab).any())
+        need_p = bool((top_p < 1.0).any())
+        if need_p:
+            sorted_logits, order = scaled.sort(dim=-1, descending=True)
+            ranks = torch.arange(vocab, device=device).view(1, -1)
+            drop = ranks >= top_k.to(device).view(-1, 1)
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            sorted_probs = torch.softmax(sorted_logits, dim=-1)
+            # Mass strictly before each token: the first token is always kept.
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop = drop | (before >= top_p.view(-1, 1))
+            mask = torch.empty_like(drop).scatter_(1, order, drop)
+            scaled = scaled.masked_fill(mask, float("-inf"))
+        elif need_k:
+            kth = scaled.topk(int(top_k.max()), dim=-1).values
+            threshold = kth.gather(1, (top_k.to(device) - 1).view(-1, 1))
+            scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
+
+        probs = torch.softmax(scaled, dim=-1)
+        noise = torch.empty_like(probs)
+        gen = torch.Generator(device=device)
+        for i, r in enumerate(rows):
+            if r.params.temperature < _GREEDY_EPS:
+                noise[i].fill_(1.0)
+                continue
+            gen.manual_seed(mix_seed(r.seed, r.token_index))
+            noise[i].exponential_(generator=gen)
+        noise.clamp_(min=1e-30)  # an exact 0 draw would turn p / q into inf or nan
+        random_ids = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, greedy_ids, random_ids)
