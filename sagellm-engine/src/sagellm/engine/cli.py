@@ -1,0 +1,333 @@
+"""The ``sagellm`` command: serve | generate | chat | bench | components | doctor."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sagellm.core.errors import SageLLMError
+from sagellm.engine._version import __version__
+from sagellm.engine.args import add_engine_arguments, engine_config_from_args
+
+__all__ = ["main"]
+
+
+def _progress(message: str) -> None:
+    print(f"[sagellm] {message}", file=sys.stderr, flush=True)
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sample-seed", type=int, default=None, help="seed of the requests")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from sagellm.core.types import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.sample_seed,
+        stop=tuple(args.stop),
+    )
+
+
+def _build_llm(args: argparse.Namespace) -> Any:
+    from sagellm.engine.llm import LLM
+
+    config, options = engine_config_from_args(args)
+    t0 = time.perf_counter()
+    _progress(f"loading {config.model} ({config.runtime.name} runtime, {config.dtype})")
+    llm = LLM(config=config, build_options=options)
+    _progress(f"ready in {time.perf_counter() - t0:.1f} s")
+    return llm
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sagellm.engine.async_engine import AsyncLLMEngine
+    from sagellm.engine.builder import EngineBuilder
+    from sagellm.engine.config import ServerConfig
+    from sagellm.engine.llm_engine import LLMEngine
+    from sagellm.engine.server import build_app, run_server
+
+    config, options = engine_config_from_args(args)
+    t0 = time.perf_counter()
+    parts = EngineBuilder(config, options, progress=_progress).build()
+    _progress(
+        f"engine ready in {time.perf_counter() - t0:.1f} s: {parts.model_name}, "
+        f"max_model_len={parts.max_model_len}, {parts.kv_pool.num_blocks} KV blocks of "
+        f"{parts.schema.block_size} tokens"
+    )
+    engine = AsyncLLMEngine(LLMEngine(parts))
+    server_config = ServerConfig(
+        host=args.host or config.host,
+        port=args.port if args.port is not None else config.port,
+        served_model_name=config.served_model_name,
+        log_level=args.log_level,
+    )
+    app = build_app(engine, server_config)
+
+    def ready(host: str, port: int) -> None:
+        _progress(f"serving the OpenAI API on http://{host}:{port}/v1 (Ctrl-C stops)")
+
+    run_server(app, server_config, on_ready=ready)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = _build_llm(args)
+    prompts = list(args.prompt)
+    if prompts == ["-"]:
+        prompts = [sys.stdin.read()]
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, _sampling(args), use_tqdm=len(prompts) > 1)
+    elapsed = time.perf_counter() - t0
+    for out in outputs:
+        for c in out.outputs:
+            print(c.text if args.no_echo else out.prompt + c.text)
+    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    _progress(f"{tokens} tokens in {elapsed:.2f} s ({tokens / max(elapsed, 1e-9):.1f} tok/s)")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _build_llm(args)
+    sampling = _sampling(args)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _progress("type a message; an empty line or Ctrl-D ends the chat, /reset clears it")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            if interactive:
+                break
+            continue
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        out = llm.chat(history, sampling)[0]
+        answer = out.outputs[0].text
+        history.append({"role": "assistant", "content": answer})
+        print(f"assistant> {answer}" if interactive else answer, flush=True)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sagellm.engine.bench.runner import run_from_args
+
+    return run_from_args(args)
+
+
+def cmd_components(args: argparse.Namespace) -> int:
+    from sagellm.core import registry
+
+    rows = []
+    for slot, group in registry.GROUPS.items():
+        infos = registry.available(slot, check=not args.no_check)
+        if not infos:
+            dist, extra = registry.GROUP_PROVIDERS.get(group, ("", ""))
+            rows.append((slot, "-", "-", "-", f"none installed (pip install 'sagellm[{extra}]')"))
+        for info in infos:
+            status = "ok" if info.error is None else f"error: {info.error}"
+            if not info.allowed:
+                status = "excluded by SAGELLM_PLUGINS"
+            rows.append((slot, info.name, info.distribution, info.version, status))
+    widths = [
+        max(len(r[i]) for r in rows + [("slot", "name", "distribution", "version", "")])
+        for i in range(4)
+    ]
+    header = ("slot", "name", "distribution", "version", "status")
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    problems = 0
+
+    def report(ok: bool, what: str, detail: str) -> None:
+        nonlocal problems
+        problems += 0 if ok else 1
+        print(f"[{'ok' if ok else 'FAIL'}] {what}: {detail}")
+
+    report(sys.version_info >= (3, 10), "python", platform.python_version())
+    report(True, "platform", f"{platform.system()} {platform.machine()} ({platform.platform()})")
+    try:
+        import torch
+
+        report(
+            True,
+            "torch",
+            f"{torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{os.cpu_count()} CPUs, cuda={'yes' if torch.cuda.is_available() else 'no'}",
+        )
+    except Exception as exc:  # doctor reports, never crashes
+        report(False, "torch", f"cannot import: {exc}")
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        report(
+            vm.available > 2 << 30,
+            "memory",
+            f"{vm.available / 2**30:.1f} GiB available of {vm.total / 2**30:.1f} GiB "
+            "(the default engine needs ~1.5 GiB)",
+        )
+    except Exception as exc:
+        report(False, "memory", f"unknown ({exc})")
+    model = args.model or "smollm2-135m"
+    try:
+        from sagellm.engine.models.source import resolve_model
+
+        src = resolve_model(model)
+        size = src.path.stat().st_size if src.path.is_file() else 0
+        report(
+            True,
+            "model",
+            f"{src.name} ({src.kind}) at {src.path}"
+            + (f", {size / 2**20:.0f} MiB" if size else ""),
+        )
+    except Exception as exc:
+        report(False, "model", str(exc))
+    from sagellm.core import registry
+
+    for slot, default in (("runtime", "native"), ("kv_pool", "paged"), ("scheduler", "fcfs")):
+        infos = {i.name: i for i in registry.available(slot, check=True)}
+        info = infos.get(default)
+        if info is None:
+            dist, extra = registry.GROUP_PROVIDERS[registry.GROUPS[slot]]
+            report(False, slot, f"no {default!r} implementation; install {dist}")
+        else:
+            report(
+                info.error is None,
+                slot,
+                f"{default} from {info.distribution} {info.version}"
+                + (f" ({info.error})" if info.error else ""),
+            )
+    print("all checks passed" if problems == 0 else f"{problems} problem(s) found")
+    return 0 if problems == 0 else 1
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sagellm",
+        description="sageLLM: modular LLM inference engine (OpenAI-compatible server, CLI)",
+    )
+    parser.add_argument("--version", action="version", version=f"sagellm-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server",
+        description="Serve the model over the OpenAI API (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /health, /metrics).",
+    )
+    add_engine_arguments(p)
+    p.add_argument("--host", help="bind address (default: 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, help="port (default: chosen by sagellm.core.ports; 0 picks a free one)"
+    )
+    p.add_argument(
+        "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "generate",
+        help="complete prompts offline and print the text",
+        description="Complete one or more prompts ('-' reads stdin).",
+    )
+    p.add_argument("prompt", nargs="+", help="prompt text ('-' reads stdin)")
+    p.add_argument("--no-echo", action="store_true", help="print only the completion")
+    add_engine_arguments(p)
+    _add_sampling_arguments(p, max_tokens=64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "chat",
+        help="chat with the model (REPL; reads stdin when piped)",
+        description="Interactive chat using the model's chat template. With "
+        "stdin not a terminal, every line is a user turn and every answer a line.",
+    )
+    p.add_argument("--system", help="system prompt")
+    add_engine_arguments(p)
+    _add_sampling_arguments(p, max_tokens=256)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark throughput and latency against baselines",
+        description="Offline throughput, batch-1 decode, prefill, server TTFT/"
+        "TPOT, side by side with transformers and llama.cpp when installed.",
+    )
+    add_engine_arguments(p)
+    from sagellm.engine.bench.runner import add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "components",
+        help="list installed implementations of every slot",
+        description="Every entry-point group with its implementations, "
+        "distribution, version and import status.",
+    )
+    p.add_argument("--no-check", action="store_true", help="do not import the plugins")
+    p.set_defaults(func=cmd_components)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check the installation",
+        description="Check python, torch, threads, memory, the model and the default components.",
+    )
+    p.add_argument("--model", help="model to look for (default: smollm2-135m)")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sagellm`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except SageLLMError as exc:
+        print(f"sagellm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
