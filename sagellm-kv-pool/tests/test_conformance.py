@@ -6,6 +6,8 @@ import pytest
 
 from sagellm.core.types import KVCacheSchema
 from sagellm.kv_pool import PagedKVPool, PagedKVPoolConfig
+from sagellm.kv_pool.config import TieredKVStoreConfig
+from sagellm.kv_pool.tiered import TieredKVStore
 
 kit = pytest.importorskip("sagellm.core.testing", reason="sagellm-core has no conformance kit")
 if not hasattr(kit, "KVPoolConformance"):
@@ -15,3 +17,15 @@ if not hasattr(kit, "KVPoolConformance"):
 class TestPagedPoolConformance(kit.KVPoolConformance):
     def make_pool(self, schema: KVCacheSchema, num_blocks: int) -> PagedKVPool:
         return PagedKVPool(PagedKVPoolConfig(num_blocks=num_blocks), schema=schema, device="cpu")
+
+
+class TestTieredStoreConformance(kit.KVPoolConformance):
+    """The tiered store behaves as a KVPool for its device tier."""
+
+    def make_pool(self, schema: KVCacheSchema, num_blocks: int) -> TieredKVStore:
+        config = TieredKVStoreConfig(
+            device=PagedKVPoolConfig(num_blocks=num_blocks),
+            host=PagedKVPoolConfig(num_blocks=4),
+            disk=None,
+        )
+        return TieredKVStore(config, schema=schema, device="cpu")

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["DEFAULT_MEMORY_BYTES", "PagedKVPoolConfig"]
+__all__ = [
+    "DEFAULT_DISK_BYTES",
+    "DEFAULT_MEMORY_BYTES",
+    "DiskTierConfig",
+    "PagedKVPoolConfig",
+    "TieredKVStoreConfig",
+]
 
 #: Pool size when no sizing option is given.
 DEFAULT_MEMORY_BYTES = 512 * 1024 * 1024
+
+#: Disk tier size when no sizing option is given (a sparse file: no space is used until
+#: blocks are written, unless ``preallocate`` is set).
+DEFAULT_DISK_BYTES = 1024 * 1024 * 1024
+
+TIER_NAMES = ("device", "host", "disk")
 
 
 class PagedKVPoolConfig(BaseModel):
@@ -38,4 +50,57 @@ class PagedKVPoolConfig(BaseModel):
                 f"{' and '.join(given)} were given together; give at most one of "
                 "num_blocks, memory_bytes, memory_fraction"
             )
+        return self
+
+
+class DiskTierConfig(BaseModel):
+    """The disk tier: one file of fixed size, block ``i`` at byte offset ``i * block_bytes``.
+
+    Give at most one of ``num_blocks`` and ``size_bytes``; with none the file holds
+    :data:`DEFAULT_DISK_BYTES` (1 GiB).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_blocks: int | None = Field(None, ge=1)  # capacity in blocks
+    size_bytes: int | None = Field(None, ge=1)  # capacity in bytes of the file
+    directory: str | None = None  # where the file is created; None: the system temp dir
+    preallocate: bool = False  # reserve the disk space up front (posix_fallocate)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> DiskTierConfig:
+        if self.num_blocks is not None and self.size_bytes is not None:
+            raise ValueError(
+                "num_blocks and size_bytes were given together; give at most one of them"
+            )
+        return self
+
+
+class TieredKVStoreConfig(BaseModel):
+    """Tiers of a :class:`~sagellm.kv_pool.tiered.TieredKVStore`, fastest first.
+
+    ``device`` is a paged pool on the engine's device (the KVPool face of the store);
+    ``host`` a paged pool in CPU memory (page-locked when CUDA is available); ``disk`` a
+    file. Set ``host`` or ``disk`` to ``None`` to leave that tier out.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: PagedKVPoolConfig = PagedKVPoolConfig()  # size of the device tier
+    host: PagedKVPoolConfig | None = PagedKVPoolConfig()  # size of the host tier
+    disk: DiskTierConfig | None = DiskTierConfig()  # the disk tier
+    quotas: dict[str, int] = Field(default_factory=dict)  # tenant -> max blocks held
+    # tiers whose blocks count against a tenant's quota
+    quota_tiers: tuple[str, ...] = ("device",)
+
+    @model_validator(mode="after")
+    def _check(self) -> TieredKVStoreConfig:
+        for tenant, limit in self.quotas.items():
+            if limit < 0:
+                raise ValueError(f"quota of tenant {tenant!r} is {limit}; quotas are >= 0 blocks")
+        for tier in self.quota_tiers:
+            if tier not in TIER_NAMES:
+                raise ValueError(
+                    f"quota_tiers names {tier!r}; valid tiers: {', '.join(TIER_NAMES)}"
+                )
         return self

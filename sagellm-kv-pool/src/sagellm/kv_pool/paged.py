@@ -13,7 +13,7 @@ from sagellm.core.types import KVCacheSchema
 from sagellm.kv_pool.allocator import BlockAllocator
 from sagellm.kv_pool.capacity import parse_device, resolve_num_blocks
 from sagellm.kv_pool.config import PagedKVPoolConfig
-from sagellm.kv_pool.transfer import copy_blocks_between
+from sagellm.kv_pool.transfer import copy_blocks_between, id_runs, use_slices
 
 __all__ = ["PagedKVPool", "torch_dtype"]
 
@@ -154,9 +154,18 @@ class PagedKVPool(BlockAllocator):
 
     def scatter_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Inverse of :meth:`gather_blocks`: store block-major bytes into ``block_ids``."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self._device)
         if data.device != self._device:
             data = data.to(self._device, non_blocking=False)
+        runs = id_runs(block_ids)
+        if use_slices(len(runs), data.numel()):
+            # index_copy_ into the strided block dimension is several times slower than
+            # a slice copy per run of consecutive ids
+            for pos, first, length in runs:
+                self._raw[:, :, first : first + length].copy_(
+                    data[pos : pos + length].permute(1, 2, 0, 3, 4, 5)
+                )
+            return
+        index = torch.tensor(block_ids, dtype=torch.long, device=self._device)
         self._raw.permute(2, 0, 1, 3, 4, 5).index_copy_(0, index, data)
 
     def _move_content(self, src_ids: list[int], dst_ids: list[int]) -> None:
