@@ -1,0 +1,1 @@
+"""asv benchmarks of sagellm.engine (tiny model always, embedded model when installed)."""
