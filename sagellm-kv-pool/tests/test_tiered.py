@@ -390,3 +390,39 @@ def test_host_tier_is_a_cpu_paged_pool(store: TieredKVStore) -> None:
     assert isinstance(host, PagedKVPool)
     assert host.device.type == "cpu" and host.tier == "host"
     assert host.storage.is_pinned() is torch.cuda.is_available()
+
+
+def test_move_between_two_quota_tiers_needs_only_net_room(
+    schema: KVCacheSchema, tmp_path: Path
+) -> None:
+    with make_store(schema, tmp_path, quotas={"a": 3}, quota_tiers=("device", "host")) as store:
+        ids = store.allocate(3, tenant="a")
+        assert store.allocate("host", 1, tenant="a") is None  # 3 held across both tiers
+        r = store.demote(ids[:2])
+        assert r is not None and r.plan.dst_block_ids == (0, 1)
+        assert store.usage() == {"a": 3}
+        copy = store.demote([2], dst_tier="host", keep_source=True)
+        assert copy is None  # a copy would make 4
+        assert [t.quota_violations for t in store.make_tier_stats()] == [0, 2, 0]
+        r = store.demote([0, 1], src_tier="host", dst_tier="disk")  # disk is not counted
+        assert r is not None
+        assert store.usage() == {"a": 1}
+
+
+def test_disk_moves_in_several_staging_chunks_keep_content(
+    store: TieredKVStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sagellm.kv_pool.tiered as tiered_module
+
+    # two blocks per staging round: a three-block move takes two rounds each way
+    monkeypatch.setattr(tiered_module, "_STAGING_BYTES", 2 * store.schema.bytes_per_block + 1)
+    ids = store.allocate(7)
+    data = fill(store, ids, seed=7)
+    assert store.allocate("disk", 1) == AllocationResult((0,), "disk")
+    down = store.demote([6, 1, 4], dst_tier="disk")
+    assert down is not None and down.plan.dst_block_ids == (1, 2, 3)
+    store.free("disk", [0])
+    store.device_pool.storage.zero_()
+    up = store.promote([3, 2, 1], src_tier="disk")
+    assert up is not None and up.plan.dst_block_ids == (6, 1, 4)
+    assert torch.equal(device_content(store, [6, 1, 4]), data[:, :, [4, 1, 6]])

@@ -11,6 +11,9 @@ repeated; the median is reported. Baselines, interleaved with the moves they com
 - disk tier (host -> disk, disk -> device): one ``os.pwrite`` / ``os.preadv`` of a
   contiguous buffer of the same bytes to / from a file in the same directory.
 
+Before every timed operation (store move or baseline) a 64 MiB scratch buffer is written,
+so each starts with its data out of the CPU caches: otherwise a move right after the
+move that wrote its source would read from cache while the baseline reads from DRAM.
 Ratios are ``store bandwidth / raw bandwidth`` (1.0: as fast as the raw copy). On a
 machine without a GPU the device tier is CPU memory too. Disk figures are page-cache
 bandwidth (no fsync), for the store and for the raw baseline alike.
@@ -34,6 +37,9 @@ from sagellm.kv_pool.tiered import TieredKVStore
 __all__ = ["SCHEMA", "measure", "main"]
 
 SCHEMA = KVCacheSchema(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype="bfloat16")
+
+
+_FLUSH_BYTES = 64 * 1024 * 1024  # larger than the last-level cache of common CPUs
 
 
 def _median_gbps(samples: list[float]) -> float:
@@ -75,8 +81,13 @@ def measure(
         fd = os.open(raw_path, os.O_RDWR | os.O_CREAT, 0o600)
         buf = src.numpy()
         rbuf = dst.numpy()
+        scratch = torch.empty(_FLUSH_BYTES, dtype=torch.uint8)
+
+        def flush() -> None:
+            scratch.fill_(0)
 
         def timed(fn: Callable[[], object]) -> float:
+            flush()
             t0 = time.perf_counter()
             fn()
             return nbytes / (time.perf_counter() - t0) / 1e9
@@ -85,10 +96,12 @@ def measure(
             ids = store.allocate(num_blocks)
             for i in range(repeats + 1):  # the first round warms pages and caches
                 keep = i > 0
+                flush()
                 r = store.demote(ids, dst_tier="host")
                 assert r is not None
                 host_ids = list(r.plan.dst_block_ids)
                 mem = timed(lambda: dst.copy_(src))
+                flush()
                 r2 = store.promote(host_ids, src_tier="host")
                 assert r2 is not None
                 ids = list(r2.plan.dst_block_ids)
@@ -99,9 +112,11 @@ def measure(
                 # disk: device -> host (untimed), host -> disk, disk -> device
                 r = store.demote(ids, dst_tier="host")
                 assert r is not None
+                flush()
                 r3 = store.demote(list(r.plan.dst_block_ids), src_tier="host", dst_tier="disk")
                 assert r3 is not None
                 wr = timed(lambda: os.pwrite(fd, buf.data, 0))
+                flush()
                 r4 = store.promote(list(r3.plan.dst_block_ids), src_tier="disk")
                 assert r4 is not None
                 ids = list(r4.plan.dst_block_ids)

@@ -27,6 +27,10 @@ from sagellm.kv_pool.transfer import copy_blocks_between
 
 __all__ = ["TieredKVPoolStats", "TieredKVStore"]
 
+#: Bytes staged per round of a disk transfer: small enough to stay in the last-level cache
+#: between the gather that fills the buffer and the write that drains it.
+_STAGING_BYTES = 4 * 1024 * 1024
+
 
 @dataclass(slots=True)
 class TieredKVPoolStats(KVPoolStats):
@@ -310,10 +314,16 @@ class TieredKVStore:
         tenants = [src._tenant[b] for b in ids]
         charges: dict[str, int] = {}
         if dst_tier in self._quota_tiers:
-            for t in tenants:
+            # a move out of another quota tier hands its charge back when the source is
+            # released (reference count 1), so only the net growth must fit the quota
+            credit: dict[str, int] = {}
+            moving = src_tier in self._quota_tiers and not keep_source
+            for b, t in zip(ids, tenants):
                 charges[t] = charges.get(t, 0) + 1
+                if moving and src._ref[b] == 1:
+                    credit[t] = credit.get(t, 0) + 1
             for t, n in charges.items():
-                if not self.can_charge(t, n):
+                if not self.can_charge(t, n - credit.get(t, 0)):
                     self._counters[dst_tier].quota_violations += 1
                     return None
         dst_ids = dst.allocate(len(ids))
@@ -485,6 +495,10 @@ class TieredKVStore:
                     elif held == 1:
                         del usage[t]
 
+    def _chunk_blocks(self) -> int:
+        """Blocks per staging round of a disk transfer (about :data:`_STAGING_BYTES`)."""
+        return max(1, _STAGING_BYTES // self.schema.bytes_per_block)
+
     def _staging_buffer(self, num_blocks: int) -> torch.Tensor:
         """A reusable CPU uint8 buffer of ``num_blocks`` block-major blocks."""
         schema = self.schema
@@ -510,13 +524,21 @@ class TieredKVStore:
         if isinstance(src, PagedKVPool) and isinstance(dst, PagedKVPool):
             copy_blocks_between(src.raw_storage, dst.raw_storage, src_ids, dst_ids)
         elif isinstance(src, PagedKVPool) and isinstance(dst, DiskBlockStore):
-            staging = self._staging_buffer(len(src_ids))
-            src.gather_blocks(src_ids, staging)
-            dst.write_blocks(dst_ids, staging.numpy().reshape(len(src_ids), -1))
+            # chunks small enough that the staging buffer stays in cache between the
+            # gather that fills it and the pwrite that drains it
+            step = self._chunk_blocks()
+            for i in range(0, len(src_ids), step):
+                s, d = src_ids[i : i + step], dst_ids[i : i + step]
+                staging = self._staging_buffer(len(s))
+                src.gather_blocks(s, staging)
+                dst.write_blocks(d, staging.numpy().reshape(len(s), -1))
         elif isinstance(src, DiskBlockStore) and isinstance(dst, PagedKVPool):
-            staging = self._staging_buffer(len(src_ids))
-            src.read_blocks(src_ids, staging.numpy().reshape(len(src_ids), -1))
-            dst.scatter_blocks(dst_ids, staging)
+            step = self._chunk_blocks()
+            for i in range(0, len(src_ids), step):
+                s, d = src_ids[i : i + step], dst_ids[i : i + step]
+                staging = self._staging_buffer(len(s))
+                src.read_blocks(s, staging.numpy().reshape(len(s), -1))
+                dst.scatter_blocks(d, staging)
         else:  # pragma: no cover - one disk tier only
             raise ValueError(f"no copy path from {src.tier!r} to {dst.tier!r}")
 
