@@ -426,3 +426,17 @@ def test_disk_moves_in_several_staging_chunks_keep_content(
     up = store.promote([3, 2, 1], src_tier="disk")
     assert up is not None and up.plan.dst_block_ids == (6, 1, 4)
     assert torch.equal(device_content(store, [6, 1, 4]), data[:, :, [4, 1, 6]])
+
+
+def test_device_tier_size_shortcuts(schema: KVCacheSchema, tmp_path: Path) -> None:
+    disk = {"num_blocks": 1, "directory": str(tmp_path)}
+    options = {"num_blocks": 5, "host": {"num_blocks": 2}, "disk": disk}
+    with registry.load("kv_pool", "tiered", options, schema=schema) as store:
+        assert store.num_blocks == 5
+    explicit = {"device": {"num_blocks": 3}, "num_blocks": 5, "host": None, "disk": None}
+    with registry.load("kv_pool", "tiered", explicit, schema=schema) as store:
+        assert store.num_blocks == 3  # device wins
+    config = TieredKVStoreConfig(memory_bytes=10 * schema.bytes_per_block)
+    assert config.device_config() == PagedKVPoolConfig(memory_bytes=10 * 512)
+    with pytest.raises(ValidationError, match="num_blocks and memory_fraction were given together"):
+        TieredKVStoreConfig(num_blocks=3, memory_fraction=0.5)

@@ -79,7 +79,9 @@ class DiskTierConfig(BaseModel):
 class TieredKVStoreConfig(BaseModel):
     """Tiers of a :class:`~sagellm.kv_pool.tiered.TieredKVStore`, fastest first.
 
-    ``device`` is a paged pool on the engine's device (the KVPool face of the store);
+    ``device`` is a paged pool on the engine's device (the KVPool face of the store),
+    sized by ``device`` or, when that is not given, by the top-level ``num_blocks`` /
+    ``memory_bytes`` / ``memory_fraction`` (``device`` wins when both are given);
     ``host`` a paged pool in CPU memory (page-locked when CUDA is available); ``disk`` a
     file. Set ``host`` or ``disk`` to ``None`` to leave that tier out.
     """
@@ -87,6 +89,11 @@ class TieredKVStoreConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     device: PagedKVPoolConfig = PagedKVPoolConfig()  # size of the device tier
+    # shortcuts for the device tier's size, used when ``device`` is not given (an engine
+    # fills num_blocks from its KV memory budget the same way for every pool)
+    num_blocks: int | None = Field(None, ge=1)
+    memory_bytes: int | None = Field(None, ge=1)
+    memory_fraction: float | None = Field(None, gt=0.0, le=0.95)
     host: PagedKVPoolConfig | None = PagedKVPoolConfig()  # size of the host tier
     disk: DiskTierConfig | None = DiskTierConfig()  # the disk tier
     quotas: dict[str, int] = Field(default_factory=dict)  # tenant -> max blocks held
@@ -98,9 +105,26 @@ class TieredKVStoreConfig(BaseModel):
         for tenant, limit in self.quotas.items():
             if limit < 0:
                 raise ValueError(f"quota of tenant {tenant!r} is {limit}; quotas are >= 0 blocks")
+        if "device" not in self.model_fields_set:
+            # validates "at most one of the three" with the pool config's own message
+            PagedKVPoolConfig(
+                num_blocks=self.num_blocks,
+                memory_bytes=self.memory_bytes,
+                memory_fraction=self.memory_fraction,
+            )
         for tier in self.quota_tiers:
             if tier not in TIER_NAMES:
                 raise ValueError(
                     f"quota_tiers names {tier!r}; valid tiers: {', '.join(TIER_NAMES)}"
                 )
         return self
+
+    def device_config(self) -> PagedKVPoolConfig:
+        """Size of the device tier: ``device`` when given, else the shortcut fields."""
+        if "device" in self.model_fields_set:
+            return self.device
+        return PagedKVPoolConfig(
+            num_blocks=self.num_blocks,
+            memory_bytes=self.memory_bytes,
+            memory_fraction=self.memory_fraction,
+        )

@@ -100,7 +100,7 @@ class TieredKVStore:
         if config is None:
             config = TieredKVStoreConfig()
         self.config = config
-        self._device_pool = PagedKVPool(config.device, schema=schema, device=device)
+        self._device_pool = PagedKVPool(config.device_config(), schema=schema, device=device)
         tiers: dict[str, BlockAllocator] = {"device": self._device_pool}
         self._pin = torch.cuda.is_available()
         if config.host is not None:
