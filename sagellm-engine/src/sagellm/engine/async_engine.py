@@ -345,8 +345,9 @@ class AsyncLLMEngine:
         except Exception:  # the engine is broken beyond aborting: stop serving
             logger.exception("aborting after a failed step failed too; the engine is dead")
             self._dead = exc
-        # Anything the engine still holds has no stream now; drop it too.
-        leftover = self.engine.live_request_ids()
+        # Requests the engine still holds without a stream (added while the step failed)
+        # would never be read; requests queued since then keep their streams.
+        leftover = [r for r in self.engine.live_request_ids() if r not in self._streams]
         if leftover:
             with contextlib.suppress(Exception):
                 await loop.run_in_executor(self._executor, self.engine.abort_request, leftover)

@@ -85,7 +85,7 @@ def _from_validation(exc: ValidationError | RequestValidationError) -> APIError:
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     # pydantic puts the union member that failed into the location; keep the field path.
-    loc = [p for p in loc if not p.startswith(("str", "list[", "int", "float", "bool"))]
+    loc = [p for p in loc if p not in ("str", "int", "float", "bool") and "[" not in p]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     message = f"{param}: {msg}" if param else msg
