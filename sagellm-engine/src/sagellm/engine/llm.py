@@ -212,7 +212,7 @@ class LLM:
         idle = 0
         try:
             while engine.has_unfinished_requests():
-                outputs = engine.step()
+                outputs = engine.step(unfinished_outputs=False)
                 idle = 0 if engine.last_step_num_tokens else idle + 1
                 if idle > _MAX_IDLE_STEPS:
                     raise RuntimeError(

@@ -328,8 +328,12 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
 
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; outputs of every request that advanced or finished."""
+    def step(self, *, unfinished_outputs: bool = True) -> list[RequestOutput]:
+        """Run one scheduler step; outputs of every request that advanced or finished.
+
+        ``unfinished_outputs=False`` returns only the requests that finished (batch callers
+        skip building outputs they would discard).
+        """
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         self.last_step_num_tokens = out.num_scheduled_tokens
@@ -403,8 +407,10 @@ class LLMEngine:
 
         outputs = []
         for req in touched.values():
-            outputs.append(req.output())
-            if req.finished:
+            done = req.finished
+            if done or unfinished_outputs:
+                outputs.append(req.output())
+            if done:
                 self._retire(req)
         self._stats.num_steps += 1
         self._stats.step_seconds += time.perf_counter() - t0
