@@ -390,15 +390,15 @@ class LLMEngine:
             now = time.monotonic()
             for i, rid in enumerate(row_ids):
                 seq = self._sequences[rid]
-                reason = self._append_token(
+                stop = self._append_token(
                     seq, sampled.token_ids[i], sampled.sampled_logprobs[i], sampled.top_logprobs[i]
                 )
                 if seq.metrics.first_token_time is None:
                     seq.metrics.first_token_time = now
                 touched[seq.parent.request_id] = seq.parent
-                if reason is not None:
-                    finished.setdefault(reason[0], []).append(rid)
-                    self._finish(seq, reason[0], reason[1], now)
+                if stop is not None:
+                    finished.setdefault(stop[0], []).append(rid)
+                    self._finish(seq, stop[0], stop[1], now)
             self._stats.num_generation_tokens += len(row_ids)
             self._stats.num_scheduled_tokens += out.num_scheduled_tokens
 

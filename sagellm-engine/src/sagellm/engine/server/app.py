@@ -224,10 +224,12 @@ class _Server:
             assert final is not None
             return final
 
-        work = asyncio.ensure_future(asyncio.gather(*(last(s) for s in streams)))
-        watch = asyncio.ensure_future(_wait_disconnect(request))
+        work: asyncio.Future[Any] = asyncio.ensure_future(
+            asyncio.gather(*(last(s) for s in streams))
+        )
+        watch: asyncio.Future[Any] = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
                 work.cancel()
                 with contextlib.suppress(BaseException):

@@ -26,7 +26,7 @@ def resolve_port(port: int | None) -> int:
     if port is not None:
         return port
     try:
-        from sagellm.core import ports
+        from sagellm.core import ports  # type: ignore[attr-defined]
     except ImportError:  # older core: let the operating system choose
         return 0
     for name in ("server_port", "default_port", "choose_port", "get_port"):
