@@ -119,7 +119,10 @@ class KVPool(Protocol):
         ...
 
     def share(self, block_ids: Sequence[int]) -> None:
-        """Add one reference to each block (they must be allocated), e.g. a prefix hit."""
+        """Add one reference to each block, e.g. a prefix hit.
+
+        Every block must be allocated: sharing a free block raises ``ValueError``.
+        """
         ...
 
     def free(self, block_ids: Sequence[int]) -> None:
@@ -272,7 +275,9 @@ class PrefixIndex(Protocol):
     def evict(self, num_blocks: int) -> list[int]:
         """Drop up to ``num_blocks`` unlocked blocks, leaves first; return their ids.
 
-        The caller releases the index's pool reference of every returned block.
+        Fewer only when fewer unlocked blocks are cached. A block is dropped only after
+        every block that extends its prefix, so the cached prefixes stay whole. The caller
+        releases the index's pool reference of every returned block.
         """
         ...
 
@@ -323,7 +328,11 @@ class EvictionPolicy(Protocol):
         ...
 
     def evict(self, num: int, context: PolicyContext | None = None) -> EvictionDecision:
-        """Remove and return up to ``num`` held, unpinned keys, best victim first."""
+        """Remove and return up to ``num`` held, unpinned keys, best victim first.
+
+        Fewer than ``num`` only when fewer unpinned keys are held: the owner asks because
+        it needs the room. Returned keys are no longer contained.
+        """
         ...
 
     def __contains__(self, key: object) -> bool: ...
@@ -378,7 +387,11 @@ class Scheduler(Protocol):
     config_class: ClassVar[type[BaseModel]]
 
     def add_request(self, request: GenerationRequest) -> None:
-        """Queue a request. Raises InvalidRequestError when it can never fit (too long)."""
+        """Queue a request.
+
+        Raises InvalidRequestError when it can never run: a prompt longer than
+        ``max_model_len`` or needing more blocks than the whole pool holds.
+        """
         ...
 
     def schedule(self) -> SchedulerOutput:
@@ -463,7 +476,13 @@ class Runtime(Protocol):
         ...
 
     def execute(self, plan: ExecutionPlan) -> ModelOutput:
-        """Run the plan's migrations and forward pass; logits of every sampled chunk."""
+        """Run the plan's compute nodes (prefill chunks, decode batch) in one forward pass.
+
+        Returns fp32 logits with one row per sampled chunk of ``plan.compute_chunks``, in
+        that order (``k + 1`` rows for a chunk carrying ``k`` draft tokens). The runtime
+        executes compute nodes only: ``KV_MIGRATE`` and ``KV_TRANSFER`` nodes are executed
+        by the engine before it calls this method, so their blocks are in place.
+        """
         ...
 
 
@@ -484,11 +503,15 @@ class Platform(Protocol):
         ...
 
     def device_count(self) -> int:
-        """Devices visible to this process."""
+        """Devices visible to this process (0 when the platform is not available)."""
         ...
 
     def memory_info(self, device_index: int = 0) -> tuple[int, int]:
-        """``(free_bytes, total_bytes)`` of one device."""
+        """``(free_bytes, total_bytes)`` of one device.
+
+        Raises PlatformUnavailableError when the platform is not available here, and
+        ``ValueError`` for an index outside ``0 .. device_count() - 1``.
+        """
         ...
 
     def supported_dtypes(self) -> tuple[str, ...]:
@@ -648,7 +671,9 @@ class Proposer(Protocol):
 
     config_class: ClassVar[type[BaseModel]]
 
-    def propose(self, token_ids: Mapping[str, Sequence[int]], num_tokens: int) -> list[SpeculativeDraft]:
+    def propose(
+        self, token_ids: Mapping[str, Sequence[int]], num_tokens: int
+    ) -> list[SpeculativeDraft]:
         """Up to ``num_tokens`` drafts for each request given its tokens so far."""
         ...
 

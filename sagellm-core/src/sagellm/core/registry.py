@@ -18,13 +18,12 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from sagellm.core.errors import ConfigError, PluginLoadError, PluginNotFoundError
-
-from importlib.metadata import EntryPoint, entry_points
 
 __all__ = [
     "GROUPS",
@@ -203,7 +202,9 @@ def load_class(group: str, name: str) -> Any:
     return obj
 
 
-def validate_options(config_class: type[BaseModel], options: Mapping[str, Any], where: str) -> BaseModel:
+def validate_options(
+    config_class: type[BaseModel], options: Mapping[str, Any], where: str
+) -> BaseModel:
     """Build ``config_class`` from ``options``; a wrong key or value raises ConfigError."""
     valid = sorted(config_class.model_fields)
     unknown = sorted(set(options) - set(valid))

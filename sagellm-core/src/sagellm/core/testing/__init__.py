@@ -1,0 +1,62 @@
+"""Conformance kit: one pytest base class per protocol, shared by every implementation.
+
+An implementation's tests subclass the suite of its slot and provide a factory method;
+pytest then runs every inherited ``test_*`` method against that implementation::
+
+    from sagellm.core.testing import KVPoolConformance
+
+    class TestPagedPoolConformance(KVPoolConformance):
+        def make_pool(self, schema, num_blocks):
+            return PagedKVPool(PagedKVPoolConfig(num_blocks=num_blocks), schema=schema)
+
+| suite | factory method(s) |
+|---|---|
+| :class:`KVPoolConformance` | ``make_pool(schema, num_blocks)`` |
+| :class:`PrefixIndexConformance` | ``make_index(block_size)`` |
+| :class:`EvictionPolicyConformance` | ``make_policy(capacity)`` |
+| :class:`LifetimePredictorConformance` | ``make_predictor()`` |
+| :class:`SchedulerConformance` | ``make_pool(num_blocks, block_size)`` and ``make_scheduler(pool, max_model_len, max_num_seqs, max_num_batched_tokens)`` |
+| :class:`PlatformConformance` | ``make_platform()`` |
+
+The suite classes are not collected by pytest themselves (their names do not start with
+``Test``). Property-based tests use hypothesis; a subclass may set the class attribute
+``max_examples`` to trade thoroughness for time.
+
+This package needs pytest and hypothesis (``pip install 'sagellm-core[testing]'``);
+``sagellm.core`` itself never imports it.
+"""
+
+from __future__ import annotations
+
+try:
+    import hypothesis  # noqa: F401
+    import pytest  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "sagellm.core.testing needs pytest and hypothesis; install them with "
+        "pip install 'sagellm-core[testing]'"
+    ) from exc
+
+from sagellm.core.testing.eviction import EvictionPolicyConformance
+from sagellm.core.testing.kv_pool import KVPoolConformance
+from sagellm.core.testing.lifetime import LifetimePredictorConformance
+from sagellm.core.testing.platform import PlatformConformance
+from sagellm.core.testing.prefix_index import PrefixIndexConformance
+from sagellm.core.testing.scheduler import (
+    SchedulerConformance,
+    SchedulerRun,
+    WorkloadRequest,
+    drive_to_completion,
+)
+
+__all__ = [
+    "EvictionPolicyConformance",
+    "KVPoolConformance",
+    "LifetimePredictorConformance",
+    "PlatformConformance",
+    "PrefixIndexConformance",
+    "SchedulerConformance",
+    "SchedulerRun",
+    "WorkloadRequest",
+    "drive_to_completion",
+]
