@@ -103,3 +103,17 @@ class PredictorAccuracy:
         return min(acc[name][:-1])
 
     track_worst_segment_accuracy.unit = "fraction"  # type: ignore[attr-defined]
+
+
+class FrozenAccuracy:
+    """The online predictor frozen at the split: no learning on the held-out half."""
+
+    timeout = 120
+
+    def setup_cache(self) -> dict[str, list[float]]:
+        return accuracy(TraceConfig())
+
+    def track_online_frozen_accuracy(self, acc: dict[str, list[float]]) -> float:
+        return acc["online_frozen"][-1]
+
+    track_online_frozen_accuracy.unit = "fraction"  # type: ignore[attr-defined]

@@ -33,6 +33,16 @@ def test_scoring_predicts_before_observing() -> None:
     online = scores["online"]
     assert [(s.num_scored, s.num_correct) for s in online] == [(2, 2), (1, 0)]
     assert online[0].accuracy == 1.0 and online[1].accuracy == 0.0
+    frozen = evaluate(
+        {"online": OnlineLifetimePredictor},
+        trace,
+        BUCKETS,
+        end=400.0,
+        train_fraction=0.4,
+        num_segments=2,
+        learn_online=False,
+    )
+    assert [(s.num_scored, s.num_correct) for s in frozen["online"]] == [(2, 2), (1, 0)]
     with pytest.raises(ValueError, match="train_fraction must be in"):
         evaluate({}, trace, BUCKETS, 400.0, train_fraction=1.0)
     with pytest.raises(ValueError, match="num_segments must be at least 1"):
@@ -51,6 +61,7 @@ def test_beats_baselines_on_a_short_trace() -> None:
 def test_default_trace_reaches_seventy_percent() -> None:
     acc = accuracy(TraceConfig())
     assert acc["online"][-1] >= 0.70
+    assert acc["online_frozen"][-1] >= 0.70  # also without learning after the split
     assert acc["online"][-1] > acc["last_gap"][-1] > acc["most_frequent"][-1]
 
 

@@ -4,7 +4,9 @@ Every predictor sees the same accesses in time order through ``observe``. The fi
 ``train_fraction`` of the trace only trains; after that, each access is first predicted
 from its features and scored against its true label (the bucket of the gap to the same
 key's next access, which no predictor has seen yet), then observed. The scored part is
-cut into ``num_segments`` equal segments, each reported separately.
+cut into ``num_segments`` equal segments, each reported separately. With
+``learn_online=False`` the predictors stop observing after the training part (a model
+frozen at the split, the strictest hold-out).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def evaluate(
     end: float,
     train_fraction: float = 0.5,
     num_segments: int = 4,
+    learn_online: bool = True,
 ) -> dict[str, list[SegmentScore]]:
     """Per predictor name, its score on each held-out segment (see the module docstring)."""
     if not 0.0 <= train_fraction < 1.0:
@@ -61,6 +64,7 @@ def evaluate(
                 scored[seg] += 1
                 if predictor.predict(a.features).ttl_bucket == label:
                     correct[seg] += 1
-            predictor.observe(a.key, a.features, a.time)
+            if learn_online or i < first:
+                predictor.observe(a.key, a.features, a.time)
         out[name] = [SegmentScore(s, scored[s], correct[s]) for s in range(num_segments)]
     return out
