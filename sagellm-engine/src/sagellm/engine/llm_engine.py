@@ -22,8 +22,10 @@ from typing import Any
 
 from sagellm.core.config import EngineConfig
 from sagellm.core.errors import CapabilityMismatchError, InvalidRequestError
+from sagellm.core.protocols import KVMigrator
 from sagellm.core.types import (
     CompletionOutput,
+    ExecutionPlan,
     FinishReason,
     GenerationRequest,
     IRNodeKind,
@@ -364,13 +366,7 @@ class LLMEngine:
                         "proposer to verify them; disable speculation in the scheduler options"
                     )
             plan = self.scheduler.build_plan(out)
-            if plan.graph.of_kind(IRNodeKind.KV_MIGRATE) or plan.graph.of_kind(
-                IRNodeKind.KV_TRANSFER
-            ):
-                raise CapabilityMismatchError(
-                    "the plan moves KV blocks between tiers or instances, which this "
-                    "single-tier engine cannot run; use a scheduler without tiering"
-                )
+            self._run_kv_moves(plan)
             model_out = self.runtime.execute(plan)
             row_ids = list(model_out.request_ids)
             rows = []
@@ -479,6 +475,22 @@ class LLMEngine:
                 seq.text += seq.detokenizer.flush()
             return FinishReason.LENGTH, None
         return None
+
+    def _run_kv_moves(self, plan: ExecutionPlan) -> None:
+        """Execute the plan's KV_MIGRATE nodes (the runtime runs compute nodes only)."""
+        if plan.graph.of_kind(IRNodeKind.KV_TRANSFER):
+            raise CapabilityMismatchError(
+                "the plan sends KV blocks to another instance, which a single-instance "
+                "engine cannot do; use a scheduler without disaggregation"
+            )
+        for node in plan.graph.of_kind(IRNodeKind.KV_MIGRATE):
+            if not isinstance(self.kv_pool, KVMigrator):
+                raise CapabilityMismatchError(
+                    f"the plan migrates KV blocks between tiers but the KV pool "
+                    f"{type(self.kv_pool).__name__} cannot migrate; use a tiered pool"
+                )
+            for migration in node.migrations:
+                self.kv_pool.migrate(migration)
 
     def _finish(
         self, seq: _Sequence, reason: FinishReason, stop_reason: str | int | None, now: float
