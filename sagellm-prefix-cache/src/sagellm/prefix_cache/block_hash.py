@@ -84,12 +84,13 @@ class BlockHashPrefixIndex(TreePrefixIndex):
         """
         bs = self._block_size
         hash_fn = self._hash
+        inline = hash_fn is builtin_block_hash  # same value, without a call per block
         node = root
         h = ROOT_HASH
         pos = 0
         while pos < n_full:
             block = tokens[pos : pos + bs]
-            nh = hash_fn(h, block, key)
+            nh = hash((h, block, key)) if inline else hash_fn(h, block, key)
             child = table.get(nh)
             if child is None:
                 return node, pos, h, None, nh
