@@ -1,0 +1,1 @@
+"""Building blocks of the Llama-family models, one layer per module."""

@@ -1,0 +1,181 @@
+"""The Llama family (Llama, Qwen2, Mistral, SmolLM) in plain PyTorch over a paged KV cache.
+
+Tokens of every request in a step are flattened into one ``[T, hidden]`` batch, so all
+projections run as one matrix product per layer whatever the mix of prefill chunks and
+decodes; only attention looks at sequence boundaries (see :mod:`..layers.attention`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from sagellm.engine.layers.activation import SiluAndMul
+from sagellm.engine.layers.attention import Attention, AttentionMetadata
+from sagellm.engine.layers.embedding import LMHead, VocabEmbedding
+from sagellm.engine.layers.linear import Linear
+from sagellm.engine.layers.rms_norm import RMSNorm
+from sagellm.engine.layers.rotary import RotaryEmbedding
+from sagellm.engine.models.config import ModelConfig
+
+__all__ = ["LlamaDecoderLayer", "LlamaForCausalLM"]
+
+#: Progress callback: (stage, done, total).
+Progress = Callable[[str, int, int], None]
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention block and SwiGLU MLP, each with a residual connection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv_proj = Linear(
+            cfg.hidden_size, (self.q_size, self.kv_size, self.kv_size), bias=cfg.attention_bias
+        )
+        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.o_proj = Linear(self.q_size, (cfg.hidden_size,))
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_up_proj = Linear(cfg.hidden_size, (cfg.intermediate_size,) * 2)
+        self.act = SiluAndMul()
+        self.down_proj = Linear(cfg.intermediate_size, (cfg.hidden_size,))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            x = self.input_layernorm(hidden)
+        else:
+            x, residual = self.input_layernorm.add_forward(hidden, residual)
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        # q and k rotate together: one rotary application for both
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, -1)
+        qk = RotaryEmbedding.apply(qk, cos, sin)
+        q = qk[:, : self.num_heads]
+        k = qk[:, self.num_heads :]
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        attn = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta)
+        hidden = self.o_proj(attn)
+        x, residual = self.post_attention_layernorm.add_forward(hidden, residual)
+        hidden = self.down_proj(self.act(self.gate_up_proj(x)))
+        return hidden, residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Embedding, decoder layers, final norm and the head (tied or separate)."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = LMHead(
+            cfg.vocab_size, cfg.hidden_size, self.embed_tokens if cfg.tie_word_embeddings else None
+        )
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim,
+            max_positions or cfg.max_position_embeddings,
+            cfg.rope_theta,
+            cfg.rope_scaling,
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        logit_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``[T]`` tokens; return float32 logits of ``logit_rows`` (all rows if None)."""
+        hidden = self.embed_tokens(token_ids)
+        cos, sin = self.rotary.tables(positions, hidden.dtype)
+        residual: torch.Tensor | None = None
+        for layer, cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(hidden, residual, cos, sin, cache, meta)
+        assert residual is not None
+        if logit_rows is not None:
+            hidden = hidden.index_select(0, logit_rows)
+            residual = residual.index_select(0, logit_rows)
+        x, _ = self.norm.add_forward(hidden, residual)
+        return self.lm_head(x)
+
+    # ------------------------------------------------------------------ weights
+
+    def tie_weights(self) -> None:
+        """Make the head share the embedding tensor again (after a device or dtype move)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def load_weights(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        progress: Progress | None = None,
+    ) -> None:
+        """Copy Hugging Face-named tensors in, stacking q/k/v and gate/up.
+
+        Raises ValueError naming the first missing or unexpected tensor.
+        """
+        cfg = self.config
+        used: set[str] = set()
+
+        def take(name: str) -> torch.Tensor:
+            for candidate in (name, name.removeprefix("model.")):
+                if candidate in weights:
+                    used.add(candidate)
+                    return weights[candidate]
+            raise ValueError(f"the checkpoint has no tensor {name!r}")
+
+        def copy(dst: torch.Tensor, name: str) -> None:
+            src = take(name)
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(
+                    f"tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
+                )
+            dst.copy_(src)
+
+        with torch.no_grad():
+            copy(self.embed_tokens.weight, "model.embed_tokens.weight")
+            copy(self.norm.weight, "model.norm.weight")
+            if not cfg.tie_word_embeddings:
+                copy(self.lm_head.weight, "lm_head.weight")
+            for i, layer in enumerate(self.layers):
+                p = f"model.layers.{i}."
+                copy(layer.input_layernorm.weight, p + "input_layernorm.weight")
+                copy(layer.post_attention_layernorm.weight, p + "post_attention_layernorm.weight")
+                names = ("q_proj", "k_proj", "v_proj")
+                layer.qkv_proj.load_parts(
+                    [take(f"{p}self_attn.{n}.weight") for n in names],
+                    [take(f"{p}self_attn.{n}.bias") for n in names] if cfg.attention_bias else None,
+                )
+                copy(layer.o_proj.weight, p + "self_attn.o_proj.weight")
+                layer.gate_up_proj.load_parts(
+                    [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
+                )
+                copy(layer.down_proj.weight, p + "mlp.down_proj.weight")
+                if progress is not None:
+                    progress("assemble", i + 1, cfg.num_layers)
+        # a tied checkpoint may still carry lm_head.weight (equal to the embedding)
+        extra = set(weights) - used - {"lm_head.weight"}
+        extra = {n for n in extra if "rotary_emb" not in n}
+        if extra:
+            raise ValueError(
+                f"the checkpoint has tensors this model does not use: {sorted(extra)[:5]}"
+            )

@@ -1,0 +1,5 @@
+"""The native PyTorch runtime: executes execution plans on a Llama-family model."""
+
+from sagellm.engine.runtime.config import NativeRuntimeConfig
+
+__all__ = ["NativeRuntimeConfig"]

@@ -1,0 +1,25 @@
+"""Configuration of the native runtime."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["NativeRuntimeConfig"]
+
+
+class NativeRuntimeConfig(BaseModel):
+    """What the native runtime loads and how it computes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # embedded model name, .gguf file, or folder with config.json + *.safetensors
+    model: str = "smollm2-135m"
+    # compute dtype; "auto" is bfloat16 where the CPU has native bf16 matmul (or on CUDA
+    # with bf16 support), float32 elsewhere
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: str = "cpu"  # torch device string
+    num_threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch's default
+    # longest sequence to serve; None: what the model was trained for
+    max_model_len: int | None = Field(None, ge=1)

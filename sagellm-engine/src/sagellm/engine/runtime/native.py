@@ -1,0 +1,208 @@
+"""NativeRuntime: the Llama family in PyTorch, executing plans over a bound KV pool."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel
+
+from sagellm.core.errors import CapabilityMismatchError, ConfigError, SageLLMError
+from sagellm.core.protocols import KVPool
+from sagellm.core.types import CapabilityDescriptor, ExecutionPlan, KVCacheSchema, ModelOutput
+from sagellm.engine.layers.rotary import RotaryEmbedding
+from sagellm.engine.models.llama import LlamaForCausalLM
+from sagellm.engine.models.loader import load_weights
+from sagellm.engine.models.source import resolve_model
+from sagellm.engine.runtime.batch import build_step_batch
+from sagellm.engine.runtime.config import NativeRuntimeConfig
+
+__all__ = ["NativeRuntime", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_KV_DTYPES = {"float32", "bfloat16", "float16"}
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for config value ``name`` on ``device``.
+
+    "auto" is bfloat16 on a CPU with native bf16 matrix units (AVX512-BF16 / AMX: about
+    2.5x the float32 matmul rate, logits within ~1-2% of float32 on SmolLM2-135M, greedy
+    top-1 agreement ~97%) and on CUDA devices that support it; float32 otherwise.
+    """
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+class NativeRuntime:
+    """Runs execution plans on a Llama-family model (implements ``protocols.Runtime``).
+
+    Every prefill chunk and decode token of a plan goes through one forward pass as a
+    flattened ``[T, hidden]`` batch; attention reads and writes the bound pool's blocks.
+    Logits are computed only for the chunks that sample, in plan order.
+
+    Usage::
+
+        rt = NativeRuntime(NativeRuntimeConfig(model="smollm2-135m", dtype="float32"))
+        pool = PagedKVPool(PagedKVPoolConfig(num_blocks=256), schema=rt.kv_cache_schema(16))
+        rt.bind_kv_pool(pool)
+        out = rt.execute(plan)  # ModelOutput(request_ids, logits [rows, vocab] float32)
+
+    Context: ``progress=`` optional callback ``(stage, done, total)`` called while loading.
+    """
+
+    config_class: ClassVar[type[BaseModel]] = NativeRuntimeConfig
+
+    def __init__(
+        self,
+        config: NativeRuntimeConfig | None = None,
+        *,
+        progress: Callable[[str, int, int], None] | None = None,
+        **_context: Any,
+    ) -> None:
+        self.config = config if config is not None else NativeRuntimeConfig()
+        cfg = self.config
+        try:
+            self.device = torch.device(cfg.device)
+        except RuntimeError as exc:
+            raise ConfigError(f"device {cfg.device!r} is not a torch device: {exc}") from exc
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {cfg.device!r} asked for but CUDA is not available")
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        t0 = time.perf_counter()
+        self.source = resolve_model(cfg.model)
+        self.model_config, weights = load_weights(self.source, progress)
+        mc = self.model_config
+        if cfg.max_model_len is not None and cfg.max_model_len > mc.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len={cfg.max_model_len} exceeds the "
+                f"{mc.max_position_embeddings} positions model {self.source.name!r} supports"
+            )
+        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
+        with torch.device("meta"):
+            model = LlamaForCausalLM(mc, max_positions=mc.max_position_embeddings)
+        # allocate uninitialised storage in the compute dtype (weights are copied in next)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.tie_weights()
+        model.rotary = RotaryEmbedding(
+            mc.head_dim, mc.max_position_embeddings, mc.rope_theta, mc.rope_scaling
+        ).to(self.device)
+        model.load_weights(weights, progress)
+        del weights
+        self.model = model.eval()
+        self._pool: KVPool | None = None
+        self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.load_seconds = time.perf_counter() - t0
+        logger.info(
+            "loaded %s (%s, %s) in %.1f s",
+            self.source.name,
+            self.source.kind,
+            str(self.dtype).removeprefix("torch."),
+            self.load_seconds,
+        )
+
+    # ------------------------------------------------------------------ protocol
+
+    def capabilities(self) -> CapabilityDescriptor:
+        """Devices, dtypes and the longest sequence the loaded model supports."""
+        return CapabilityDescriptor(
+            name=f"native:{self.source.name}",
+            devices=("cpu", "cuda"),
+            dtypes=("float32", "bfloat16"),
+            kv_schema=self.kv_cache_schema(16),
+            max_model_len=self.model_config.max_position_embeddings,
+            features=("paged_attention", "chunked_prefill", "prefix_caching", "mixed_batch"),
+        )
+
+    def kv_cache_schema(self, block_size: int, dtype: str | None = None) -> KVCacheSchema:
+        """The KV layout this model needs at ``block_size`` tokens per block."""
+        name = dtype or str(self.dtype).removeprefix("torch.")
+        if name not in _KV_DTYPES:
+            raise ConfigError(
+                f"KV cache dtype {name!r} is not supported by the native runtime; "
+                f"use one of {', '.join(sorted(_KV_DTYPES))}"
+            )
+        mc = self.model_config
+        return KVCacheSchema(
+            num_layers=mc.num_layers,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            block_size=block_size,
+            dtype=name,  # type: ignore[arg-type]
+        )
+
+    def bind_kv_pool(self, pool: KVPool) -> None:
+        """Use ``pool``'s storage for attention; CapabilityMismatchError if it cannot fit."""
+        s = pool.schema
+        mc = self.model_config
+        want = (mc.num_layers, mc.num_kv_heads, mc.head_dim)
+        got = (s.num_layers, s.num_kv_heads, s.head_dim)
+        if got != want:
+            raise CapabilityMismatchError(
+                f"KV pool schema has (layers, kv_heads, head_dim)={got} but model "
+                f"{self.source.name!r} needs {want}; build the pool from "
+                "runtime.kv_cache_schema(block_size)"
+            )
+        if s.dtype not in _KV_DTYPES:
+            raise CapabilityMismatchError(
+                f"KV pool dtype {s.dtype!r} is not one the native runtime reads; use one of "
+                f"{', '.join(sorted(_KV_DTYPES))}"
+            )
+        caches = [pool.layer_cache(i) for i in range(mc.num_layers)]
+        if caches[0][0].device != self.device:
+            raise CapabilityMismatchError(
+                f"KV pool storage is on {caches[0][0].device} but the model is on "
+                f"{self.device}; build the pool with device={str(self.device)!r}"
+            )
+        self._pool = pool
+        self._caches = caches
+
+    def execute(self, plan: ExecutionPlan) -> ModelOutput:
+        """Run the plan's compute nodes; fp32 logits of every sampled chunk, in plan order.
+
+        KV migrations and transfers are not run here (the engine runs them first).
+        """
+        if self._pool is None:
+            raise SageLLMError("NativeRuntime.execute before bind_kv_pool(pool)")
+        chunks = plan.compute_chunks
+        vocab = self.model_config.vocab_size
+        if not chunks:
+            return ModelOutput((), torch.empty(0, vocab, dtype=torch.float32))
+        batch = build_step_batch(
+            chunks,
+            block_size=self._pool.schema.block_size,
+            num_blocks=self._pool.num_blocks,
+            max_model_len=self.max_model_len,
+            mask_dtype=self.dtype,
+            device=self.device,
+        )
+        ids = batch.token_ids
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            bad = ids[(ids < 0) | (ids >= vocab)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary 0..{vocab - 1}")
+        if batch.logit_rows.numel() == 0:
+            self.model(ids, batch.positions, self._caches, batch.meta, batch.logit_rows)
+            return ModelOutput((), torch.empty(0, vocab, dtype=torch.float32))
+        logits = self.model(ids, batch.positions, self._caches, batch.meta, batch.logit_rows)
+        if logits.device.type != "cpu":
+            logits = logits.cpu()
+        return ModelOutput(batch.request_ids, logits)
