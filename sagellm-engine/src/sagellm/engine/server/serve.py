@@ -22,18 +22,12 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_port(port: int | None) -> int:
-    """``port`` itself, or the one :mod:`sagellm.core.ports` chooses when it is None."""
+    """``port`` itself, or :func:`sagellm.core.ports.get_port` when it is None."""
     if port is not None:
         return port
-    try:
-        from sagellm.core import ports  # type: ignore[attr-defined]
-    except ImportError:  # older core: let the operating system choose
-        return 0
-    for name in ("server_port", "default_port", "choose_port", "get_port"):
-        fn = getattr(ports, name, None)
-        if callable(fn):
-            return int(fn())
-    return 0
+    from sagellm.core.ports import get_port
+
+    return get_port("server")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
