@@ -162,8 +162,8 @@ def drive_to_completion(
             tokens = run.token_ids[rid]
             start = c.num_computed_tokens
             assert c.token_ids, f"empty chunk for {rid}"
-            if rid in preempted:  # recomputed after losing its blocks
-                assert start <= computed[rid]
+            if rid in preempted:  # lost its blocks: recomputed from the start
+                assert start == 0, f"{rid}: resumes at {start} after losing its blocks"
                 preempted.discard(rid)
             else:
                 assert start == computed[rid], (
