@@ -109,7 +109,8 @@ class EngineBuilder:
                 f"{schema.block_size} for block_size={cfg.block_size}; the runtime must honour "
                 "the requested block size"
             )
-        model_len = caps.max_model_len or cfg.max_model_len
+        # The runtime reports what the model supports; the config may ask for less.
+        model_len = cfg.max_model_len or caps.max_model_len
         if model_len is None:
             raise CapabilityMismatchError(
                 f"runtime {cfg.runtime.name!r} reports no max_model_len; set max_model_len in "
