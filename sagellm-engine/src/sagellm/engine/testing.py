@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "make_tiny_llama"]
+__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "make_tiny_gguf", "make_tiny_llama"]
 
 #: Ids 0, 1, 2 of the tiny vocabulary.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -159,4 +159,98 @@ def make_tiny_llama(
         "chat_template": CHAT_TEMPLATE,
     }
     (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    return path
+
+
+def make_tiny_gguf(model_dir: Path, path: Path, *, weight_type: str = "F32") -> Path:
+    """Write the checkpoint of ``model_dir`` (from :func:`make_tiny_llama`) as a GGUF file.
+
+    The layout is llama.cpp's: its tensor names, reversed shapes, Q/K rows permuted for
+    its rotary layout (llama architecture), the tokenizer as metadata (byte-level BPE,
+    ``pre = gpt2``) and the chat template. ``weight_type`` is "F32", "F16", "Q8_0",
+    "Q4_0" or "Q4_1" for the 2-D matrices (norms stay F32). Returns ``path``.
+    """
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from sagellm.engine.models.loader import permute_qk
+
+    model_dir, path = Path(model_dir), Path(path)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    arch = cfg["model_type"]
+    weights = load_file(str(model_dir / "model.safetensors"))
+    qtype = gguf.GGMLQuantizationType[weight_type]
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    vocab = tok["model"]["vocab"]
+    for added in tok.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    specials = {a["content"] for a in tok.get("added_tokens", []) if a.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_pad_token_id(cfg["pad_token_id"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(tok_cfg["chat_template"])
+
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer_names = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    for name, tensor in weights.items():
+        if name.startswith("model.layers."):
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            gname = f"blk.{i}.{layer_names[rest]}"
+        else:
+            gname = names[name]
+        t = tensor.float()
+        if arch == "llama" and gname.endswith("attn_q.weight"):
+            t = permute_qk(t, cfg["num_attention_heads"])
+        elif arch == "llama" and gname.endswith("attn_k.weight"):
+            t = permute_qk(t, cfg["num_key_value_heads"])
+        data = t.numpy().astype(np.float32)
+        if data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            packed = gguf.quants.quantize(data, qtype)
+            w.add_tensor(gname, packed, raw_shape=packed.shape, raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return path
