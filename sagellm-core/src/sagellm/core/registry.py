@@ -93,6 +93,8 @@ class PluginInfo:
 _lock = threading.Lock()
 _eps_cache: dict[str, list[EntryPoint]] = {}
 _class_cache: dict[tuple[str, str], Any] = {}
+# (distribution, version) per entry point: reading them parses METADATA files each time
+_dist_cache: dict[tuple[str, str, str], tuple[str, str]] = {}
 
 
 def reset_cache() -> None:
@@ -100,6 +102,7 @@ def reset_cache() -> None:
     with _lock:
         _eps_cache.clear()
         _class_cache.clear()
+        _dist_cache.clear()
 
 
 def _group_name(group: str) -> str:
@@ -116,6 +119,19 @@ def _entry_points(group: str) -> list[EntryPoint]:
             eps = sorted(entry_points(group=group), key=lambda ep: ep.name)
             _eps_cache[group] = list(eps)
         return _eps_cache[group]
+
+
+def _distribution(group: str, ep: EntryPoint) -> tuple[str, str]:
+    key = (group, ep.name, ep.value)
+    with _lock:
+        cached = _dist_cache.get(key)
+    if cached is not None:
+        return cached
+    dist = getattr(ep, "dist", None)
+    found = (dist.metadata["Name"] or "", dist.version or "") if dist is not None else ("", "")
+    with _lock:
+        _dist_cache[key] = found
+    return found
 
 
 def _allow_list() -> set[str] | None:
@@ -139,7 +155,7 @@ def available(group: str, *, check: bool = False) -> list[PluginInfo]:
     allow = _allow_list()
     out = []
     for ep in _entry_points(group):
-        dist = getattr(ep, "dist", None)
+        distribution, version = _distribution(group, ep)
         allowed = _is_allowed(group, ep.name, allow)
         error = None
         if check and allowed:
@@ -152,8 +168,8 @@ def available(group: str, *, check: bool = False) -> list[PluginInfo]:
                 group=group,
                 name=ep.name,
                 value=ep.value,
-                distribution=dist.metadata["Name"] if dist is not None else "",
-                version=dist.version if dist is not None else "",
+                distribution=distribution,
+                version=version,
                 allowed=allowed,
                 error=error,
             )
@@ -191,8 +207,7 @@ def load_class(group: str, name: str) -> Any:
     try:
         obj = ep.load()
     except Exception as exc:  # any import-time failure of a third-party plugin
-        dist = getattr(ep, "dist", None)
-        who = dist.metadata["Name"] if dist is not None else ep.value
+        who = _distribution(group, ep)[0] or ep.value
         raise PluginLoadError(
             f"{group} implementation {name!r} from {who} failed to import: "
             f"{type(exc).__name__}: {exc}"
