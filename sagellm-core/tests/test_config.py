@@ -135,4 +135,4 @@ def test_slot_accessor() -> None:
 
 def test_config_is_frozen() -> None:
     with pytest.raises(Exception, match="frozen"):
-        EngineConfig().block_size = 8  # type: ignore[misc]
+        EngineConfig().block_size = 8  # type: ignore[misc, unused-ignore]

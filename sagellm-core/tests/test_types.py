@@ -78,7 +78,7 @@ def test_sampling_defaults_and_greedy() -> None:
 def test_models_are_frozen() -> None:
     p = SamplingParams()
     with pytest.raises(ValidationError) as info:
-        p.temperature = 0.5  # type: ignore[misc]
+        p.temperature = 0.5  # type: ignore[misc, unused-ignore]
     assert _errors(info) == [(("temperature",), "frozen_instance")]
 
 

@@ -11,6 +11,12 @@ Usage::
                          schema=KVCacheSchema(num_layers=2, num_kv_heads=2, head_dim=8),
                          device="cpu")
 
+Modules: ``protocols`` (one Protocol per slot), ``types`` (data crossing package lines),
+``registry`` (entry points), ``config`` (EngineConfig), ``platforms`` (cpu, cuda, rocm and
+plugins), ``ports`` (the one place choosing ports), ``errors``, ``telemetry``, and the
+conformance kit ``testing`` (needs the ``testing`` extra). ``python -m sagellm.core``
+lists what is installed.
+
 Importing this package does not import torch.
 """
 
