@@ -10,9 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["DEFAULT_KV_CACHE_MIB", "BuildOptions", "ServerConfig"]
 
-#: KV-cache budget when the pool's options give no block count. 512 MiB holds ~11,600
-#: tokens of SmolLM2-135M in float32 and keeps the default engine under 1.5 GB resident.
-DEFAULT_KV_CACHE_MIB = 512
+#: KV-cache budget when the pool's options give no size. 256 MiB holds ~11,600 tokens of
+#: SmolLM2-135M in bfloat16 (the default dtype on CPUs with native bf16), ~5,800 in
+#: float32; with the ~1.1-1.2 GB the loaded model takes, a fully used pool keeps the
+#: default engine under 1.5 GB resident (untouched blocks are not resident at all).
+DEFAULT_KV_CACHE_MIB = 256
 
 #: A pool never gets more blocks than this many full-length sequences need (a tiny model
 #: would otherwise receive millions of blocks from the memory budget).
