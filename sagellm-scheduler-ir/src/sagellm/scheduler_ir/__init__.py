@@ -1,0 +1,27 @@
+"""sagellm.scheduler_ir: continuous-batching schedulers and the execution-plan IR.
+
+Usage::
+
+    from sagellm.core import registry
+
+    scheduler = registry.load("scheduler", "fcfs", {"max_num_batched_tokens": 512},
+                              kv_pool=pool, max_model_len=2048)
+    scheduler.add_request(request)
+    output = scheduler.schedule()          # which tokens of which requests, this step
+    plan = scheduler.build_plan(output)    # the IR a runtime executes
+    scheduler.update_from_output(output, {"req-0": [42]})
+"""
+
+from sagellm.scheduler_ir._version import __version__
+from sagellm.scheduler_ir.config import FCFSSchedulerConfig
+from sagellm.scheduler_ir.fcfs import FCFSScheduler
+from sagellm.scheduler_ir.ir import IRBuilder, IROptimizer, IRValidationError
+
+__all__ = [
+    "FCFSScheduler",
+    "FCFSSchedulerConfig",
+    "IRBuilder",
+    "IROptimizer",
+    "IRValidationError",
+    "__version__",
+]

@@ -1,0 +1,325 @@
+"""First-come-first-served continuous batching (vLLM v1's rule)."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from sagellm.core.errors import InvalidRequestError
+from sagellm.core.telemetry import SchedulerStats
+from sagellm.core.types import (
+    ExecutionPlan,
+    FinishReason,
+    GenerationRequest,
+    PrefixMatch,
+    RequestStatus,
+    ScheduledChunk,
+    SchedulerOutput,
+)
+
+from sagellm.scheduler_ir.config import FCFSSchedulerConfig
+from sagellm.scheduler_ir.ir import IRBuilder
+
+__all__ = ["FCFSScheduler", "RequestState"]
+
+
+@dataclass(slots=True, eq=False)
+class RequestState:
+    """A request as the scheduler tracks it."""
+
+    request: GenerationRequest
+    token_ids: list[int]  # prompt followed by the output tokens appended so far
+    num_computed_tokens: int = 0  # tokens whose KV is in the request's blocks
+    block_ids: list[int] = field(default_factory=list)  # block table, append-only while running
+    status: RequestStatus = RequestStatus.WAITING
+    prefix_match: PrefixMatch | None = None  # locked prefix-cache hit, released on finish/preempt
+    num_indexed_blocks: int = 0  # leading full blocks already offered to the prefix index
+    num_preemptions: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+class FCFSScheduler:
+    """Continuous batching in arrival order under a token budget and a sequence cap.
+
+    Every step, running requests come first (in admission order), each catching its
+    ``num_computed_tokens`` up with its tokens within the remaining budget; waiting
+    requests are then admitted in arrival order while the budget, the sequence cap and the
+    pool allow. There is no prefill or decode phase: a long prompt is simply computed in
+    budget-sized chunks. When the pool is full the prefix index (if any) is asked to evict,
+    then the most recently admitted running request is preempted by recompute: its blocks
+    are released and it returns to the front of the queue, keeping its output tokens.
+    """
+
+    config_class: ClassVar[type[FCFSSchedulerConfig]] = FCFSSchedulerConfig
+
+    def __init__(
+        self,
+        config: FCFSSchedulerConfig | None = None,
+        *,
+        kv_pool: Any,
+        max_model_len: int,
+        prefix_index: Any = None,
+        tiered_store: Any = None,
+    ) -> None:
+        self.config = config or FCFSSchedulerConfig()
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
+        self.pool = kv_pool
+        self.prefix_index = prefix_index
+        self.tiered_store = tiered_store
+        self.max_model_len = max_model_len
+        self.block_size: int = kv_pool.schema.block_size
+        self.ir_builder = IRBuilder()
+        self._requests: dict[str, RequestState] = {}
+        self._waiting: deque[RequestState] = deque()
+        self._running: list[RequestState] = []
+        self._finished_ids: list[str] = []
+        self._step_id = 0
+        self._stats = SchedulerStats()
+
+    # ------------------------------------------------------------------ queue
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def get_request(self, request_id: str) -> RequestState | None:
+        """The tracked state of a live request (None when unknown or finished)."""
+        return self._requests.get(request_id)
+
+    def add_request(self, request: GenerationRequest) -> None:
+        rid = request.request_id
+        if rid in self._requests:
+            raise InvalidRequestError(
+                f"request id {rid!r} is already live; use a unique id per request"
+            )
+        n = len(request.prompt_token_ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt of request {rid!r} has {n} tokens but the context holds "
+                f"{self.max_model_len} (prompt plus at least one output token): "
+                "shorten the prompt or raise max_model_len"
+            )
+        need = -(-(n + 1) // self.block_size)
+        if need > self.pool.num_blocks:
+            raise InvalidRequestError(
+                f"prompt of request {rid!r} needs {need} KV blocks but the pool has "
+                f"{self.pool.num_blocks}: shorten the prompt or give the KV pool more memory"
+            )
+        state = RequestState(request=request, token_ids=list(request.prompt_token_ids))
+        self._requests[rid] = state
+        self._waiting.append(state)
+
+    # ------------------------------------------------------------------ blocks
+
+    def _blocks_needed(self, state: RequestState, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size) - len(state.block_ids)
+
+    def _evict_from_index(self, num_blocks: int) -> bool:
+        """Ask the prefix index to release ``num_blocks``; True when any block became free."""
+        if self.prefix_index is None or num_blocks <= 0:
+            return False
+        before = self.pool.num_free_blocks
+        released = self.prefix_index.evict(num_blocks)
+        if released:
+            self.pool.free(released)
+        return self.pool.num_free_blocks > before
+
+    def _allocate(self, state: RequestState, num_tokens: int) -> bool:
+        """Grow ``state``'s block table to hold ``num_tokens``; False when the pool is full."""
+        need = self._blocks_needed(state, num_tokens)
+        if need <= 0:
+            return True
+        new = self.pool.allocate(need)
+        if new is None and self._evict_from_index(need - self.pool.num_free_blocks):
+            new = self.pool.allocate(need)
+        if new is None:
+            return False
+        state.block_ids.extend(new)
+        return True
+
+    def _release(self, state: RequestState) -> None:
+        if state.block_ids:
+            self.pool.free(state.block_ids)
+            state.block_ids = []
+        if state.prefix_match is not None:
+            self.prefix_index.unlock(state.prefix_match)
+            state.prefix_match = None
+        state.num_computed_tokens = 0
+        state.num_indexed_blocks = 0
+
+    def _preempt(self, state: RequestState) -> None:
+        self._release(state)
+        state.status = RequestStatus.PREEMPTED
+        state.num_preemptions += 1
+        self._waiting.appendleft(state)
+        self._stats.num_preemptions += 1
+
+    def _match_prefix(self, state: RequestState) -> None:
+        """Start a fresh request from its longest cached prefix (never its last token)."""
+        if self.prefix_index is None or state.num_computed_tokens:
+            return
+        match = self.prefix_index.match(state.token_ids[:-1], state.request.isolation_key)
+        if not match.hit:
+            return
+        self.prefix_index.lock(match)
+        self.pool.share(match.block_ids)
+        state.prefix_match = match
+        state.block_ids = list(match.block_ids)
+        state.num_computed_tokens = match.num_tokens
+
+    # ------------------------------------------------------------------ step
+
+    def _chunk_len(self, state: RequestState, budget: int) -> int:
+        n = len(state.token_ids) - state.num_computed_tokens
+        cap = self.config.long_prefill_token_threshold
+        if cap and n > cap:
+            n = cap
+        return min(n, budget)
+
+    def _chunk(self, state: RequestState, num_new: int) -> ScheduledChunk:
+        start = state.num_computed_tokens
+        end = start + num_new
+        return ScheduledChunk(
+            request_id=state.request_id,
+            token_ids=tuple(state.token_ids[start:end]),
+            num_computed_tokens=start,
+            block_ids=tuple(state.block_ids),
+            sample=end == len(state.token_ids),
+            is_prefill=start < len(state.token_ids) - 1,
+        )
+
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+
+        # Running requests first; a victim is always taken from the tail, which has not
+        # been scheduled yet in this step, so chunks already emitted stay valid.
+        i = 0
+        while i < len(self._running) and budget > 0:
+            state = self._running[i]
+            num_new = self._chunk_len(state, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            scheduled = True
+            while not self._allocate(state, state.num_computed_tokens + num_new):
+                victim = self._running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is state:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            chunks.append(self._chunk(state, num_new))
+            budget -= num_new
+            i += 1
+
+        # Admit waiting requests in arrival order (no admission in a step that preempted:
+        # the pool is known to be short).
+        hit_tokens = 0
+        while (
+            not preempted and self._waiting and budget > 0 and len(self._running) < cfg.max_num_seqs
+        ):
+            state = self._waiting[0]
+            self._match_prefix(state)
+            remaining = len(state.token_ids) - state.num_computed_tokens
+            if not cfg.enable_chunked_prefill and remaining > budget:
+                self._release(state)
+                break
+            num_new = self._chunk_len(state, budget)
+            if not self._allocate(state, state.num_computed_tokens + num_new):
+                self._release(state)
+                break
+            self._waiting.popleft()
+            if state.prefix_match is not None:
+                hit_tokens += state.prefix_match.num_tokens
+            state.status = RequestStatus.RUNNING
+            self._running.append(state)
+            chunks.append(self._chunk(state, num_new))
+            budget -= num_new
+
+        # Prefill chunks first, then decodes (stable), so the IR has one node of each kind.
+        chunks.sort(key=lambda c: not c.is_prefill)
+        num_tokens = cfg.max_num_batched_tokens - budget
+        self._step_id += 1
+        finished, self._finished_ids = tuple(self._finished_ids), []
+        st = self._stats
+        st.num_steps += 1
+        st.num_scheduled_tokens += num_tokens
+        st.num_prefix_hit_tokens += hit_tokens
+        return SchedulerOutput(
+            step_id=self._step_id,
+            chunks=tuple(chunks),
+            num_scheduled_tokens=num_tokens,
+            preempted_request_ids=tuple(preempted),
+            finished_request_ids=finished,
+            num_waiting=len(self._waiting),
+            num_running=len(self._running),
+        )
+
+    def build_plan(self, output: SchedulerOutput) -> ExecutionPlan:
+        return self.ir_builder.build(output)
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled_token_ids: Mapping[str, Sequence[int]]
+    ) -> None:
+        for chunk in output.chunks:
+            state = self._requests.get(chunk.request_id)
+            if state is None or state.status is not RequestStatus.RUNNING:
+                continue  # finished or aborted while the step ran
+            state.num_computed_tokens = chunk.num_computed_tokens + len(chunk.token_ids)
+            if chunk.sample:
+                state.token_ids.extend(sampled_token_ids[chunk.request_id])
+            if self.prefix_index is not None:
+                self._index_full_blocks(state)
+
+    def _index_full_blocks(self, state: RequestState) -> None:
+        num_full = state.num_computed_tokens // self.block_size
+        if num_full <= state.num_indexed_blocks:
+            return
+        taken = self.prefix_index.insert(
+            state.token_ids[: num_full * self.block_size],
+            state.block_ids[:num_full],
+            state.request.isolation_key,
+        )
+        if taken:
+            self.pool.share(taken)
+        state.num_indexed_blocks = num_full
+
+    def finish_requests(self, request_ids: Iterable[str], reason: FinishReason) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            state = self._requests.pop(rid, None)
+            if state is None:
+                continue
+            if state.status is RequestStatus.RUNNING:
+                self._running.remove(state)
+            else:
+                self._waiting.remove(state)
+            self._release(state)
+            state.status = RequestStatus.FINISHED
+            self._finished_ids.append(rid)
+            if reason is FinishReason.REJECTED:
+                self._stats.num_rejected += 1
+
+    def make_stats(self) -> SchedulerStats:
+        st = self._stats
+        st.num_waiting = len(self._waiting)
+        st.num_running = len(self._running)
+        self._stats = SchedulerStats()
+        return st
