@@ -168,6 +168,16 @@ def test_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+@pytest.mark.usefixtures("plugins")
+def test_allow_list_applies_to_already_imported_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    registry.load(GROUP, "strict")
+    monkeypatch.setenv("SAGELLM_PLUGINS", "good")
+    with pytest.raises(PluginNotFoundError, match="excluded by SAGELLM_PLUGINS"):
+        registry.load(GROUP, "strict")
+    monkeypatch.delenv("SAGELLM_PLUGINS")
+    assert registry.load(GROUP, "strict").config.capacity == 8
+
+
 def test_unknown_slot() -> None:
     with pytest.raises(ConfigError) as info:
         registry.available("nope")

@@ -190,19 +190,21 @@ def load_class(group: str, name: str) -> Any:
     """Import the object registered as ``name`` in ``group`` (cached per process)."""
     group = _group_name(group)
     key = (group, name)
-    with _lock:
-        if key in _class_cache:
-            return _class_cache[key]
     matches = [ep for ep in _entry_points(group) if ep.name == name]
     if not matches:
         raise PluginNotFoundError(
             _missing_message(group, name, [ep.name for ep in _entry_points(group)])
         )
+    # the allow-list is read on every call, so a class imported earlier in the process
+    # cannot slip past a list set afterwards
     if not _is_allowed(group, name, _allow_list()):
         raise PluginNotFoundError(
             f"{group} implementation {name!r} is installed but excluded by SAGELLM_PLUGINS="
             f"{os.environ.get('SAGELLM_PLUGINS')!r}; add {name!r} to that list"
         )
+    with _lock:
+        if key in _class_cache:
+            return _class_cache[key]
     ep = matches[0]
     try:
         obj = ep.load()
