@@ -229,7 +229,8 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy over every package (strict flag set for sagellm.core; see pyproject.toml)."""
     folders = list(repo.discover())
-    _install_local(session, folders)
+    # Test extras too: sagellm.core.testing is typed against pytest and hypothesis.
+    _install_local(session, folders, extras={f: _test_extras(f) for f in folders})
     session.install("-c", str(CONSTRAINTS), MYPY, "types-PyYAML")
     srcs = [str(ROOT / f / "src") for f in folders]
     targets = [
