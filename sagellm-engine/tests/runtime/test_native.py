@@ -239,3 +239,13 @@ def test_float32_model_with_bfloat16_kv_cache(tiny_dir, tiny_rt) -> None:
     _, rows = run_prefill_in_chunks(tiny_rt, pool, tokens, [8, 1, 3])
     for row, end in zip(rows, [7, 8, 11]):
         assert (row - ref[end]).abs().max() < 0.02 * ref[end].abs().max()
+
+
+def test_auto_dtype_follows_the_cpu() -> None:
+    from sagellm.engine.runtime.native import _cpu_has_native_bf16, resolve_dtype
+
+    cpu = torch.device("cpu")
+    want = torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    assert resolve_dtype("auto", cpu) == want
+    assert resolve_dtype("float32", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16

@@ -38,9 +38,11 @@ def _cpu_has_native_bf16() -> bool:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype for config value ``name`` on ``device``.
 
-    "auto" is bfloat16 on a CPU with native bf16 matrix units (AVX512-BF16 / AMX: about
-    2.5x the float32 matmul rate, logits within ~1-2% of float32 on SmolLM2-135M, greedy
-    top-1 agreement ~97%) and on CUDA devices that support it; float32 otherwise.
+    "auto" is bfloat16 on a CPU with native bf16 matrix units (AVX512-BF16 / AMX) and on
+    CUDA devices that support it, float32 otherwise. Measured on SmolLM2-135M (Zen 4):
+    bf16 matmul runs ~3x the float32 rate at 64 rows and ~1.2x at one row; over 4 chat
+    prompts x 24 greedy steps, bf16 logits differ from float32 by at most 3.3% of the
+    logit scale (median 1.6%) and pick the same top-1 token 93 times out of 96.
     """
     if name != "auto":
         return _DTYPES[name]
