@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -60,7 +61,17 @@ def test_concurrent_generators_each_get_their_own_stream(llm: LLM) -> None:
     assert run(main()) == offline
 
 
-def test_cancelling_a_consumer_aborts_its_request(llm: LLM) -> None:
+def test_cancelling_a_consumer_aborts_its_request(llm: LLM, monkeypatch) -> None:
+    runtime = llm.engine.runtime
+    real = runtime.execute
+
+    def slow(plan):  # every step takes 10 ms: 200 tokens outlive the consumer
+        time.sleep(0.01)
+        return real(plan)
+
+    monkeypatch.setattr(runtime, "execute", slow)
+    llm.engine.make_stats()
+
     async def main() -> None:
         engine = AsyncLLMEngine(llm.engine)
         params = SamplingParams(max_tokens=200, ignore_eos=True)
@@ -85,6 +96,8 @@ def test_cancelling_a_consumer_aborts_its_request(llm: LLM) -> None:
 
     run(main())
     assert_no_leak(llm)
+    stats = llm.engine.make_stats()
+    assert stats.num_requests_aborted == 1 and stats.num_requests_finished == 0
 
 
 def test_invalid_requests_raise_before_streaming(llm: LLM) -> None:

@@ -301,8 +301,30 @@ def test_openai_client_sees_typed_errors(server) -> None:
         c.completions.create(model=model_name(llm), prompt="x", max_tokens=100_000)
 
 
-def test_client_disconnect_mid_stream_aborts_the_request(server) -> None:
+def slow_down(llm, monkeypatch, seconds: float = 0.01) -> None:
+    """Make every step take a while, so a request outlives its client."""
+    runtime = llm.engine.runtime
+    real = runtime.execute
+
+    def slow(plan):
+        time.sleep(seconds)
+        return real(plan)
+
+    monkeypatch.setattr(runtime, "execute", slow)
+
+
+def wait_idle(llm, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_client_disconnect_mid_stream_aborts_the_request(server, monkeypatch) -> None:
     srv, llm = server
+    slow_down(llm, monkeypatch)
+    wait_idle(llm)
+    llm.engine.make_stats()
     body = {
         "model": model_name(llm),
         "prompt": [5, 6, 7],
@@ -315,23 +337,24 @@ def test_client_disconnect_mid_stream_aborts_the_request(server) -> None:
         lines = resp.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[len("data: ") :])["object"] == "text_completion"
-    # closed after the first chunk: the engine must drop the request long before 200 tokens
-    deadline = time.monotonic() + 10
-    while llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not llm.engine.has_unfinished_requests()
+    # closed after the first chunk: the engine drops the request long before 200 tokens
+    wait_idle(llm)
+    stats = llm.engine.make_stats()
+    assert stats.num_requests_aborted == 1 and stats.num_requests_finished == 0
     assert_no_leak(llm)
 
 
-def test_client_disconnect_while_waiting_for_a_full_response(server) -> None:
+def test_client_disconnect_while_waiting_for_a_full_response(server, monkeypatch) -> None:
     srv, llm = server
+    slow_down(llm, monkeypatch)
+    wait_idle(llm)
+    llm.engine.make_stats()
     body = {"model": model_name(llm), "prompt": [5, 6, 7], "max_tokens": 240, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(srv.url + "/v1/completions", json=body, timeout=0.3)
-    deadline = time.monotonic() + 10
-    while llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not llm.engine.has_unfinished_requests()
+    wait_idle(llm)
+    stats = llm.engine.make_stats()
+    assert stats.num_requests_aborted == 1 and stats.num_requests_finished == 0
 
 
 def test_metrics_publish_engine_and_component_series(server) -> None:
