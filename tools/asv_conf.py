@@ -42,14 +42,13 @@ def render(pkg: repo.Package, packages: dict[str, repo.Package], *, standalone: 
     reinstall = " ".join(f"--reinstall-package {f}" for f in [*local, pkg.folder])
     install = [_WRITE_CONSTRAINTS]
     if standalone:
-        if local != [] and local != [repo.CORE]:
-            raise ValueError(
-                f"{pkg.folder} needs {', '.join(local)}: its standalone form would need "
-                "wheels of all of them in UV_FIND_LINKS"
-            )
+        # The local packages it needs come as wheels from UV_FIND_LINKS, never an index.
         if local:
             install.append(
-                f"{_UV_PIP} --no-index --no-deps --reinstall-package {repo.CORE} {repo.CORE}"
+                f"{_UV_PIP} --no-index --no-deps "
+                + " ".join(f"--reinstall-package {f}" for f in local)
+                + " "
+                + " ".join(local)
             )
         install.append(
             f"{_UV_PIP} -c {{env_dir}}/asv-constraints.txt --reinstall-package {pkg.folder} "
