@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sagellm.engine.layers.linear import linear
+
 __all__ = ["LMHead", "VocabEmbedding"]
 
 
@@ -31,4 +33,4 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight).float()
+        return linear(x, self.weight).float()

@@ -8,7 +8,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Linear"]
+__all__ = ["Linear", "linear"]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, through a matrix-vector product when ``x`` is a single row.
+
+    On CPU a bf16 one-row product runs 1.3-1.9x faster as ``mv`` than as ``mm`` (it
+    streams the weight at ~20-30 GB/s instead of ~15); batch-1 decode is exactly that.
+    """
+    if x.dim() == 2 and x.shape[0] == 1 and x.device.type == "cpu":
+        y = torch.mv(weight, x[0])
+        if bias is not None:
+            y = y + bias
+        return y.unsqueeze(0)
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Module):
@@ -28,7 +42,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def load_parts(
         self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None = None
