@@ -381,3 +381,28 @@ def test_metrics_publish_engine_and_component_series(server) -> None:
         "sagellm_engine_num_generation_tokens_total",
     ):
         assert name in text, name
+
+
+def test_internal_failures_are_500s_without_details(server, monkeypatch) -> None:
+    srv, llm = server
+    wait_idle(llm)
+
+    def broken(plan):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(llm.engine.runtime, "execute", broken)
+    body = {"model": model_name(llm), "prompt": [5, 6], "max_tokens": 4}
+    err = assert_openai_error(post(srv, "/v1/completions", body), 500)
+    assert err["type"] == "internal_server_error"
+    assert "secret" not in err["message"]
+    with httpx.stream(
+        "POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=30
+    ) as resp:
+        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: ") :])["error"]
+    assert error["type"] == "internal_server_error" and "secret" not in error["message"]
+    monkeypatch.undo()
+    # the engine recovered: the next request is served
+    resp = client_of(srv).completions.create(model=model_name(llm), prompt=[5, 6], max_tokens=2)
+    assert resp.usage.completion_tokens == 2
