@@ -40,6 +40,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None
 class RotaryEmbedding(nn.Module):
     """Holds the cos/sin tables; :meth:`tables` gathers them once per step for all layers."""
 
+    cos: torch.Tensor  # buffers, typed for mypy
+    sin: torch.Tensor
+
     def __init__(
         self,
         head_dim: int,
@@ -64,7 +67,7 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` ``[T, heads, head_dim]`` (a view is fine); returns a new tensor."""
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -108,11 +108,11 @@ class GGUFFile:
             infos.append((name, tuple(reversed(dims)), ggml_type, offset))
         alignment = int(self.metadata.get("general.alignment", 32))
         data_start = -(-self._pos // alignment) * alignment
-        from gguf import GGML_QUANT_SIZES
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
         self.tensors: dict[str, GGUFTensor] = {}
         for name, shape, ggml_type, offset in infos:
-            block, type_size = GGML_QUANT_SIZES[ggml_type]
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
             count = int(np.prod(shape)) if shape else 1
             self.tensors[name] = GGUFTensor(
                 name, shape, ggml_type, data_start + offset, count // block * type_size
@@ -198,7 +198,7 @@ def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> tor
         return raw.view(torch.float16).reshape(shape).float()
     if qt == GGMLQuantizationType.BF16:
         return raw.view(torch.bfloat16).reshape(shape).float()
-    block, type_size = GGML_QUANT_SIZES[ggml_type]
+    block, type_size = GGML_QUANT_SIZES[qt]
     blocks = raw.view(-1, type_size)
     if qt == GGMLQuantizationType.Q8_0:
         d = _f16(blocks[:, :2])

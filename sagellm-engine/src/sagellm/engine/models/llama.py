@@ -65,7 +65,7 @@ class LlamaDecoderLayer(nn.Module):
         qkv = self.qkv_proj(x)
         # q and k rotate together: one rotary application for both
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, -1)
-        qk = RotaryEmbedding.apply(qk, cos, sin)
+        qk = RotaryEmbedding.rotate(qk, cos, sin)
         q = qk[:, : self.num_heads]
         k = qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
@@ -156,7 +156,8 @@ class LlamaForCausalLM(nn.Module):
             copy(self.norm.weight, "model.norm.weight")
             if not cfg.tie_word_embeddings:
                 copy(self.lm_head.weight, "lm_head.weight")
-            for i, layer in enumerate(self.layers):
+            for i, module in enumerate(self.layers):
+                layer: LlamaDecoderLayer = module  # type: ignore[assignment]
                 p = f"model.layers.{i}."
                 copy(layer.input_layernorm.weight, p + "input_layernorm.weight")
                 copy(layer.post_attention_layernorm.weight, p + "post_attention_layernorm.weight")

@@ -111,9 +111,9 @@ def build_step_batch(
         row = len(tokens)
         tokens.extend(c.token_ids)
         positions.extend(range(start, start + n))
-        table = c.block_ids
+        block_ids = c.block_ids
         ctx = start + n
-        chunk_slots = [table[p // block_size] * block_size + p % block_size for p in range(ctx)]
+        chunk_slots = [block_ids[p // block_size] * block_size + p % block_size for p in range(ctx)]
         slots.extend(chunk_slots[start:])
         if start == 0:
             meta.chunks.append(ChunkMetadata(row, row + n, None, ctx, None))
