@@ -213,6 +213,38 @@ def integration(session: nox.Session) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Running the engine
+
+
+def _engine_env(session: nox.Session) -> None:
+    """Every package, the HTTP server dependencies and the embedded model."""
+    folders = list(repo.discover())
+    _install_local(session, folders)
+    serve = [
+        r
+        for r in repo.meta_requirements(["serve"])
+        if not repo.is_sagellm(repo.requirement_name(r))
+    ]
+    if serve:
+        session.install("-c", str(CONSTRAINTS), *serve)
+    session.install("--no-deps", repo.EMBEDDED_MODEL)
+
+
+@nox.session
+def serve(session: nox.Session) -> None:
+    """OpenAI-compatible server on the embedded model: `nox -s serve -- [sagellm serve flags]`."""
+    _engine_env(session)
+    session.run("sagellm", "serve", *session.posargs, external=False)
+
+
+@nox.session
+def sagellm(session: nox.Session) -> None:
+    """Any sagellm command in the full environment: `nox -s sagellm -- generate "Hi"`."""
+    _engine_env(session)
+    session.run("sagellm", *(session.posargs or ["--help"]))
+
+
+# ---------------------------------------------------------------------------------------
 # Static checks
 
 
