@@ -13,12 +13,38 @@ Usage::
 """
 
 from sagellm.scheduler_ir._version import __version__
-from sagellm.scheduler_ir.config import FCFSSchedulerConfig
+from sagellm.scheduler_ir.config import (
+    AdaptiveSchedulerConfig,
+    FairSchedulerConfig,
+    FCFSSchedulerConfig,
+    PDSchedulerConfig,
+    PrioritySchedulerConfig,
+    SLOSchedulerConfig,
+)
 from sagellm.scheduler_ir.fcfs import FCFSScheduler
 from sagellm.scheduler_ir.ir import IRBuilder, IROptimizer, IRValidationError
+from sagellm.scheduler_ir.policies import (
+    AdaptiveScheduler,
+    FairScheduler,
+    PDScheduler,
+    PriorityScheduler,
+    SLOScheduler,
+    split_plan,
+)
 
 __all__ = [
+    "AdaptiveScheduler",
+    "AdaptiveSchedulerConfig",
     "FCFSScheduler",
+    "FairScheduler",
+    "FairSchedulerConfig",
+    "PDScheduler",
+    "PDSchedulerConfig",
+    "PriorityScheduler",
+    "PrioritySchedulerConfig",
+    "SLOScheduler",
+    "SLOSchedulerConfig",
+    "split_plan",
     "FCFSSchedulerConfig",
     "IRBuilder",
     "IROptimizer",

@@ -79,6 +79,9 @@ class FCFSScheduler:
         self._waiting: deque[RequestState] = deque()
         self._running: list[RequestState] = []
         self._finished_ids: list[str] = []
+        self._overflow: deque[RequestState] = deque()  # held back by admission control
+        self._rejected_ids: list[str] = []  # refused by admission control, reported next step
+        self._queue_tokens = 0  # prompt tokens of the waiting requests
         self._step_id = 0
         self._stats = SchedulerStats()
 
@@ -86,14 +89,14 @@ class FCFSScheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._overflow)
 
     @property
     def num_running(self) -> int:
         return len(self._running)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._overflow or self._rejected_ids)
 
     def get_request(self, request_id: str) -> RequestState | None:
         """The tracked state of a live request (None when unknown or finished)."""
@@ -119,8 +122,76 @@ class FCFSScheduler:
                 f"{self.pool.num_blocks}: shorten the prompt or give the KV pool more memory"
             )
         state = RequestState(request=request, token_ids=list(request.prompt_token_ids))
+        if self._overflow or not self._can_queue(state):
+            if self.config.admission == "reject":
+                self._rejected_ids.append(rid)
+                self._stats.num_rejected += 1
+                return
+            self._requests[rid] = state
+            self._overflow.append(state)
+            return
         self._requests[rid] = state
+        self._enqueue(state)
+
+    # ------------------------------------------------------------------ policy hooks
+    # Subclasses change the order of service through these methods; the step logic
+    # (budgets, allocation, preemption, chunking) stays in one place.
+
+    def _can_queue(self, state: RequestState) -> bool:
+        """Admission control: True when ``state`` fits the waiting-queue limits."""
+        cfg = self.config
+        if cfg.max_waiting and len(self._waiting) >= cfg.max_waiting:
+            return False
+        n = len(state.token_ids)
+        return not (
+            cfg.max_queue_tokens and self._waiting and self._queue_tokens + n > cfg.max_queue_tokens
+        )
+
+    def _enqueue(self, state: RequestState) -> None:
+        """Put a newly added request into the waiting queue."""
         self._waiting.append(state)
+        self._queue_tokens += len(state.token_ids)
+
+    def _requeue(self, state: RequestState) -> None:
+        """Put a preempted request back into the waiting queue (FCFS: at the front)."""
+        self._waiting.appendleft(state)
+        self._queue_tokens += len(state.token_ids)
+
+    def _peek_waiting(self) -> RequestState:
+        """The waiting request to admit next (the queue is not empty)."""
+        return self._waiting[0]
+
+    def _remove_waiting(self, state: RequestState) -> None:
+        if self._waiting and self._waiting[0] is state:
+            self._waiting.popleft()
+        else:
+            self._waiting.remove(state)
+        self._queue_tokens -= len(state.token_ids)
+
+    def _insert_running(self, state: RequestState) -> None:
+        """Add an admitted request to the running list (FCFS: at the tail)."""
+        self._running.append(state)
+
+    def _admission_victim(self, state: RequestState) -> RequestState | None:
+        """A running request that waiting ``state`` may preempt when the sequence cap is hit
+        or the pool is full; None (FCFS) never preempts for admission."""
+        return None
+
+    def _token_budget(self) -> int:
+        """Tokens this step may compute."""
+        return self.config.max_num_batched_tokens
+
+    def _can_admit(self, state: RequestState) -> bool:
+        """False stops admission for this step before ``state`` (the sequence cap and the
+        pool are checked separately)."""
+        return True
+
+    def _begin_step(self) -> None:
+        """Called at the start of every ``schedule()``; policies refresh their state here."""
+
+    def _drain_overflow(self) -> None:
+        while self._overflow and self._can_queue(self._overflow[0]):
+            self._enqueue(self._overflow.popleft())
 
     # ------------------------------------------------------------------ blocks
 
@@ -164,7 +235,7 @@ class FCFSScheduler:
         self._release(state)
         state.status = RequestStatus.PREEMPTED
         state.num_preemptions += 1
-        self._waiting.appendleft(state)
+        self._requeue(state)
         self._stats.num_preemptions += 1
 
     def _match_prefix(self, state: RequestState) -> None:
@@ -203,9 +274,11 @@ class FCFSScheduler:
 
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
-        budget = cfg.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
+        self._drain_overflow()
+        self._begin_step()
+        total = budget = self._token_budget()
 
         # Running requests first; a victim is always taken from the tail, which has not
         # been scheduled yet in this step, so chunks already emitted stay valid.
@@ -218,7 +291,7 @@ class FCFSScheduler:
                 continue
             scheduled = True
             while not self._allocate(state, state.num_computed_tokens + num_new):
-                victim = self._running.pop()
+                victim = self._running.pop()  # the tail: not yet scheduled in this step
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is state:
@@ -230,35 +303,52 @@ class FCFSScheduler:
             budget -= num_new
             i += 1
 
-        # Admit waiting requests in arrival order (no admission in a step that preempted:
-        # the pool is known to be short).
+        # Admit waiting requests in the policy's order (no admission in a step whose running
+        # pass preempted: the pool is known to be short).
         hit_tokens = 0
-        while (
-            not preempted and self._waiting and budget > 0 and len(self._running) < cfg.max_num_seqs
-        ):
-            state = self._waiting[0]
+        short = bool(preempted)
+        while not short and self._waiting and budget > 0:
+            state = self._peek_waiting()
+            if not self._can_admit(state):
+                break
+            if len(self._running) >= cfg.max_num_seqs:
+                victim = self._admission_victim(state)
+                if victim is None:
+                    break
+                budget += self._preempt_running(victim, chunks)
+                preempted.append(victim.request_id)
+                continue
             self._match_prefix(state)
             remaining = len(state.token_ids) - state.num_computed_tokens
             if not cfg.enable_chunked_prefill and remaining > budget:
                 self._release(state)
                 break
             num_new = self._chunk_len(state, budget)
-            if not self._allocate(state, state.num_computed_tokens + num_new):
+            if num_new <= 0:  # a policy's cap left no room for this request
                 self._release(state)
                 break
-            self._waiting.popleft()
+            if not self._allocate(state, state.num_computed_tokens + num_new):
+                self._release(state)
+                victim = self._admission_victim(state)
+                if victim is None:
+                    break
+                budget += self._preempt_running(victim, chunks)
+                preempted.append(victim.request_id)
+                continue
+            self._remove_waiting(state)
             if state.prefix_match is not None:
                 hit_tokens += state.prefix_match.num_tokens
             state.status = RequestStatus.RUNNING
-            self._running.append(state)
+            self._insert_running(state)
             chunks.append(self._chunk(state, num_new))
             budget -= num_new
 
         # Prefill chunks first, then decodes (stable), so the IR has one node of each kind.
         chunks.sort(key=lambda c: not c.is_prefill)
-        num_tokens = cfg.max_num_batched_tokens - budget
+        num_tokens = total - budget
         self._step_id += 1
         finished, self._finished_ids = tuple(self._finished_ids), []
+        rejected, self._rejected_ids = tuple(self._rejected_ids), []
         st = self._stats
         st.num_steps += 1
         st.num_scheduled_tokens += num_tokens
@@ -269,9 +359,23 @@ class FCFSScheduler:
             num_scheduled_tokens=num_tokens,
             preempted_request_ids=tuple(preempted),
             finished_request_ids=finished,
-            num_waiting=len(self._waiting),
+            rejected_request_ids=rejected,
+            num_waiting=self.num_waiting,
             num_running=len(self._running),
         )
+
+    def _preempt_running(self, victim: RequestState, chunks: list[ScheduledChunk]) -> int:
+        """Preempt a running request for admission; drop its chunk of this step (its blocks
+        are released) and return the tokens that chunk had taken from the budget."""
+        refund = 0
+        for k, c in enumerate(chunks):
+            if c.request_id == victim.request_id:
+                refund = len(c.token_ids)
+                del chunks[k]
+                break
+        self._running.remove(victim)
+        self._preempt(victim)
+        return refund
 
     def build_plan(self, output: SchedulerOutput) -> ExecutionPlan:
         return self.ir_builder.build(output)
@@ -309,8 +413,10 @@ class FCFSScheduler:
                 continue
             if state.status is RequestStatus.RUNNING:
                 self._running.remove(state)
+            elif state in self._overflow:
+                self._overflow.remove(state)
             else:
-                self._waiting.remove(state)
+                self._remove_waiting(state)
             self._release(state)
             state.status = RequestStatus.FINISHED
             self._finished_ids.append(rid)
@@ -319,7 +425,7 @@ class FCFSScheduler:
 
     def make_stats(self) -> SchedulerStats:
         st = self._stats
-        st.num_waiting = len(self._waiting)
+        st.num_waiting = len(self._waiting) + len(self._overflow)
         st.num_running = len(self._running)
         self._stats = SchedulerStats()
         return st
