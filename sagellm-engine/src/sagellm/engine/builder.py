@@ -21,6 +21,7 @@ from sagellm.core.errors import CapabilityMismatchError
 from sagellm.core.protocols import KVPool, PrefixIndex, Runtime, Scheduler
 from sagellm.core.types import CapabilityDescriptor, KVCacheSchema
 from sagellm.engine.config import MAX_FULL_SEQUENCES, BuildOptions
+from sagellm.engine.kv_tiers import TieredPrefixCache, is_tiered_store
 
 __all__ = ["EngineBuilder", "EngineParts"]
 
@@ -141,6 +142,9 @@ class EngineBuilder:
                 f"prefix index {cfg.prefix_cache.name!r} uses block_size "  # type: ignore[union-attr]
                 f"{prefix_index.block_size} but the KV pool uses {cfg.block_size}"
             )
+        if prefix_index is not None and is_tiered_store(pool):
+            # Blocks the device index evicts go down the tiers and come back on a hit.
+            prefix_index = TieredPrefixCache(prefix_index, pool)
 
         self._progress(f"building scheduler {cfg.scheduler.name!r}")
         sched_ctx: dict[str, Any] = {"kv_pool": pool, "max_model_len": max_model_len}
