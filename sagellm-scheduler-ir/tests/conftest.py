@@ -6,9 +6,9 @@ from collections.abc import Iterable, Sequence
 
 import pytest
 from pydantic import BaseModel, ConfigDict
+
 from sagellm.core.telemetry import PrefixCacheStats
 from sagellm.core.types import PrefixEntry, PrefixMatch
-
 from sagellm.scheduler_ir.sim import BlockLedger
 
 

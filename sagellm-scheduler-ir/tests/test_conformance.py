@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from sagellm.core.testing import SchedulerConformance
-
 from sagellm.scheduler_ir import (
     AdaptiveScheduler,
     AdaptiveSchedulerConfig,

@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sagellm.core.errors import InvalidRequestError
 from sagellm.core.protocols import Scheduler
 from sagellm.core.types import FinishReason, GenerationRequest, IRNodeKind, SamplingParams
-
 from sagellm.scheduler_ir import FCFSScheduler, FCFSSchedulerConfig
 
 from .conftest import DictPrefixIndex, ListPool

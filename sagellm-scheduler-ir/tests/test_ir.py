@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sagellm.core.protocols import IRBuilder as IRBuilderProtocol
 from sagellm.core.types import (
     IRNode,
@@ -10,7 +11,6 @@ from sagellm.core.types import (
     SchedulerOutput,
     SequenceChunk,
 )
-
 from sagellm.scheduler_ir import IRBuilder, IROptimizer, IRValidationError
 from sagellm.scheduler_ir.bench import main, measure
 

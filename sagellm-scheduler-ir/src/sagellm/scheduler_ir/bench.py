@@ -26,7 +26,6 @@ from sagellm.core.types import (
     SchedulerOutput,
     SequenceChunk,
 )
-
 from sagellm.scheduler_ir.config import FCFSSchedulerConfig
 from sagellm.scheduler_ir.fcfs import FCFSScheduler
 from sagellm.scheduler_ir.sim import BlockLedger

@@ -18,7 +18,6 @@ from sagellm.core.types import (
     ScheduledChunk,
     SchedulerOutput,
 )
-
 from sagellm.scheduler_ir.config import FCFSSchedulerConfig
 from sagellm.scheduler_ir.ir import IRBuilder
 
@@ -203,8 +202,13 @@ class FCFSScheduler:
         if self.prefix_index is None or num_blocks <= 0:
             return False
         before = self.pool.num_free_blocks
-        released = self.prefix_index.evict(num_blocks)
-        if released:
+        target = before + num_blocks
+        # An evicted block that a running request still holds frees nothing: ask again
+        # until enough blocks are free or the index has nothing left to give.
+        while self.pool.num_free_blocks < target:
+            released = self.prefix_index.evict(target - self.pool.num_free_blocks)
+            if not released:
+                break
             self.pool.free(released)
         return self.pool.num_free_blocks > before
 

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from sagellm.core.types import ExecutionPlan, IRGraph, IRNode, IRNodeKind, SchedulerOutput
-
 from sagellm.scheduler_ir.config import (
     AdaptiveSchedulerConfig,
     FairSchedulerConfig,
