@@ -147,3 +147,29 @@ def test_tiered_pool_keeps_greedy_tokens(tiny_model: Path, reference: list[list[
     assert first == reference
     assert second == reference
     _assert_no_leak(llm)
+
+
+@pytest.mark.skipif(
+    "tiered" not in _names("kv_pool"), reason="sagellm-kv-pool tiered not installed"
+)
+@pytest.mark.parametrize("prefix_cache", _names("prefix_cache"))
+def test_tiers_demote_and_promote_without_changing_tokens(
+    tiny_model: Path, reference: list[list[int]], prefix_cache: str
+) -> None:
+    # 20 device blocks cannot keep the first pass's prefixes: they go to the host tier
+    # and come back when the second pass asks for them.
+    llm = LLM(
+        model=str(tiny_model),
+        kv_pool="tiered",
+        num_blocks=20,
+        max_num_seqs=2,
+        prefix_cache=prefix_cache,
+        **OPTIONS,
+    )
+    first, second = _run_twice(llm)
+    assert first == reference
+    assert second == reference
+    stats = llm.engine.parts.prefix_index.make_stats()
+    assert stats.num_demoted_blocks > 0
+    assert stats.num_promoted_blocks > 0
+    _assert_no_leak(llm)
