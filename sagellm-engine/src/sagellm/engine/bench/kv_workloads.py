@@ -4,6 +4,8 @@
 
 - ``prefix``: requests sharing a ~1k-token system prompt; TTFT with the prefix cache vs
   without, and whether the greedy tokens are identical.
+- ``tiers``: multi-turn conversations whose working set is ~4x the device tier; TTFT of
+  returning conversations with host/disk tiers vs recomputing evicted prefixes.
 - ``goodput``: long-prompt and short chat requests with TTFT/TPOT SLOs through every
   installed scheduling policy vs FCFS.
 - ``eviction``: prefix-cache hit ratio per installed eviction policy on a multi-tenant
@@ -23,7 +25,15 @@ from typing import Any
 from sagellm.core import registry
 from sagellm.core.types import RequestOutput, SamplingParams
 
-__all__ = ["RunResult", "run_requests", "bench_prefix", "bench_goodput", "bench_eviction", "main"]
+__all__ = [
+    "RunResult",
+    "run_requests",
+    "bench_prefix",
+    "bench_tiers",
+    "bench_goodput",
+    "bench_eviction",
+    "main",
+]
 
 
 @dataclass
@@ -38,10 +48,14 @@ class RunResult:
     stats: dict[str, Any]
 
 
+#: Engine options every configuration of a run shares (set from the command line).
+ENGINE_OPTIONS: dict[str, Any] = {}
+
+
 def _engine(model: str, threads: int, **options: Any) -> Any:
     from sagellm.engine.llm import LLM
 
-    return LLM(model=model, num_threads=threads, seed=0, **options).engine
+    return LLM(model=model, num_threads=threads, seed=0, **ENGINE_OPTIONS, **options).engine
 
 
 @dataclass(frozen=True)
@@ -197,6 +211,100 @@ def bench_prefix(
     ]
     if pstats is not None:
         lines.append(f"prefix cache stats: {pstats}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- tiers
+
+
+def bench_tiers(
+    model: str = "smollm2-135m",
+    threads: int = 2,
+    num_conversations: int = 8,
+    num_turns: int = 3,
+    system_len: int = 128,
+    user_len: int = 160,
+    output_len: int = 4,
+    device_blocks: int = 80,
+    prefix_cache: str = "radix",
+) -> str:
+    """TTFT of returning multi-turn conversations: host/disk tiers vs recompute, one run."""
+    rng = random.Random(0)
+    systems = [
+        [rng.randrange(100, 40000) for _ in range(system_len)] for _ in range(num_conversations)
+    ]
+    users = [
+        [[rng.randrange(100, 40000) for _ in range(user_len)] for _ in range(num_turns)]
+        for _ in range(num_conversations)
+    ]
+    results = []
+    for label, pool in (("recompute (paged)", "paged"), ("tiers (device+host+disk)", "tiered")):
+        engine = _engine(
+            model,
+            threads,
+            kv_pool=pool,
+            num_blocks=device_blocks,
+            prefix_cache=prefix_cache,
+            max_model_len=1024,
+            max_num_batched_tokens=1024,
+        )
+        _warm(engine, system_len + user_len, system_len)
+        history = [list(s) for s in systems]
+        first: list[float] = []
+        returning: list[float] = []
+        tokens: list[list[int]] = []
+        cached = 0
+        start = time.perf_counter()
+        # Round robin: every conversation comes back after all the others spoke, so its
+        # blocks have left the device tier by then.
+        for turn in range(num_turns):
+            for c in range(num_conversations):
+                prompt = history[c] + users[c][turn]
+                res = run_requests(engine, [Req(prompt, output_len)], f"{label}-{turn}-{c}")
+                (first if turn == 0 else returning).extend(res.ttft)
+                tokens.extend(res.tokens)
+                history[c] = prompt + res.tokens[0]
+        wall = time.perf_counter() - start
+        stats = engine.component_stats()
+        pstats = stats.get("prefix_index")
+        cached = pstats.num_matched_tokens if pstats is not None else 0
+        results.append((label, first, returning, tokens, wall, cached, pstats))
+        del engine
+    base = statistics.fmean(results[0][2])
+    working_set = sum(len(h) for h in history) // 16
+    rows = [
+        [
+            "config",
+            "first-turn TTFT ms",
+            "returning TTFT mean ms",
+            "returning p50 ms",
+            "speedup (returning)",
+            "prompt tokens from cache",
+            "wall s",
+        ]
+    ]
+    for label, first, ret, _, wall, cached, _ in results:
+        rows.append(
+            [
+                label,
+                f"{1e3 * statistics.fmean(first):.1f}",
+                f"{1e3 * statistics.fmean(ret):.1f}",
+                f"{1e3 * _p(ret, 0.5):.1f}",
+                f"{base / statistics.fmean(ret):.2f}x",
+                str(cached),
+                f"{wall:.2f}",
+            ]
+        )
+    same = sum(a == b for a, b in zip(results[0][3], results[1][3]))
+    lines = [
+        f"tiers workload: {num_conversations} conversations x {num_turns} turns, "
+        f"{system_len}-token system + {user_len}-token user turns, {output_len} output tokens; "
+        f"device tier {device_blocks} blocks, final working set ~{working_set} blocks "
+        f"({working_set / device_blocks:.1f}x the device tier), {threads} threads",
+        _table(rows),
+        f"greedy outputs identical: {same}/{len(results[0][3])}",
+        f"tiered prefix stats: {results[1][6]}",
+    ]
     return "\n".join(lines)
 
 
@@ -367,11 +475,19 @@ def bench_eviction(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sagellm.engine.bench.kv_workloads")
-    parser.add_argument("workload", choices=["prefix", "goodput", "eviction"])
+    parser.add_argument("workload", choices=["prefix", "tiers", "goodput", "eviction"])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None)
     args = parser.parse_args(argv)
-    fn = {"prefix": bench_prefix, "goodput": bench_goodput, "eviction": bench_eviction}
+    if args.dtype:
+        ENGINE_OPTIONS["dtype"] = args.dtype
+    fn = {
+        "prefix": bench_prefix,
+        "tiers": bench_tiers,
+        "goodput": bench_goodput,
+        "eviction": bench_eviction,
+    }
     print(fn[args.workload](model=args.model, threads=args.threads))
 
 
