@@ -17,6 +17,7 @@ import bisect
 import itertools
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -59,6 +60,7 @@ class PriorityScheduler(FCFSScheduler):
         super().__init__(config or PrioritySchedulerConfig(), **context)
         self._order = itertools.count()
         self._keys: dict[str, tuple[int, float, int]] = {}
+        self._wkeys: list[tuple[int, float, int]] = []
 
     def _key(self, state: RequestState) -> tuple[int, float, int]:
         k = self._keys.get(state.request_id)
@@ -67,12 +69,28 @@ class PriorityScheduler(FCFSScheduler):
             k = self._keys[state.request_id] = (r.priority, r.arrival_time, next(self._order))
         return k
 
-    def _peek_waiting(self) -> RequestState:
-        return min(self._waiting, key=self._key)
+    # The waiting deque is kept sorted by key (``_wkeys`` in parallel), so the head is next.
+    def _enqueue(self, state: RequestState) -> None:
+        k = self._key(state)
+        i = bisect.bisect_right(self._wkeys, k)
+        self._wkeys.insert(i, k)
+        self._waiting.insert(i, state)
+        self._queue_tokens += len(state.token_ids)
+
+    _requeue = _enqueue  # a preempted request keeps its rank
+
+    def _remove_waiting(self, state: RequestState) -> None:
+        if self._waiting and self._waiting[0] is state:
+            i = 0
+        else:
+            i = self._waiting.index(state)
+        del self._waiting[i]
+        del self._wkeys[i]
+        self._queue_tokens -= len(state.token_ids)
 
     def _insert_running(self, state: RequestState) -> None:
-        keys = [self._key(s) for s in self._running]
-        self._running.insert(bisect.bisect_right(keys, self._key(state)), state)
+        i = bisect.bisect_right(self._running, self._key(state), key=self._key)
+        self._running.insert(i, state)
 
     def _admission_victim(self, state: RequestState) -> RequestState | None:
         if not self.config.preempt_for_priority or not self._running:
@@ -247,12 +265,13 @@ class SLOScheduler(_PrefillCapped):
             return (3, 0.0, arrival)
         return (1, slack, arrival)
 
-    def _peek_waiting(self) -> RequestState:
-        return min(self._waiting, key=self._key)
-
     def _begin_step(self) -> None:
         super()._begin_step()
         self._now = self.clock()
+        # Slack changes with time only, so one sort per step orders the queue; requests
+        # preempted during the step go to the front (they rank first anyway).
+        if len(self._waiting) > 1:
+            self._waiting = deque(sorted(self._waiting, key=self._key))
         cfg = self.config
         tpots = [t for s in self._running if _is_decoding(s) and (t := self._tpot_ms(s))]
         if not tpots:
@@ -311,6 +330,7 @@ class PDScheduler(_PrefillCapped):
         super().__init__(config or PDSchedulerConfig(), **context)
         self._decode_left = 0
         self._decode_seqs_left = 0
+        self._num_prefilling = 0
 
     def _token_budget(self) -> int:
         cfg = self.config
@@ -322,10 +342,14 @@ class PDScheduler(_PrefillCapped):
         self._prefill_left = cfg.prefill_token_budget
         self._decode_left = cfg.decode_token_budget
         self._decode_seqs_left = cfg.max_num_decode_seqs
+        self._num_prefilling = sum(1 for s in self._running if not _is_decoding(s))
 
     def _can_admit(self, state: RequestState) -> bool:
-        prefilling = sum(1 for s in self._running if not _is_decoding(s))
-        return prefilling < self.config.max_num_prefill_seqs
+        return self._num_prefilling < self.config.max_num_prefill_seqs
+
+    def _insert_running(self, state: RequestState) -> None:
+        super()._insert_running(state)
+        self._num_prefilling += 1  # an admitted request prefills (preemptions only lower it)
 
     def _chunk_len(self, state: RequestState, budget: int) -> int:
         n = super()._chunk_len(state, budget)
