@@ -94,6 +94,17 @@ def test_priority_preempts_the_worst_running_request_at_the_sequence_cap():
     assert s.get_request("lo").token_ids[-1] == 7  # output kept for the recompute
 
 
+def test_priority_spares_victims_that_computed_more_than_the_cap():
+    s = make(
+        PriorityScheduler, PrioritySchedulerConfig, seqs=1, budget=64, max_victim_computed_tokens=4
+    )
+    s.add_request(req("lo", 5, priority=5))
+    step(s)  # lo computed 5 tokens > 4
+    s.add_request(req("hi", 3, priority=0))
+    out = s.schedule()
+    assert out.preempted_request_ids == () and ids(out) == [("lo", 1)]
+
+
 def test_priority_equal_priorities_never_preempt():
     s = make(PriorityScheduler, PrioritySchedulerConfig, seqs=1, budget=64)
     s.add_request(req("a", 3, priority=1))

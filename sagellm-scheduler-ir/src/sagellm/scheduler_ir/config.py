@@ -36,6 +36,8 @@ class PrioritySchedulerConfig(FCFSSchedulerConfig):
     """FCFS budgets plus priority preemption."""
 
     preempt_for_priority: bool = True  # a better waiting request preempts the worst running one
+    # ... unless that one has computed more tokens than this (0: no limit): recompute is costly
+    max_victim_computed_tokens: int = Field(0, ge=0)
 
 
 class FairSchedulerConfig(FCFSSchedulerConfig):

@@ -35,7 +35,7 @@ __all__ = [
 # Options each policy runs with in the comparison (shared budgets come from ``compare``).
 POLICY_OPTIONS: dict[str, dict[str, Any]] = {
     "fcfs": {},
-    "priority": {},
+    "priority": {"max_victim_computed_tokens": 256},
     "fair": {"weights": {"chat": 4.0, "batch": 1.0}, "quantum": 256},
     "slo": {},
     "adaptive": {"target_tpot_ms": 100.0, "min_prefill_share": 0.125},

@@ -51,7 +51,8 @@ class PriorityScheduler(FCFSScheduler):
     The running list is kept sorted by the same key, so the request preempted when the
     pool is full is the lowest-priority one. When the sequence cap is hit or the pool is
     full, a waiting request preempts the lowest-priority running request by recompute if
-    that one has a strictly larger priority value.
+    that one has a strictly larger priority value (and, with
+    ``max_victim_computed_tokens``, has not computed more tokens than that).
     """
 
     config_class: ClassVar[type[PrioritySchedulerConfig]] = PrioritySchedulerConfig
@@ -96,7 +97,12 @@ class PriorityScheduler(FCFSScheduler):
         if not self.config.preempt_for_priority or not self._running:
             return None
         worst = self._running[-1]
-        return worst if worst.request.priority > state.request.priority else None
+        if worst.request.priority <= state.request.priority:
+            return None
+        cap = self.config.max_victim_computed_tokens
+        if cap and worst.num_computed_tokens > cap:
+            return None  # recomputing it would cost more than the wait saves
+        return worst
 
     def finish_requests(self, request_ids: Any, reason: Any) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
