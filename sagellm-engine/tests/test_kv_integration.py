@@ -85,6 +85,8 @@ def test_evicted_blocks_are_demoted_and_promoted_back_with_their_kv() -> None:
     stats = index.make_stats()
     assert (stats.num_demoted_blocks, stats.num_lower_tier_blocks) == (3, 3)
     assert stats.num_demoted_bytes == 3 * SCHEMA.bytes_per_block
+    assert (stats.host_used_blocks, stats.host_blocks) == (2, 2)
+    assert (stats.disk_used_blocks, stats.disk_blocks) == (1, 2)
 
     # Overwrite the freed device blocks so promotion must really copy the KV back.
     store.device_pool.storage[:, :, 1:] = -1.0
@@ -156,5 +158,25 @@ def test_reinserting_a_demoted_prefix_releases_the_lower_copy() -> None:
     cache_blocks(store, index, [1, 2], 0.0)  # recomputed elsewhere and inserted again
     assert index.num_lower_tier_blocks == 0
     assert store.tier("host").num_free_blocks == 2
+    store.free(index.clear())
+    store.close()
+
+
+def test_metrics_publish_migrations_and_tier_occupancy() -> None:
+    pytest.importorskip("prometheus_client")
+    from sagellm.engine.metrics import PrometheusPublisher
+
+    store, index = make(device=4, host=2, disk=2)
+    cache_blocks(store, index, [1, 2, 3, 4, 5, 6], 0.0)
+    store.free(index.evict(3))
+    pub = PrometheusPublisher("m")
+    pub.publish({"prefix_index": index.make_stats()})
+    pub.publish({"prefix_index": index.make_stats()})  # gauges stay, counters add nothing
+    text = pub.render().decode()
+    assert 'sagellm_prefix_index_num_demoted_blocks_total{model_name="m"} 3.0' in text
+    assert 'sagellm_prefix_index_num_lower_tier_blocks{model_name="m"} 3.0' in text
+    assert 'sagellm_prefix_index_host_used_blocks{model_name="m"} 2.0' in text
+    assert 'sagellm_prefix_index_disk_used_blocks{model_name="m"} 1.0' in text
+    assert 'sagellm_prefix_index_num_evicted_blocks_total{model_name="m"} 3.0' in text
     store.free(index.clear())
     store.close()

@@ -53,6 +53,11 @@ class TieredPrefixCacheStats(PrefixCacheStats):
     num_dropped_blocks: int = 0  # counter: lower-tier blocks dropped for lack of room
     num_promoted_tokens: int = 0  # counter: prompt tokens served from lower tiers
     num_lower_tier_blocks: int = 0  # gauge: blocks remembered below the device tier
+    # gauges: occupancy of the tiers below the device (0 when the tier is absent)
+    host_used_blocks: int = 0
+    host_blocks: int = 0
+    disk_used_blocks: int = 0
+    disk_blocks: int = 0
 
 
 class TieredPrefixCache:
@@ -201,11 +206,21 @@ class TieredPrefixCache:
             num_dropped_blocks=self._counters.num_dropped_blocks,
             num_promoted_tokens=self._counters.num_promoted_tokens,
             num_lower_tier_blocks=len(self._lower),
+            **self._occupancy(),
         )
         self._counters = TieredPrefixCacheStats()
         return out
 
     # ------------------------------------------------------------------ helpers
+
+    def _occupancy(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for tier in ("host", "disk"):
+            if tier in self.store.tiers:
+                t = self.store.tier(tier)
+                out[f"{tier}_used_blocks"] = t.num_blocks - t.num_free_blocks
+                out[f"{tier}_blocks"] = t.num_blocks
+        return out
 
     def _demote(self, block_id: int, key: tuple[str, tuple[int, ...]]) -> None:
         # keep_source: the caller frees the device block after this returns.

@@ -60,6 +60,12 @@ GAUGE_FIELDS = frozenset(
         "num_entries",
         "bucket_accuracy",
         "num_running_requests",
+        # tiered prefix cache (sagellm.engine.kv_tiers): blocks below the device tier
+        "num_lower_tier_blocks",
+        "host_used_blocks",
+        "host_blocks",
+        "disk_used_blocks",
+        "disk_blocks",
     }
 )
 
