@@ -180,3 +180,13 @@ def test_metrics_publish_migrations_and_tier_occupancy() -> None:
     assert 'sagellm_prefix_index_num_evicted_blocks_total{model_name="m"} 3.0' in text
     store.free(index.clear())
     store.close()
+
+
+def test_sagellm_bench_workload_runs_the_kv_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sagellm.engine import cli
+    from sagellm.engine.bench import kv_workloads
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(kv_workloads, "main", lambda argv: seen.append(list(argv)))
+    assert cli.main(["bench", "--workload", "tiers", "--threads", "1", "--dtype", "float32"]) == 0
+    assert seen == [["tiers", "--threads", "1", "--dtype", "float32"]]

@@ -51,6 +51,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave a section out (repeatable)",
     )
     g.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    g.add_argument(
+        "--workload",
+        choices=["prefix", "tiers", "goodput", "eviction"],
+        help="run one KV-management comparison instead (sagellm.engine.bench.kv_workloads)",
+    )
 
 
 def _flops_per_token(model_config: Any) -> float | None:
@@ -181,6 +186,14 @@ def format_table(report: dict[str, Any]) -> str:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """``sagellm bench`` with parsed flags."""
+    if getattr(args, "workload", None):
+        from sagellm.engine.bench import kv_workloads
+
+        argv = [args.workload, "--threads", str(args.num_threads or 2)]
+        argv += ["--model", args.model] if args.model else []
+        argv += ["--dtype", args.dtype] if args.dtype else []
+        kv_workloads.main(argv)
+        return 0
     from sagellm.engine.args import engine_config_from_args
     from sagellm.engine.llm import LLM
 
