@@ -10,6 +10,9 @@ Usage::
     output = scheduler.schedule()          # which tokens of which requests, this step
     plan = scheduler.build_plan(output)    # the IR a runtime executes
     scheduler.update_from_output(output, {"req-0": [42]})
+
+Other policies by name: "priority", "fair", "slo", "adaptive", "pd" (see the README);
+``slo`` and ``adaptive`` learn from ``scheduler.observe_step(num_tokens, seconds)``.
 """
 
 from sagellm.scheduler_ir._version import __version__

@@ -38,7 +38,7 @@ POLICY_OPTIONS: dict[str, dict[str, Any]] = {
     "priority": {"max_victim_computed_tokens": 256},
     "fair": {"weights": {"chat": 4.0, "batch": 1.0}, "quantum": 256},
     "slo": {},
-    "adaptive": {"target_tpot_ms": 100.0, "min_prefill_share": 0.125},
+    "adaptive": {"target_tpot_ms": 120.0, "min_prefill_share": 0.5, "queue_high": 4},
     "pd": {"prefill_token_budget": 256, "decode_token_budget": 256},
 }
 
