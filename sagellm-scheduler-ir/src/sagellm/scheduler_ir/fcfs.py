@@ -310,17 +310,17 @@ class FCFSScheduler:
         # Admit waiting requests in the policy's order (no admission in a step whose running
         # pass preempted: the pool is known to be short).
         hit_tokens = 0
-        short = bool(preempted)
+        short = bool(preempted)  # fixed before admission may preempt for a better request
         while not short and self._waiting and budget > 0:
             state = self._peek_waiting()
             if not self._can_admit(state):
                 break
             if len(self._running) >= cfg.max_num_seqs:
-                victim = self._admission_victim(state)
-                if victim is None:
+                rival = self._admission_victim(state)
+                if rival is None:
                     break
-                budget += self._preempt_running(victim, chunks)
-                preempted.append(victim.request_id)
+                budget += self._preempt_running(rival, chunks)
+                preempted.append(rival.request_id)
                 continue
             self._match_prefix(state)
             remaining = len(state.token_ids) - state.num_computed_tokens
@@ -333,11 +333,11 @@ class FCFSScheduler:
                 break
             if not self._allocate(state, state.num_computed_tokens + num_new):
                 self._release(state)
-                victim = self._admission_victim(state)
-                if victim is None:
+                rival = self._admission_victim(state)
+                if rival is None:
                     break
-                budget += self._preempt_running(victim, chunks)
-                preempted.append(victim.request_id)
+                budget += self._preempt_running(rival, chunks)
+                preempted.append(rival.request_id)
                 continue
             self._remove_waiting(state)
             if state.prefix_match is not None:

@@ -56,6 +56,7 @@ class PriorityScheduler(FCFSScheduler):
     """
 
     config_class: ClassVar[type[PrioritySchedulerConfig]] = PrioritySchedulerConfig
+    config: PrioritySchedulerConfig
 
     def __init__(self, config: PrioritySchedulerConfig | None = None, **context: Any) -> None:
         super().__init__(config or PrioritySchedulerConfig(), **context)
@@ -121,6 +122,7 @@ class FairScheduler(FCFSScheduler):
     """
 
     config_class: ClassVar[type[FairSchedulerConfig]] = FairSchedulerConfig
+    config: FairSchedulerConfig
 
     def __init__(self, config: FairSchedulerConfig | None = None, **context: Any) -> None:
         super().__init__(config or FairSchedulerConfig(), **context)
@@ -215,6 +217,7 @@ class SLOScheduler(_PrefillCapped):
     """
 
     config_class: ClassVar[type[SLOSchedulerConfig]] = SLOSchedulerConfig
+    config: SLOSchedulerConfig
 
     def __init__(
         self,
@@ -299,6 +302,7 @@ class AdaptiveScheduler(_PrefillCapped):
     """
 
     config_class: ClassVar[type[AdaptiveSchedulerConfig]] = AdaptiveSchedulerConfig
+    config: AdaptiveSchedulerConfig
 
     def __init__(self, config: AdaptiveSchedulerConfig | None = None, **context: Any) -> None:
         cfg = config or AdaptiveSchedulerConfig()
@@ -331,6 +335,7 @@ class PDScheduler(_PrefillCapped):
     """
 
     config_class: ClassVar[type[PDSchedulerConfig]] = PDSchedulerConfig
+    config: PDSchedulerConfig
 
     def __init__(self, config: PDSchedulerConfig | None = None, **context: Any) -> None:
         super().__init__(config or PDSchedulerConfig(), **context)
