@@ -13,7 +13,7 @@ from sagellm.core.types import KVCacheSchema
 pytest.importorskip("sagellm.prefix_cache")
 pytest.importorskip("sagellm.kv_pool")
 
-from sagellm.engine.kv_tiers import TieredPrefixCache  # noqa: E402
+from sagellm.engine.kv_tiers import TieredPrefixCache, TieredPrefixCacheConfig  # noqa: E402
 from sagellm.kv_pool.config import DiskTierConfig, PagedKVPoolConfig, TieredKVStoreConfig  # noqa: E402
 from sagellm.kv_pool.tiered import TieredKVStore  # noqa: E402
 from sagellm.prefix_cache.radix import RadixPrefixIndex  # noqa: E402
@@ -190,3 +190,46 @@ def test_sagellm_bench_workload_runs_the_kv_comparison(monkeypatch: pytest.Monke
     monkeypatch.setattr(kv_workloads, "main", lambda argv: seen.append(list(argv)))
     assert cli.main(["bench", "--workload", "tiers", "--threads", "1", "--dtype", "float32"]) == 0
     assert seen == [["tiers", "--threads", "1", "--dtype", "float32"]]
+
+
+class _CapacityInConfig:
+    """An eviction policy that takes its capacity and predictor through config/context."""
+
+    from pydantic import BaseModel as _B
+
+    class config_class(_B):  # noqa: N801
+        capacity: int
+        weight: float = 1.0
+
+    def __init__(self, config: Any, *, predictor: Any = None) -> None:
+        self.config, self.predictor = config, predictor
+
+
+class _CapacityInContext:
+    config_class = TieredPrefixCacheConfig
+
+    def __init__(self, config: Any, *, capacity: int, lifetime_predictor: Any = None) -> None:
+        self.capacity, self.predictor = capacity, lifetime_predictor
+
+
+@pytest.mark.parametrize("cls", [_CapacityInConfig, _CapacityInContext])
+def test_builder_hands_capacity_and_predictor_either_way(
+    monkeypatch: pytest.MonkeyPatch, cls: Any
+) -> None:
+    from sagellm.core.config import EngineConfig
+    from sagellm.engine import builder as b
+
+    def load(group: str, name: str, options: Any, **ctx: Any) -> Any:
+        klass = b.registry.load_class(group, name)
+        return klass(klass.config_class(**options), **ctx)
+
+    monkeypatch.setattr(b.registry, "load_class", lambda group, name: cls)
+    monkeypatch.setattr(b.registry, "load", load)
+    cfg = EngineConfig.model_validate({"eviction": {"name": "x"}})
+    marker = object()
+    policy = b.EngineBuilder(cfg)._build_optional(
+        "eviction", {"capacity": 12, "lifetime_predictor": marker, "predictor": marker}
+    )
+    capacity = getattr(policy, "capacity", None) or policy.config.capacity
+    assert capacity == 12
+    assert policy.predictor is marker

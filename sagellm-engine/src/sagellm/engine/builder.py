@@ -70,6 +70,11 @@ def _accepts(cls: Any, name: str) -> bool:
     )
 
 
+def _is_plain(value: Any) -> bool:
+    """True for values a pydantic config can hold (numbers, strings), not components."""
+    return isinstance(value, (int, float, str, bool))
+
+
 def _device_type(device: str) -> str:
     return device.split(":", 1)[0]
 
@@ -131,7 +136,9 @@ class EngineBuilder:
         lifetime = self._build_optional("lifetime", {})
         eviction_ctx: dict[str, Any] = {"capacity": pool.num_blocks}
         if lifetime is not None:
+            # both names in use for the predictor a cost-aware policy consults
             eviction_ctx["lifetime_predictor"] = lifetime
+            eviction_ctx["predictor"] = lifetime
         eviction = self._build_optional("eviction", eviction_ctx)
         index_ctx: dict[str, Any] = {"block_size": cfg.block_size}
         if eviction is not None:
@@ -299,5 +306,13 @@ class EngineBuilder:
         if spec is None:
             return None
         cls = registry.load_class(slot, spec.name)
-        ctx = {k: v for k, v in context.items() if _accepts(cls, k)}
-        return registry.load(slot, spec.name, spec.options, **ctx)
+        fields = getattr(getattr(cls, "config_class", None), "model_fields", {})
+        options = dict(spec.options)
+        ctx: dict[str, Any] = {}
+        for key, value in context.items():
+            if _accepts(cls, key):
+                ctx[key] = value
+            elif key in fields and key not in options and _is_plain(value):
+                # e.g. an eviction policy that takes its capacity in its config
+                options[key] = value
+        return registry.load(slot, spec.name, options, **ctx)
