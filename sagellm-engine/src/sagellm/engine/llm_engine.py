@@ -149,6 +149,7 @@ class LLMEngine:
         self.runtime = parts.runtime
         self.kv_pool = parts.kv_pool
         self.scheduler = parts.scheduler
+        self._observe_step = getattr(self.scheduler, "observe_step", None)
         self.tokenizer = parts.tokenizer
         self.max_model_len = parts.max_model_len
         self.model_name = parts.model_name
@@ -383,6 +384,8 @@ class LLMEngine:
             sampled = self.sampler(model_out.logits, rows)
             sampled_map = {rid: [tok] for rid, tok in zip(row_ids, sampled.token_ids)}
             self.scheduler.update_from_output(out, sampled_map)
+            if self._observe_step is not None:  # cost-model policies (slo, adaptive) learn here
+                self._observe_step(out.num_scheduled_tokens, time.perf_counter() - t0)
             now = time.monotonic()
             for i, rid in enumerate(row_ids):
                 seq = self._sequences[rid]
