@@ -18,7 +18,7 @@ import argparse
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,17 +188,17 @@ def bench_prefix(
             "TTFT speedup (mean)",
         ]
     ]
-    for r in results:
+    for res in results:
         rows.append(
             [
-                r.name,
-                f"{1e3 * statistics.fmean(r.ttft):.1f}",
-                f"{1e3 * _p(r.ttft, 0.5):.1f}",
-                f"{1e3 * max(r.ttft):.1f}",
-                f"{1e3 * r.ttft[0]:.1f}",
-                f"{1e3 * statistics.fmean(r.ttft[1:]):.1f}",
-                f"{r.wall_seconds:.2f}",
-                f"{statistics.fmean(base.ttft) / statistics.fmean(r.ttft):.2f}x",
+                res.name,
+                f"{1e3 * statistics.fmean(res.ttft):.1f}",
+                f"{1e3 * _p(res.ttft, 0.5):.1f}",
+                f"{1e3 * max(res.ttft):.1f}",
+                f"{1e3 * res.ttft[0]:.1f}",
+                f"{1e3 * statistics.fmean(res.ttft[1:]):.1f}",
+                f"{res.wall_seconds:.2f}",
+                f"{statistics.fmean(base.ttft) / statistics.fmean(res.ttft):.2f}x",
             ]
         )
     same = sum(a == b for a, b in zip(base.tokens, cached.tokens))
@@ -488,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.dtype:
         ENGINE_OPTIONS["dtype"] = args.dtype
-    fn = {
+    fn: dict[str, Callable[..., str]] = {
         "prefix": bench_prefix,
         "tiers": bench_tiers,
         "goodput": bench_goodput,
