@@ -84,10 +84,6 @@ class DictPrefixIndex:
         return PrefixCacheStats(num_cached_blocks=len(self._blocks))
 
 
-def ListPool(num_blocks: int, block_size: int) -> BlockLedger:
-    return BlockLedger(num_blocks, block_size)
-
-
 @pytest.fixture
 def pool() -> BlockLedger:
     return BlockLedger(num_blocks=16, block_size=4)

@@ -15,8 +15,7 @@ from sagellm.scheduler_ir import (
     SLOScheduler,
     SLOSchedulerConfig,
 )
-
-from .conftest import ListPool
+from sagellm.scheduler_ir.sim import BlockLedger
 
 
 class TestFCFSConformance(SchedulerConformance):
@@ -24,8 +23,8 @@ class TestFCFSConformance(SchedulerConformance):
     cfg = FCFSSchedulerConfig
     extra: dict = {}
 
-    def make_pool(self, num_blocks: int, block_size: int) -> ListPool:
-        return ListPool(num_blocks, block_size)
+    def make_pool(self, num_blocks: int, block_size: int) -> BlockLedger:
+        return BlockLedger(num_blocks, block_size)
 
     def make_scheduler(self, pool, max_model_len, max_num_seqs, max_num_batched_tokens):
         cfg = self.cfg(

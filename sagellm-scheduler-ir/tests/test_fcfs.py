@@ -8,15 +8,16 @@ from sagellm.core.errors import InvalidRequestError
 from sagellm.core.protocols import Scheduler
 from sagellm.core.types import FinishReason, GenerationRequest, IRNodeKind, SamplingParams
 from sagellm.scheduler_ir import FCFSScheduler, FCFSSchedulerConfig
+from sagellm.scheduler_ir.sim import BlockLedger
 
-from .conftest import DictPrefixIndex, ListPool
+from .conftest import DictPrefixIndex
 
 
 def req(rid: str, n: int, start: int = 100, **kw) -> GenerationRequest:
     return GenerationRequest(request_id=rid, prompt_token_ids=tuple(range(start, start + n)), **kw)
 
 
-def make(pool: ListPool, *, seqs: int = 8, budget: int = 16, model_len: int = 64, **kw):
+def make(pool: BlockLedger, *, seqs: int = 8, budget: int = 16, model_len: int = 64, **kw):
     cfg = FCFSSchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, **kw)
     return FCFSScheduler(cfg, kv_pool=pool, max_model_len=model_len)
 
@@ -96,7 +97,7 @@ def test_long_prefill_threshold_caps_one_chunk(pool):
 
 
 def test_preemption_by_recompute_frees_the_last_request():
-    pool = ListPool(num_blocks=4, block_size=4)
+    pool = BlockLedger(num_blocks=4, block_size=4)
     s = make(pool, budget=64)
     s.add_request(req("a", 8))
     s.add_request(req("b", 8, start=200))
@@ -131,7 +132,7 @@ def test_errors_say_what_to_do(pool):
     s = make(pool, model_len=10)
     with pytest.raises(InvalidRequestError, match=r"has 10 tokens but the context holds 10"):
         s.add_request(req("a", 10))
-    small = make(ListPool(num_blocks=2, block_size=4), model_len=64)
+    small = make(BlockLedger(num_blocks=2, block_size=4), model_len=64)
     with pytest.raises(InvalidRequestError, match=r"needs 3 KV blocks but the pool has 2"):
         small.add_request(req("a", 9))
     s.add_request(req("x", 3))
@@ -164,7 +165,7 @@ def test_prefix_hits_skip_cached_blocks_and_are_isolated(pool):
 
 
 def test_full_pool_evicts_prefix_blocks_before_preempting():
-    pool = ListPool(num_blocks=4, block_size=4)
+    pool = BlockLedger(num_blocks=4, block_size=4)
     index = DictPrefixIndex(block_size=4)
     cfg = FCFSSchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)
     s = FCFSScheduler(cfg, kv_pool=pool, max_model_len=64, prefix_index=index)
@@ -188,7 +189,7 @@ def test_full_pool_evicts_prefix_blocks_before_preempting():
     out_len=st.integers(1, 6),
 )
 def test_random_workloads_finish_without_leaks(lens, budget, num_blocks, out_len):
-    pool = ListPool(num_blocks=num_blocks, block_size=4)
+    pool = BlockLedger(num_blocks=num_blocks, block_size=4)
     index = DictPrefixIndex(block_size=4)
     cfg = FCFSSchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget)
     s = FCFSScheduler(cfg, kv_pool=pool, max_model_len=64, prefix_index=index)
@@ -227,3 +228,15 @@ def test_sampling_params_do_not_matter_to_scheduling(pool):
     s = make(pool)
     s.add_request(req("a", 3, sampling=SamplingParams(max_tokens=1, temperature=0)))
     assert s.schedule().chunks[0].sample
+
+
+def test_ledger_rejects_a_bad_free_without_changing_anything():
+    ledger = BlockLedger(num_blocks=4, block_size=4)
+    assert ledger.allocate(2) == [0, 1]
+    with pytest.raises(ValueError, match=r"block 0 is freed 2 time\(s\) but holds 1 reference"):
+        ledger.free([1, 0, 0])
+    with pytest.raises(ValueError, match=r"block 9 does not exist \(the ledger has 4\)"):
+        ledger.free([9])
+    assert (ledger.ref_count(0), ledger.ref_count(1), ledger.num_free_blocks) == (1, 1, 2)
+    ledger.free([1, 0])
+    assert ledger.allocate(4) == [1, 0, 2, 3]  # the first freed is handed out first

@@ -23,8 +23,9 @@ from sagellm.scheduler_ir import (
     SLOSchedulerConfig,
     split_plan,
 )
+from sagellm.scheduler_ir.sim import BlockLedger
 
-from .conftest import DictPrefixIndex, ListPool
+from .conftest import DictPrefixIndex
 
 POLICIES = {
     "fcfs": (FCFSScheduler, FCFSSchedulerConfig),
@@ -41,7 +42,7 @@ def req(rid: str, n: int, start: int = 100, **kw) -> GenerationRequest:
 
 
 def make(cls, cfg_cls, pool=None, *, seqs=8, budget=16, model_len=64, ctx=None, **kw):
-    pool = pool or ListPool(num_blocks=16, block_size=4)
+    pool = pool or BlockLedger(num_blocks=16, block_size=4)
     cfg = cfg_cls(max_num_seqs=seqs, max_num_batched_tokens=budget, **kw)
     return cls(cfg, kv_pool=pool, max_model_len=model_len, **(ctx or {}))
 
@@ -58,7 +59,7 @@ def ids(out):
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_every_policy_is_registered_and_is_a_scheduler(name):
-    pool = ListPool(num_blocks=8, block_size=4)
+    pool = BlockLedger(num_blocks=8, block_size=4)
     s = registry.load(
         "scheduler", name, {"max_num_batched_tokens": 32}, kv_pool=pool, max_model_len=64
     )
@@ -115,7 +116,7 @@ def test_priority_equal_priorities_never_preempt():
 
 
 def test_priority_preempts_when_the_pool_is_full():
-    pool = ListPool(num_blocks=2, block_size=4)
+    pool = BlockLedger(num_blocks=2, block_size=4)
     s = make(PriorityScheduler, PrioritySchedulerConfig, pool, budget=64)
     s.add_request(req("lo", 6, priority=9))
     step(s)  # lo holds both blocks
@@ -126,7 +127,7 @@ def test_priority_preempts_when_the_pool_is_full():
 
 
 def test_priority_running_pass_preempts_lowest_priority_not_latest():
-    pool = ListPool(num_blocks=4, block_size=4)
+    pool = BlockLedger(num_blocks=4, block_size=4)
     s = make(
         PriorityScheduler, PrioritySchedulerConfig, pool, budget=64, preempt_for_priority=False
     )
@@ -422,7 +423,7 @@ def test_pd_split_of_a_decode_only_plan_has_an_empty_prefill_half():
 )
 def test_random_workloads_finish_without_leaks(name, spec, budget, num_blocks, out_len, admission):
     cls, cfg_cls = POLICIES[name]
-    pool = ListPool(num_blocks=num_blocks, block_size=4)
+    pool = BlockLedger(num_blocks=num_blocks, block_size=4)
     index = DictPrefixIndex(block_size=4)
     kw = {"max_waiting": 4, "admission": admission}
     if name == "pd":

@@ -7,6 +7,7 @@ requests in milliseconds with only ``sagellm-core`` installed.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 from sagellm.core.telemetry import KVPoolStats
@@ -50,9 +51,15 @@ class BlockLedger:
             self._refs[b] += 1
 
     def free(self, block_ids: Sequence[int]) -> None:
-        for b in block_ids:
-            if self._refs[b] <= 0:
-                raise ValueError(f"block {b} is already free")
+        # validate the whole call first (duplicates included) so a bad id changes nothing
+        drops = Counter(block_ids)
+        for b, n in drops.items():
+            if not 0 <= b < self.num_blocks:
+                raise ValueError(f"block {b} does not exist (the ledger has {self.num_blocks})")
+            if self._refs[b] < n:
+                raise ValueError(
+                    f"block {b} is freed {n} time(s) but holds {self._refs[b]} reference(s)"
+                )
         released = []
         for b in block_ids:
             self._refs[b] -= 1
