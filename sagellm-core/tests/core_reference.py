@@ -291,11 +291,24 @@ class LRUPolicy:
         self._pins: dict[Hashable, int] = {}
         self._stats = EvictionStats()
 
-    def insert(self, key: Hashable, *, cost: float = 1.0, now: float | None = None) -> None:
+    def insert(
+        self,
+        key: Hashable,
+        *,
+        cost: float = 1.0,
+        now: float | None = None,
+        features: Mapping[str, float] | None = None,
+    ) -> None:
         self._order[key] = None
         self._stats.num_inserts += 1
 
-    def access(self, key: Hashable, *, now: float | None = None) -> None:
+    def access(
+        self,
+        key: Hashable,
+        *,
+        now: float | None = None,
+        features: Mapping[str, float] | None = None,
+    ) -> None:
         self._order.move_to_end(key)
         self._stats.num_accesses += 1
 

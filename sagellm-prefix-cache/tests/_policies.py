@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -25,12 +25,25 @@ class FifoPolicy:
         self.pins: dict[Hashable, int] = {}
         self.calls: list[tuple[str, Any]] = []
 
-    def insert(self, key: Hashable, *, cost: float = 1.0, now: float | None = None) -> None:
+    def insert(
+        self,
+        key: Hashable,
+        *,
+        cost: float = 1.0,
+        now: float | None = None,
+        features: Mapping[str, float] | None = None,
+    ) -> None:
         assert key not in self.order, f"{key} inserted twice"
         self.order.append(key)
         self.calls.append(("insert", key))
 
-    def access(self, key: Hashable, *, now: float | None = None) -> None:
+    def access(
+        self,
+        key: Hashable,
+        *,
+        now: float | None = None,
+        features: Mapping[str, float] | None = None,
+    ) -> None:
         assert key in self.order, f"access of unknown key {key}"
         self.calls.append(("access", key))
 

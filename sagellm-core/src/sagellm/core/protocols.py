@@ -307,12 +307,32 @@ class EvictionPolicy(Protocol):
 
     config_class: ClassVar[type[BaseModel]]
 
-    def insert(self, key: Hashable, *, cost: float = 1.0, now: float | None = None) -> None:
-        """A new key entered the cache (``cost``: seconds to recompute it)."""
+    def insert(
+        self,
+        key: Hashable,
+        *,
+        cost: float = 1.0,
+        now: float | None = None,
+        features: Mapping[str, float] | None = None,
+    ) -> None:
+        """A new key entered the cache.
+
+        ``cost``: what recomputing the entry costs (seconds, or blocks as a proxy);
+        ``now``: the access time (``None``: the policy's own clock, ``time.monotonic()``);
+        ``features``: what the owner knows of the entry, named as for
+        :class:`LifetimePredictor` (``prefix_depth``, ``request_kind``, ``tenant_hash``);
+        policies that do not predict reuse ignore them.
+        """
         ...
 
-    def access(self, key: Hashable, *, now: float | None = None) -> None:
-        """A held key was used (a hit)."""
+    def access(
+        self,
+        key: Hashable,
+        *,
+        now: float | None = None,
+        features: Mapping[str, float] | None = None,
+    ) -> None:
+        """A held key was used (a hit); ``now`` and ``features`` as for :meth:`insert`."""
         ...
 
     def remove(self, key: Hashable) -> None:

@@ -60,6 +60,16 @@ class EvictionPolicyConformance:
         assert all(k in policy for k in range(5))
         assert 5 not in policy
 
+    def test_accepts_features_and_its_own_clock(self) -> None:
+        """``features`` may come with any insert or access; ``now`` may be left out."""
+        policy = self.make_policy(self.capacity)
+        policy.insert("a", cost=2.0, features={"prefix_depth": 32.0, "tenant_hash": 1.0})
+        policy.insert("b")
+        policy.access("a", features={"prefix_depth": 32.0, "request_kind": 0.0})
+        policy.access("b")
+        assert len(policy) == 2 and "a" in policy and "b" in policy
+        assert sorted(policy.evict(2).victims) == ["a", "b"]
+
     def test_evict_returns_held_keys_and_forgets_them(self) -> None:
         policy = self._filled(range(6))
         policy.access(2, now=10.0)
@@ -138,17 +148,26 @@ class EvictionPolicyConformance:
                 return ordered[i % len(ordered)]
 
             @precondition(lambda self: len(self.held) < capacity)
-            @rule(cost=st.floats(0.0, 100.0))
-            def insert(self, cost: float) -> None:
+            @rule(cost=st.floats(0.0, 100.0), depth=st.none() | st.integers(0, 4096))
+            def insert(self, cost: float, depth: int | None) -> None:
                 key = self.next_key
                 self.next_key += 1
-                self.policy.insert(key, cost=cost, now=self.tick())
+                if depth is None:
+                    self.policy.insert(key, cost=cost, now=self.tick())
+                else:
+                    features = {"prefix_depth": float(depth), "tenant_hash": float(key % 3)}
+                    self.policy.insert(key, cost=cost, now=self.tick(), features=features)
                 self.held.add(key)
 
             @precondition(lambda self: bool(self.held))
-            @rule(i=st.integers(0, 1 << 16))
-            def access(self, i: int) -> None:
-                self.policy.access(self.pick(self.held, i), now=self.tick())
+            @rule(i=st.integers(0, 1 << 16), with_features=st.booleans())
+            def access(self, i: int, with_features: bool) -> None:
+                key = self.pick(self.held, i)
+                if with_features:
+                    features = {"prefix_depth": float(16 * key), "request_kind": 0.0}
+                    self.policy.access(key, now=self.tick(), features=features)
+                else:
+                    self.policy.access(key, now=self.tick())
 
             @precondition(lambda self: bool(self.held))
             @rule(i=st.integers(0, 1 << 16))
