@@ -24,6 +24,7 @@ class FifoPolicy:
         self.order: list[Hashable] = []
         self.pins: dict[Hashable, int] = {}
         self.calls: list[tuple[str, Any]] = []
+        self.features: dict[Hashable, Mapping[str, float] | None] = {}  # last given per key
 
     def insert(
         self,
@@ -35,6 +36,7 @@ class FifoPolicy:
     ) -> None:
         assert key not in self.order, f"{key} inserted twice"
         self.order.append(key)
+        self.features[key] = features
         self.calls.append(("insert", key))
 
     def access(
@@ -45,6 +47,7 @@ class FifoPolicy:
         features: Mapping[str, float] | None = None,
     ) -> None:
         assert key in self.order, f"access of unknown key {key}"
+        self.features[key] = features
         self.calls.append(("access", key))
 
     def remove(self, key: Hashable) -> None:

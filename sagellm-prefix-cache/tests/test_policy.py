@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 from _policies import FifoPolicy
 
@@ -54,6 +56,22 @@ def test_interior_and_locked_nodes_are_pinned_in_the_policy() -> None:
     index.unlock(m)
     assert policy.pins == {2: 1}
     assert index.evict(10) == [203, 202, 101, 100]
+
+
+@pytest.mark.parametrize("cls", [RadixPrefixIndex, BlockHashPrefixIndex])
+def test_policy_is_told_prefix_depth_and_tenant(cls: type) -> None:
+    policy = FifoPolicy()
+    index = cls(block_size=4, eviction_policy=policy)
+    index.insert(A, [100, 101, 102], "tenant-a")
+    tenant = float(zlib.crc32(b"tenant-a"))
+    deepest = policy.order[-1]
+    assert policy.features[deepest] == {"prefix_depth": 12.0, "tenant_hash": tenant}
+    index.match(A[:8], "tenant-a")  # radix splits the edge: the upper node ends at 8 tokens
+    touched = {k: f for k, f in policy.features.items() if f is not None}
+    assert sorted(f["prefix_depth"] for f in touched.values()) == (
+        [8.0, 12.0] if cls is RadixPrefixIndex else [4.0, 8.0, 12.0]
+    )
+    assert {f["tenant_hash"] for f in touched.values()} == {tenant}
 
 
 def test_partially_evicted_leaf_goes_back_to_the_policy() -> None:

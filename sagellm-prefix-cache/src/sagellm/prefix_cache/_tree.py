@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
@@ -128,6 +129,7 @@ class TreePrefixIndex:
         self.config = config
         self._block_size = block_size
         self._policy = eviction_policy
+        self._tenant_hashes: dict[str, float] = {}  # isolation key -> tenant_hash feature
         self._owner = object()  # identifies handles made by this index
         self._roots: dict[str, Node] = {}
         self._nodes: dict[int, Node] = {}  # every non-root node by id, creation order
@@ -224,7 +226,9 @@ class TreePrefixIndex:
         if parent.parent is not None and parent.num_children == 1:
             self._sync_pin(parent)
         if self._policy is not None:
-            self._policy.insert(node.node_id, cost=float(len(block_ids)))
+            self._policy.insert(
+                node.node_id, cost=float(len(block_ids)), features=self._features(node)
+            )
             if not is_leaf:
                 self._policy.pin(node.node_id)
                 node.pinned = True
@@ -245,8 +249,17 @@ class TreePrefixIndex:
         policy = self._policy
         assert policy is not None
         while node.parent is not None:
-            policy.access(node.node_id)
+            policy.access(node.node_id, features=self._features(node))
             node = node.parent
+
+    def _features(self, node: Node) -> dict[str, float]:
+        """What the index tells a policy about a node (names of the lifetime features)."""
+        key = node.isolation_key
+        tenant = self._tenant_hashes.get(key)
+        if tenant is None:
+            # stable across processes, unlike hash() of a string
+            tenant = self._tenant_hashes[key] = float(zlib.crc32(key.encode()))
+        return {"prefix_depth": float(node.end_length), "tenant_hash": tenant}
 
     def _sync_pin(self, node: Node) -> None:
         """Keep the policy's pin equal to "not an evictable leaf" (interior or locked)."""
@@ -428,7 +441,9 @@ class TreePrefixIndex:
                 released.extend(self._trim(node, need))
                 # still cached: give it back to whoever orders victims
                 if self._policy is not None:
-                    self._policy.insert(node.node_id, cost=float(len(node.block_ids)))
+                    self._policy.insert(
+                        node.node_id, cost=float(len(node.block_ids)), features=self._features(node)
+                    )
                 else:
                     heapq.heappush(self._heap, (node.last_access, node.node_id, node))
         self._num_evicted_blocks += len(released)

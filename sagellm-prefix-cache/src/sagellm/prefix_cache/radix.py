@@ -72,7 +72,9 @@ class RadixPrefixIndex(TreePrefixIndex):
         parent.children[upper.tokens[:bs]] = upper  # same first block as before
         self._nodes[upper.node_id] = upper
         if self._policy is not None:
-            self._policy.insert(upper.node_id, cost=float(num_blocks))
+            self._policy.insert(
+                upper.node_id, cost=float(num_blocks), features=self._features(upper)
+            )
             self._policy.pin(upper.node_id)
             upper.pinned = True
         return upper
