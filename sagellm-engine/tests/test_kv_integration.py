@@ -10,6 +10,8 @@ import torch
 from sagellm.core.protocols import PrefixIndex
 from sagellm.core.types import KVCacheSchema
 
+# Needs sagellm-prefix-cache beside the engine: runs in `nox -s integration`.
+pytestmark = pytest.mark.integration
 pytest.importorskip("sagellm.prefix_cache")
 pytest.importorskip("sagellm.kv_pool")
 
@@ -78,9 +80,9 @@ def test_evicted_blocks_are_demoted_and_promoted_back_with_their_kv() -> None:
     assert index.num_cached_blocks == 1
     # host takes the first two, disk the third; the same token prefixes, same key
     assert index.lower_tier_entries() == [
-        ("", (1, 2, 3, 4, 5, 6, 7, 8), "host", 0),
-        ("", (1, 2, 3, 4, 5, 6), "host", 1),
-        ("", (1, 2, 3, 4), "disk", 0),
+        ("", 8, (7, 8), "host", 0),
+        ("", 6, (5, 6), "host", 1),
+        ("", 4, (3, 4), "disk", 0),
     ]
     stats = index.make_stats()
     assert (stats.num_demoted_blocks, stats.num_lower_tier_blocks) == (3, 3)
@@ -127,7 +129,7 @@ def test_full_lower_tiers_drop_their_oldest_block() -> None:
     store.free(index.evict(1))
     cache_blocks(store, index, [7, 8], 10.0)
     store.free(index.evict(1))
-    assert index.lower_tier_entries() == [("", (7, 8), "host", 0)]
+    assert index.lower_tier_entries() == [("", 2, (7, 8), "host", 0)]
     assert index.make_stats().num_dropped_blocks == 1
     assert index.match([1, 2, 3]).num_tokens == 0
     assert index.match([7, 8, 3]).num_tokens == 2
@@ -144,9 +146,76 @@ def test_promotion_makes_room_by_demoting_other_device_blocks() -> None:
     match = index.match([1, 2, 3, 4, 0])
     assert match.num_tokens == 4
     # the other prefix went down to make room
-    assert sorted(e[1] for e in index.lower_tier_entries()) == [(5, 6), (5, 6, 7, 8)]
+    assert sorted(e[1:3] for e in index.lower_tier_entries()) == [(2, (5, 6)), (4, (7, 8))]
     store.free(index.clear())
     assert store.num_free_blocks == 2
+    store.close()
+
+
+def test_a_lower_tier_policy_chooses_the_dropped_block() -> None:
+    """With a policy for the lower tiers, its victim is dropped, not the oldest block."""
+    from collections import OrderedDict
+
+    from sagellm.core.types import EvictionDecision
+
+    class NewestFirst:
+        config_class = TieredPrefixCacheConfig
+
+        def __init__(self) -> None:
+            self.keys: OrderedDict[Any, None] = OrderedDict()
+            self.calls: list[str] = []
+
+        def insert(self, key: Any, **kw: Any) -> None:
+            self.keys[key] = None
+            self.calls.append(f"insert depth={kw['features']['prefix_depth']:.0f}")
+
+        def remove(self, key: Any) -> None:
+            del self.keys[key]
+            self.calls.append("remove")
+
+        def evict(self, num: int, context: Any = None) -> EvictionDecision:
+            victims = tuple(self.keys)[::-1][:num]
+            for k in victims:
+                del self.keys[k]
+            self.calls.append("evict")
+            return EvictionDecision(victims)
+
+    store, _ = make(device=2, host=2, disk=None)
+    policy = NewestFirst()
+    index = TieredPrefixCache(RadixPrefixIndex(block_size=BS), store, lower_policy=policy)
+    cache_blocks(store, index, [1, 2], 0.0)
+    store.free(index.evict(1))
+    cache_blocks(store, index, [3, 4], 0.0)
+    store.free(index.evict(1))
+    cache_blocks(store, index, [5, 6], 0.0)
+    store.free(index.evict(1))  # host full: the policy drops (3, 4), the newest
+    assert [e[2] for e in index.lower_tier_entries()] == [(1, 2), (5, 6)]
+    assert policy.calls == ["insert depth=2", "insert depth=2", "evict", "insert depth=2"]
+    assert index.match([1, 2, 0]).num_tokens == 2  # promoted: the policy forgets it
+    assert policy.calls[-1] == "remove" and len(policy.keys) == 1
+    store.free(index.clear())
+    assert len(policy.keys) == 0
+    assert store.num_free_blocks == 2 and store.tier("host").num_free_blocks == 2
+    store.close()
+
+
+def test_a_hash_collision_below_the_device_is_a_miss() -> None:
+    """Stored tokens are compared on a hit: an entry under the same chain hash but with
+    other tokens is not used."""
+    from dataclasses import replace
+
+    store, index = make(device=2, host=2, disk=None)
+    cache_blocks(store, index, [1, 2, 3, 4], 0.0)
+    store.free(index.evict(2))
+    # forge the state a collision would leave: block [3, 4]'s slot holds other tokens
+    [second] = [h for h, (k, _, _) in index._lower.items() if k.tokens == (3, 4)]
+    key, tier, bid = index._lower[second]
+    index._lower[second] = (replace(key, tokens=(9, 9)), tier, bid)
+    match = index.match([1, 2, 3, 4, 0])
+    assert match.num_tokens == 2  # only the first block came back
+    assert index.num_lower_tier_blocks == 1
+    store.free(index.clear())
+    assert store.num_free_blocks == 2 and store.tier("host").num_free_blocks == 2
     store.close()
 
 

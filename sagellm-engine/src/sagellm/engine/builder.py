@@ -150,8 +150,14 @@ class EngineBuilder:
                 f"{prefix_index.block_size} but the KV pool uses {cfg.block_size}"
             )
         if prefix_index is not None and is_tiered_store(pool):
-            # Blocks the device index evicts go down the tiers and come back on a hit.
-            prefix_index = TieredPrefixCache(prefix_index, pool)
+            # Blocks the device index evicts go down the tiers and come back on a hit; the
+            # eviction slot also orders what the lower tiers drop (its own instance, without
+            # the predictor: demoted blocks are never hit in place, only promoted).
+            lower_policy = None
+            if eviction is not None:
+                lower = sum(pool.tier(t).num_blocks for t in pool.tiers if t != "device")
+                lower_policy = self._build_optional("eviction", {"capacity": lower})
+            prefix_index = TieredPrefixCache(prefix_index, pool, lower_policy=lower_policy)
 
         self._progress(f"building scheduler {cfg.scheduler.name!r}")
         sched_ctx: dict[str, Any] = {"kv_pool": pool, "max_model_len": max_model_len}

@@ -7,6 +7,14 @@ remembered under the same isolation key and token prefix. A later lookup that co
 past the device match into demoted blocks promotes them: device blocks are allocated, the
 KV copied up and inserted into the device index, so the request skips their prefill.
 
+Blocks are known below the device by a hash chain, as in vLLM's automatic prefix
+caching: a block's key hashes its parent's key and its own tokens (the isolation key seeds
+the chain), and an entry stores its parent's key and its tokens, which are compared on
+every hit, so a hash collision is a miss, never wrong KV. A lookup costs one hash per
+block, linear in the prompt. Which lower-tier block is dropped when the tiers are full is
+decided by an eviction policy (the engine's ``eviction`` slot, a second instance sized for
+the lower tiers) or, without one, least recently demoted first.
+
 The builder selects it when the KV pool is tiered and a prefix cache is configured.
 """
 
@@ -19,7 +27,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from sagellm.core.protocols import PrefixIndex
+from sagellm.core.protocols import EvictionPolicy, PrefixIndex
 from sagellm.core.telemetry import PrefixCacheStats
 from sagellm.core.types import PrefixEntry, PrefixMatch
 
@@ -60,6 +68,35 @@ class TieredPrefixCacheStats(PrefixCacheStats):
     disk_blocks: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _BlockKey:
+    """Where one full block sits in its sequence: the link of the hash chain it is."""
+
+    chain_hash: int  # hash of (parent's chain_hash, tokens)
+    parent_hash: int  # the previous block's chain_hash (the chain's seed for the first)
+    tokens: tuple[int, ...]  # this block's tokens
+    end: int  # tokens from the sequence start to this block's end
+    isolation_key: str
+
+
+def _chain_seed(isolation_key: str) -> int:
+    return hash(("sagellm.kv_tiers", isolation_key))
+
+
+def _block_keys(
+    token_ids: Sequence[int], block_size: int, isolation_key: str, num_blocks: int
+) -> list[_BlockKey]:
+    """Keys of the first ``num_blocks`` full blocks of ``token_ids``."""
+    h = _chain_seed(isolation_key)
+    out: list[_BlockKey] = []
+    for i in range(num_blocks):
+        end = (i + 1) * block_size
+        tokens = tuple(token_ids[end - block_size : end])
+        parent, h = h, hash((h, tokens))
+        out.append(_BlockKey(h, parent, tokens, end, isolation_key))
+    return out
+
+
 class TieredPrefixCache:
     """Prefix index over a device index and the lower tiers of a tiered KV store.
 
@@ -68,11 +105,16 @@ class TieredPrefixCache:
         index = TieredPrefixCache(RadixPrefixIndex(block_size=16), store)
         scheduler = registry.load("scheduler", "fcfs", {}, kv_pool=store, prefix_index=index,
                                   max_model_len=2048)
+
+    ``lower_policy`` orders the lower-tier blocks for dropping (keys are chain hashes);
+    without one the least recently demoted block goes first.
     """
 
     config_class: ClassVar[type[BaseModel]] = TieredPrefixCacheConfig
 
-    def __init__(self, device_index: PrefixIndex, store: Any) -> None:
+    def __init__(
+        self, device_index: PrefixIndex, store: Any, lower_policy: EvictionPolicy | None = None
+    ) -> None:
         if not is_tiered_store(store):
             raise ValueError(
                 f"{type(store).__name__} has no demote/promote: use kv_pool 'tiered' for a "
@@ -80,10 +122,11 @@ class TieredPrefixCache:
             )
         self.device_index = device_index
         self.store = store
-        # device block id -> (isolation key, tokens up to the end of that block)
-        self._device_keys: dict[int, tuple[str, tuple[int, ...]]] = {}
-        # (isolation key, prefix tokens) -> (tier, block id); least recently used first
-        self._lower: OrderedDict[tuple[str, tuple[int, ...]], tuple[str, int]] = OrderedDict()
+        self.lower_policy = lower_policy
+        # device block id -> its place in the chain (for demotion when it is evicted)
+        self._device_keys: dict[int, _BlockKey] = {}
+        # chain hash -> (key, tier, block id); least recently demoted first
+        self._lower: OrderedDict[int, tuple[_BlockKey, str, int]] = OrderedDict()
         self._counters = TieredPrefixCacheStats()
 
     # ------------------------------------------------------------------ PrefixIndex
@@ -103,25 +146,38 @@ class TieredPrefixCache:
         """Blocks remembered in the tiers below the device."""
         return len(self._lower)
 
-    def lower_tier_entries(self) -> list[tuple[str, tuple[int, ...], str, int]]:
-        """``(isolation key, prefix tokens, tier, block id)`` of every demoted block."""
-        return [(key, toks, tier, bid) for (key, toks), (tier, bid) in self._lower.items()]
+    def lower_tier_entries(self) -> list[tuple[str, int, tuple[int, ...], str, int]]:
+        """``(isolation key, prefix length, block tokens, tier, block id)`` of every
+        demoted block, least recently demoted first."""
+        return [
+            (k.isolation_key, k.end, k.tokens, tier, bid) for k, tier, bid in self._lower.values()
+        ]
+
+    def _lower_hit(self, key: _BlockKey) -> tuple[_BlockKey, str, int] | None:
+        entry = self._lower.get(key.chain_hash)
+        # the stored tokens, parent link and isolation key rule out a hash collision
+        if entry is None or entry[0] != key:
+            return None
+        return entry
 
     def match(self, token_ids: Sequence[int], isolation_key: str = "") -> PrefixMatch:
         """Longest cached prefix; demoted blocks that continue it are promoted first."""
         match = self.device_index.match(token_ids, isolation_key)
         bs = self.block_size
-        found: list[tuple[str, int]] = []
-        end = match.num_tokens + bs
-        while end <= len(token_ids):
-            hit = self._lower.get((isolation_key, tuple(token_ids[:end])))
+        num_full = len(token_ids) // bs
+        start = match.num_tokens // bs
+        if not self._lower or start >= num_full:
+            return match
+        keys = _block_keys(token_ids, bs, isolation_key, num_full)
+        found: list[tuple[_BlockKey, str, int]] = []
+        for key in keys[start:]:
+            hit = self._lower_hit(key)
             if hit is None:
                 break
             found.append(hit)
-            end += bs
         if not found:
             return match
-        device_ids = self._promote(found, match)
+        device_ids = self._promote([(tier, bid) for _, tier, bid in found], match)
         if device_ids is None:
             return match
         num_tokens = match.num_tokens + bs * len(device_ids)
@@ -132,32 +188,31 @@ class TieredPrefixCache:
         unused = [b for b in device_ids if b not in taken]
         if unused:
             self.store.free(unused)
-        for i, b in enumerate(device_ids):
+        for (key, _, _), b in zip(found, device_ids):
             if b in taken:
-                end = match.num_tokens + bs * (i + 1)
-                self._device_keys[b] = (isolation_key, tuple(token_ids[:end]))
-        for i in range(len(device_ids)):
-            end = match.num_tokens + bs * (i + 1)
-            self._lower.pop((isolation_key, tuple(token_ids[:end])), None)
+                self._device_keys[b] = key
+            self._forget_lower(key.chain_hash)
         self._counters.num_promoted_tokens += bs * len(device_ids)
         return self.device_index.match(token_ids, isolation_key)
 
     def insert(
         self, token_ids: Sequence[int], block_ids: Sequence[int], isolation_key: str = ""
     ) -> list[int]:
-        """Insert into the device index and remember the prefix of every block it took."""
+        """Insert into the device index and remember the chain key of every block it took."""
         taken = self.device_index.insert(token_ids, block_ids, isolation_key)
         if taken:
-            bs = self.block_size
             position = {b: i for i, b in enumerate(block_ids)}
+            keys = _block_keys(
+                token_ids, self.block_size, isolation_key, 1 + max(position[b] for b in taken)
+            )
             for b in taken:
-                end = bs * (position[b] + 1)
-                key = (isolation_key, tuple(token_ids[:end]))
+                key = keys[position[b]]
                 self._device_keys[b] = key
                 # The device copy is authoritative again: a stale lower copy is released.
-                stale = self._lower.pop(key, None)
+                stale = self._lower_hit(key)
                 if stale is not None:
-                    self.store.free(stale[0], [stale[1]])
+                    self._forget_lower(key.chain_hash)
+                    self.store.free(stale[1], [stale[2]])
         return list(taken)
 
     def lock(self, match: PrefixMatch) -> None:
@@ -189,9 +244,9 @@ class TieredPrefixCache:
         released = self.device_index.clear()
         for b in released:
             self._device_keys.pop(b, None)
-        for tier, bid in self._lower.values():
+        for chain_hash, (_, tier, bid) in list(self._lower.items()):
+            self._forget_lower(chain_hash)
             self.store.free(tier, [bid])
-        self._lower.clear()
         return released
 
     def make_stats(self) -> TieredPrefixCacheStats:
@@ -222,21 +277,37 @@ class TieredPrefixCache:
                 out[f"{tier}_blocks"] = t.num_blocks
         return out
 
-    def _demote(self, block_id: int, key: tuple[str, tuple[int, ...]]) -> None:
+    def _demote(self, block_id: int, key: _BlockKey) -> None:
         # keep_source: the caller frees the device block after this returns.
         result = self.store.demote([block_id], keep_source=True)
         if result is None and self._lower:
-            self._drop_oldest()
+            self._drop_one()
             result = self.store.demote([block_id], keep_source=True)
         if result is None:
             return
-        tier = result.plan.dst_tier
-        self._lower[key] = (tier, result.plan.dst_block_ids[0])
+        assert key.chain_hash not in self._lower, "a block is demoted while its copy is below"
+        self._lower[key.chain_hash] = (key, result.plan.dst_tier, result.plan.dst_block_ids[0])
+        if self.lower_policy is not None:
+            self.lower_policy.insert(
+                key.chain_hash,
+                features={"prefix_depth": float(key.end)},
+            )
         self._counters.num_demoted_blocks += 1
         self._counters.num_demoted_bytes += result.num_bytes
 
-    def _drop_oldest(self) -> None:
-        _, (tier, bid) = self._lower.popitem(last=False)
+    def _forget_lower(self, chain_hash: int) -> None:
+        del self._lower[chain_hash]
+        if self.lower_policy is not None:
+            self.lower_policy.remove(chain_hash)
+
+    def _drop_one(self) -> None:
+        """Free the lower-tier block the policy (or demotion order) gives up first."""
+        if self.lower_policy is not None:
+            victims = self.lower_policy.evict(1).victims
+            assert victims, "the lower-tier policy holds no key although blocks are demoted"
+            _, tier, bid = self._lower.pop(victims[0])
+        else:
+            _, (_, tier, bid) = self._lower.popitem(last=False)
         self.store.free(tier, [bid])
         self._counters.num_dropped_blocks += 1
 
