@@ -227,10 +227,12 @@ def test_logits_are_not_modified() -> None:
 def test_sampled_token_survives_every_filter(
     vocab: int, top_k: int, top_p: float, min_p: float, temperature: float, seed: int, data
 ) -> None:
+    # Logits on a 1e-3 grid: distinct values stay distinct probabilities in float32 (two
+    # floats like -6e-30 and 0.0 would tie after softmax and make the ranks ambiguous).
     values = data.draw(
-        st.lists(st.floats(-8, 8, allow_nan=False), min_size=vocab, max_size=vocab, unique=True)
+        st.lists(st.integers(-8000, 8000), min_size=vocab, max_size=vocab, unique=True)
     )
-    logits = torch.tensor([values])
+    logits = torch.tensor([[v / 1000.0 for v in values]])
     p = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     token = Sampler()(logits, [row(p, seed=seed)]).token_ids[0]
     probs = torch.softmax(logits[0] / temperature, dim=-1)
