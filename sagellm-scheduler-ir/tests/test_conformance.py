@@ -53,7 +53,7 @@ class TestSLOConformance(TestFCFSConformance):
 class TestAdaptiveConformance(TestFCFSConformance):
     cls = AdaptiveScheduler
     cfg = AdaptiveSchedulerConfig
-    extra = {"initial_prefill_share": 0.5}
+    extra = {"target_tpot_ms": 20.0}  # a tight objective: the prefill cap is active
 
 
 class TestPDConformance(TestFCFSConformance):

@@ -293,57 +293,113 @@ def test_slo_decodes_first_and_prefill_capped_by_tpot():
     assert ids(out) == [("p", 9), ("d", 1)]
 
 
-def test_slo_observe_step_learns_the_per_token_cost():
+def test_slo_observe_step_learns_the_step_cost_model():
     s = make(SLOScheduler, SLOSchedulerConfig, step_overhead_ms=10.0, per_token_ms=1.0, ewma=0.5)
-    s.observe_step(10, 0.040)  # (40 - 10) / 10 = 3 ms per token
-    assert s.per_token_ms == 2.0
+    assert s.estimate_ms(20) == 2 * 10.0 + 20.0  # the prior: two 16-token steps
+    for _ in range(40):  # decode-sized and prefill-sized steps on 30 ms + 2 ms/token
+        s.observe_step(2, 0.034)
+        s.observe_step(16, 0.062)
     s.observe_step(0, 1.0)  # ignored
-    assert s.per_token_ms == 2.0
-    assert s.estimate_ms(20) == 2 * 10.0 + 40.0  # two 16-token steps
+    assert s.cost.a_ms == pytest.approx(30.0) and s.per_token_ms == pytest.approx(2.0)
+    assert s.estimate_ms(20) == pytest.approx(2 * 30.0 + 40.0)
+
+
+def test_slo_running_prefill_yields_to_a_waiting_request_with_less_slack():
+    clock = Clock()
+    kw = {"seqs": 4, "budget": 16, "step_overhead_ms": 10.0, "per_token_ms": 1.0}
+    pool = BlockLedger(num_blocks=32, block_size=4)
+    s = make(SLOScheduler, SLOSchedulerConfig, pool, ctx={"clock": clock}, **kw)
+    s.add_request(req("long", 40, slo=SLO(ttft_ms=1000)))
+    assert ids(step(s)) == [("long", 16)]
+    s.add_request(req("short", 4, start=300, slo=SLO(ttft_ms=100)))
+    # short: slack 100 - 14 = 86 ms; long: 1000 - (2 * 10 + 24) = 956 ms, so long leaves
+    # the short prompt's 4 tokens of the budget and keeps its blocks
+    assert ids(step(s)) == [("long", 12), ("short", 4)]
+    assert ids(step(s)) == [("long", 12), ("short", 1)]
+
+
+def test_slo_decodes_that_missed_their_ttft_do_not_cap_prefill():
+    clock = Clock()
+    kw = {"budget": 64, "step_overhead_ms": 10.0, "per_token_ms": 1.0}
+    s = make(SLOScheduler, SLOSchedulerConfig, ctx={"clock": clock}, **kw)
+    s.add_request(req("late", 3, slo=SLO(ttft_ms=50, tpot_ms=20)))
+    clock.now = 0.1  # its first token comes 100 ms after arrival: TTFT missed
+    step(s)
+    s.add_request(req("p", 30, start=300, arrival_time=0.1))
+    assert ids(s.schedule()) == [("p", 30), ("late", 1)]  # no cap for a lost request
 
 
 # ---------------------------------------------------------------- adaptive
 
 
-def test_adaptive_shrinks_prefill_when_tpot_is_over_target_and_grows_with_queue():
+def fitted_adaptive(clock, *, a_ms=30.0, b_ms=2.0, **kw):
+    """An adaptive scheduler whose cost model has learned a_ms + b_ms * tokens."""
+    pool = BlockLedger(num_blocks=64, block_size=4)
     s = make(
         AdaptiveScheduler,
         AdaptiveSchedulerConfig,
-        seqs=2,
-        budget=20,
-        target_tpot_ms=50.0,
-        step=0.25,
-        min_prefill_share=0.25,
-        queue_high=1,
+        pool,
+        seqs=8,
+        budget=64,
+        model_len=256,
+        ctx={"clock": clock},
+        ewma=0.5,
+        **kw,
     )
+    for _ in range(40):
+        s.observe_step(4, (a_ms + 4 * b_ms) / 1000)
+        s.observe_step(64, (a_ms + 64 * b_ms) / 1000)
+    assert s.cost.a_ms == pytest.approx(a_ms) and s.cost.b_ms == pytest.approx(b_ms)
+    return s
+
+
+def test_adaptive_prefill_budget_keeps_the_predicted_step_within_tpot():
+    clock = Clock()
+    s = fitted_adaptive(clock, target_tpot_ms=100.0)
+    s.add_request(req("a", 3))
+    assert ids(step(s)) == [("a", 3)]  # no decodes: the whole budget
+    s.add_request(req("b", 100, start=300))
+    # (100 ms - 30 ms) / 2 ms = 35 tokens per step, one of them a's decode
+    out = step(s)
+    assert ids(out) == [("b", 34), ("a", 1)]
+    assert s.cost.step_ms(out.num_scheduled_tokens) == pytest.approx(100.0)
+    clock.now = 0.04  # a has 2 tokens, the first 40 ms old: the next step may take 160 ms
+    s._now = clock.now
+    assert s.tpot_allowance_ms(s.get_request("a")) == pytest.approx(160.0)
+    assert ids(s.schedule()) == [("b", 63), ("a", 1)]  # (160 - 30) / 2 - 1 = 64: no cap
+
+
+def test_adaptive_does_not_starve_prefill_when_the_objective_is_infeasible():
+    clock = Clock()
+    # every step, decode-only included, takes over 120 ms: the 100 ms objective is out of
+    # reach, so throttling prefill would only make the queue wait (the old rule's collapse)
+    s = fitted_adaptive(clock, a_ms=120.0, b_ms=2.0, target_tpot_ms=100.0)
     s.add_request(req("a", 3))
     step(s)
-    s.add_request(req("b", 30, start=300))
-    assert ids(s.schedule()) == [("b", 19), ("a", 1)]  # share 1.0: whole budget
-    s.observe_step(20, 0.080)  # a decoding, step over target
-    assert s.prefill_share == 0.75
-    s.observe_step(20, 0.080)
-    s.observe_step(20, 0.080)
-    s.observe_step(20, 0.080)
-    assert s.prefill_share == 0.25
-    s2 = make(
-        AdaptiveScheduler,
-        AdaptiveSchedulerConfig,
-        seqs=2,
-        budget=20,
-        initial_prefill_share=0.25,
-        step=0.25,
-        queue_high=1,
-    )
-    s2.add_request(req("a", 3))
-    step(s2)
-    s2.add_request(req("b", 30, start=300))
-    out = s2.schedule()
-    assert ids(out) == [("b", 5), ("a", 1)]  # decode first, prefill capped at 5 tokens
-    for r in ("c", "d"):
-        s2.add_request(req(r, 3, start=500))
-    s2.observe_step(6, 0.010)  # fast step, 2 waiting > queue_high
-    assert s2.prefill_share == 0.5
+    s.add_request(req("b", 100, start=300))
+    assert ids(step(s)) == [("b", 63), ("a", 1)]
+    assert ids(step(s)) == [("b", 37), ("a", 1)]
+
+
+def test_adaptive_prefill_floor_and_ttft_trade():
+    clock = Clock()
+    s = fitted_adaptive(clock, target_tpot_ms=34.0, min_prefill_tokens=8)
+    s.add_request(req("a", 3))
+    step(s)
+    s.add_request(req("b", 100, start=300))
+    assert ids(s.schedule()) == [("b", 8), ("a", 1)]  # (34 - 30) / 2 - 1 = 1 -> floor of 8
+
+    s = fitted_adaptive(clock, target_tpot_ms=100.0)
+    s.add_request(req("a", 3))
+    step(s)
+    s.add_request(req("b", 40, start=300, slo=SLO(ttft_ms=120)))
+    s.add_request(req("c", 8, start=400, slo=SLO(ttft_ms=130)))
+    # At the TPOT budget of 34 tokens both miss their TTFT: b needs 40-token chunks
+    # (112 ms), c (48 tokens behind b's) 48-token chunks (128 ms). Chunks of 48 save both
+    # and put a alone over its 100 ms, a gain of one request; 40 alone would gain nothing.
+    s._begin_step()
+    assert s.prefill_budget() == 48
+    assert ids(s.schedule()) == [("b", 40), ("c", 8), ("a", 1)]
 
 
 # ---------------------------------------------------------------- pd

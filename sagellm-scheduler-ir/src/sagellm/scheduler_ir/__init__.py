@@ -18,12 +18,14 @@ Other policies by name: "priority", "fair", "slo", "adaptive", "pd" (see the REA
 from sagellm.scheduler_ir._version import __version__
 from sagellm.scheduler_ir.config import (
     AdaptiveSchedulerConfig,
+    CostAwareSchedulerConfig,
     FairSchedulerConfig,
     FCFSSchedulerConfig,
     PDSchedulerConfig,
     PrioritySchedulerConfig,
     SLOSchedulerConfig,
 )
+from sagellm.scheduler_ir.cost import StepCostModel
 from sagellm.scheduler_ir.fcfs import FCFSScheduler
 from sagellm.scheduler_ir.ir import IRBuilder, IROptimizer, IRValidationError
 from sagellm.scheduler_ir.policies import (
@@ -38,6 +40,7 @@ from sagellm.scheduler_ir.policies import (
 __all__ = [
     "AdaptiveScheduler",
     "AdaptiveSchedulerConfig",
+    "CostAwareSchedulerConfig",
     "FCFSScheduler",
     "FairScheduler",
     "FairSchedulerConfig",
@@ -47,6 +50,7 @@ __all__ = [
     "PrioritySchedulerConfig",
     "SLOScheduler",
     "SLOSchedulerConfig",
+    "StepCostModel",
     "split_plan",
     "FCFSSchedulerConfig",
     "IRBuilder",

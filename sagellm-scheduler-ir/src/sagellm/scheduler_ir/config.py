@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "AdaptiveSchedulerConfig",
+    "CostAwareSchedulerConfig",
     "FCFSSchedulerConfig",
     "FairSchedulerConfig",
     "PDSchedulerConfig",
@@ -49,25 +50,31 @@ class FairSchedulerConfig(FCFSSchedulerConfig):
     )  # tenant -> weight (default 1.0)
 
 
-class SLOSchedulerConfig(FCFSSchedulerConfig):
-    """Least-slack-first admission under TTFT/TPOT objectives."""
+class CostAwareSchedulerConfig(FCFSSchedulerConfig):
+    """Step-cost model shared by the policies that learn it from ``observe_step``."""
+
+    step_overhead_ms: float = Field(15.0, ge=0)  # prior of a: fixed cost of one step
+    per_token_ms: float = Field(1.5, ge=0)  # prior of b: cost of one more token
+    ewma: float = Field(0.1, ge=0, le=1)  # weight of a new step timing in the fit
+    # Floor of a step's prefill tokens while prefill is pending, so it always progresses
+    # (0: one KV block).
+    min_prefill_tokens: int = Field(0, ge=0)
+
+
+class SLOSchedulerConfig(CostAwareSchedulerConfig):
+    """Least-slack-first service under TTFT/TPOT objectives."""
 
     default_ttft_ms: float | None = Field(None, gt=0)  # for requests without slo.ttft_ms
     default_tpot_ms: float | None = Field(None, gt=0)  # for requests without slo.tpot_ms
-    step_overhead_ms: float = Field(15.0, ge=0)  # a: fixed cost of one step
-    per_token_ms: float = Field(1.5, ge=0)  # b: cost of one token (learned by observe_step)
-    ewma: float = Field(0.2, ge=0, le=1)  # weight of a new observation in the estimate
-    demote_missed: bool = True  # requests that can no longer meet TTFT go last
+    # Requests that can no longer meet TTFT go last, and their decodes stop capping prefill.
+    demote_missed: bool = True
 
 
-class AdaptiveSchedulerConfig(FCFSSchedulerConfig):
-    """FCFS whose prefill share of the budget follows decode latency and queue depth."""
+class AdaptiveSchedulerConfig(CostAwareSchedulerConfig):
+    """FCFS whose per-step prefill budget keeps the predicted step time within TPOT."""
 
-    target_tpot_ms: float = Field(50.0, gt=0)  # decode latency the running requests should see
-    min_prefill_share: float = Field(0.1, gt=0, le=1)
-    initial_prefill_share: float = Field(1.0, gt=0, le=1)
-    step: float = Field(0.1, gt=0, le=1)  # change of the share per observation
-    queue_high: int = Field(8, ge=1)  # waiting requests above which prefill grows
+    target_tpot_ms: float = Field(100.0, gt=0)  # TPOT objective of requests without slo.tpot_ms
+    target_ttft_ms: float | None = Field(None, gt=0)  # TTFT objective without slo.ttft_ms
 
 
 class PDSchedulerConfig(FCFSSchedulerConfig):

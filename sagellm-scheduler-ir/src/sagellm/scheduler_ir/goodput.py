@@ -38,7 +38,7 @@ POLICY_OPTIONS: dict[str, dict[str, Any]] = {
     "priority": {"max_victim_computed_tokens": 256},
     "fair": {"weights": {"chat": 4.0, "batch": 1.0}, "quantum": 256},
     "slo": {},
-    "adaptive": {"target_tpot_ms": 120.0, "min_prefill_share": 0.5, "queue_high": 4},
+    "adaptive": {},
     "pd": {"prefill_token_budget": 256, "decode_token_budget": 256},
 }
 
@@ -123,7 +123,7 @@ def replay(
     now = 0.0
     pool = BlockLedger(num_blocks=num_blocks, block_size=block_size)
     context: dict[str, Any] = {"kv_pool": pool, "max_model_len": max_model_len}
-    if policy == "slo":
+    if policy in ("slo", "adaptive"):
         context["clock"] = lambda: now
     sched = registry.load("scheduler", policy, dict(options or {}), **context)
     observe = getattr(sched, "observe_step", None)
@@ -238,8 +238,6 @@ def measure_build(
                 max_num_prefill_seqs=num_requests,
                 max_num_decode_seqs=num_requests,
             )
-        if name == "adaptive":
-            opts.update(min_prefill_share=1.0)
         figures: dict[str, float] = {}
         reqs = bench_workload(num_requests, seed)
         for phase in ("prefill", "decode"):

@@ -18,10 +18,17 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from sagellm.core.types import ExecutionPlan, IRGraph, IRNode, IRNodeKind, SchedulerOutput
+from sagellm.core.types import (
+    ExecutionPlan,
+    IRGraph,
+    IRNode,
+    IRNodeKind,
+    RequestStatus,
+    SchedulerOutput,
+)
 from sagellm.scheduler_ir.config import (
     AdaptiveSchedulerConfig,
     FairSchedulerConfig,
@@ -29,6 +36,7 @@ from sagellm.scheduler_ir.config import (
     PrioritySchedulerConfig,
     SLOSchedulerConfig,
 )
+from sagellm.scheduler_ir.cost import StepCostModel
 from sagellm.scheduler_ir.fcfs import FCFSScheduler, RequestState
 
 __all__ = [
@@ -200,61 +208,214 @@ class _PrefillCapped(FCFSScheduler):
         return chunk
 
 
-class SLOScheduler(_PrefillCapped):
-    """Least-slack-first admission under TTFT deadlines; decodes protected for TPOT.
+class _CostAware(_PrefillCapped):
+    """Shared machinery of ``slo`` and ``adaptive``: a step-cost model learned by
+    :meth:`observe_step` and a per-step prefill budget chosen from it.
 
-    Slack of a waiting request = arrival + TTFT objective - now - estimated prefill time,
-    where the estimate is ``steps * a + b * tokens`` (``a = step_overhead_ms``, ``b`` the
-    per-token cost, refined by :meth:`observe_step`). Preempted requests, which already
-    have their first token, go first; requests without a TTFT objective go after those
-    with one (by arrival); with ``demote_missed`` a request that can no longer meet its
-    TTFT goes last. Each step, decodes are scheduled first and prefill tokens are capped
-    so the estimated step time stays within the tightest TPOT objective among running
-    decodes (at least one block of prefill per step, so prefill always progresses).
+    With ``d`` requests decoding whose tightest TPOT objective is ``T``, prefill may take
+    ``floor((T - a) / b) - d`` tokens, so the predicted step time ``a + b * tokens`` stays
+    within ``T`` (Sarathi-Serve's stall-free batching, the budget derived from the learned
+    model instead of fixed). Rules that keep the queue moving:
+
+    - at least ``min_prefill_tokens`` (default one block) of prefill per step;
+    - when even a decode-only step is predicted over ``T``, throttling cannot meet the
+      objective and would only delay the queue: no cap (the full step budget);
+    - when a request waiting for its first token would miss its TTFT objective at the
+      capped rate but not at the full rate, the cap rises to the smallest chunk that meets
+      that deadline (predicted by the model, requests served in the policy's order);
+    - decodes of requests that already missed their TTFT (``_missed_ttft``) do not count.
 
     ``clock`` (context) returns seconds; it defaults to ``time.monotonic``, which is the
     clock of ``GenerationRequest.arrival_time``.
     """
 
-    config_class: ClassVar[type[SLOSchedulerConfig]] = SLOSchedulerConfig
-    config: SLOSchedulerConfig
+    config: SLOSchedulerConfig | AdaptiveSchedulerConfig
 
     def __init__(
         self,
-        config: SLOSchedulerConfig | None = None,
+        config: SLOSchedulerConfig | AdaptiveSchedulerConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
         **context: Any,
     ) -> None:
-        cfg = config or SLOSchedulerConfig()
-        super().__init__(cfg, **context)
+        super().__init__(config, **context)
         self.clock = clock
-        self.per_token_ms = cfg.per_token_ms
+        self.cost = StepCostModel(
+            config.step_overhead_ms,
+            config.per_token_ms,
+            ewma=config.ewma,
+            ref_tokens=config.max_num_batched_tokens,
+        )
         self._now = 0.0
+        self._missed_ttft: set[str] = set()  # first token came after the TTFT objective
+        self._first_token_at: dict[str, float] = {}  # clock() when the first token came
+        self._default_ttft_ms: float | None = None
+        self._default_tpot_ms: float | None = None
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """Refine the per-token cost from one step's wall time (optional engine hook)."""
-        if num_tokens <= 0 or seconds < 0:
-            return
-        sample = max(0.0, seconds * 1000.0 - self.config.step_overhead_ms) / num_tokens
-        w = self.config.ewma
-        self.per_token_ms = (1 - w) * self.per_token_ms + w * sample
+        """Refit the step-cost model with one step's wall time (optional engine hook)."""
+        self.cost.observe(num_tokens, seconds)
 
-    def estimate_ms(self, num_tokens: int) -> float:
-        """Estimated time to compute ``num_tokens`` of one request's prefill."""
-        steps = math.ceil(num_tokens / self.config.max_num_batched_tokens)
-        return steps * self.config.step_overhead_ms + self.per_token_ms * num_tokens
+    @property
+    def per_token_ms(self) -> float:
+        """The model's current cost of one more token (b)."""
+        return self.cost.b_ms
 
     def _ttft_ms(self, state: RequestState) -> float | None:
         v = state.request.slo.ttft_ms
-        return v if v is not None else self.config.default_ttft_ms
+        return v if v is not None else self._default_ttft_ms
 
     def _tpot_ms(self, state: RequestState) -> float | None:
         v = state.request.slo.tpot_ms
-        return v if v is not None else self.config.default_tpot_ms
+        return v if v is not None else self._default_tpot_ms
+
+    def _order_queue(self) -> None:
+        """Put the waiting queue in service order for this step (FCFS: as it is)."""
+
+    def _prefill_candidates(self) -> list[RequestState]:
+        """Requests with prefill left, in the order this policy serves them."""
+        out = [s for s in self._running if not _is_decoding(s)]
+        out.extend(itertools.islice(self._waiting, self.config.max_num_seqs))
+        return out
+
+    def _begin_step(self) -> None:
+        super()._begin_step()
+        self._now = self.clock()
+        self._order_queue()
+        self._prefill_left = self.prefill_budget()
+
+    def tpot_allowance_ms(self, state: RequestState) -> float | None:
+        """Longest next step that keeps a decoding request's mean time per output token
+        within its TPOT objective (None without one). Time banked by fast steps may be
+        spent: the objective is a mean over the output, as TPOT is measured."""
+        tpot = self._tpot_ms(state)
+        if tpot is None:
+            return None
+        first = self._first_token_at.get(state.request_id)
+        if first is None:
+            return tpot
+        num_output = len(state.token_ids) - len(state.request.prompt_token_ids)
+        return tpot * num_output - (self._now - first) * 1000.0
+
+    def prefill_budget(self) -> int | None:
+        """Prefill tokens this step may compute (None: up to the step budget)."""
+        decodes = [s for s in self._running if _is_decoding(s)]
+        d = len(decodes)
+        full = self._token_budget() - d
+        if not decodes or full <= 0 or (not self._waiting and d == len(self._running)):
+            return None
+        # Decodes a smaller prefill can keep within their objective this step.
+        decode_ms = self.cost.step_ms(d)
+        allow = sorted(
+            t
+            for s in decodes
+            if s.request_id not in self._missed_ttft
+            and (t := self.tpot_allowance_ms(s)) is not None
+            and t >= decode_ms
+        )
+        if not allow:
+            return None  # infeasible (or nothing to protect): throttling only delays the queue
+        floor = self.config.min_prefill_tokens or self.block_size
+        base = max(floor, self.cost.tokens_within(allow[0]) - d)
+        if base >= full:
+            return None
+        # Goodput trade: a larger chunk that lets k more waiting requests meet their TTFT
+        # is taken when it puts fewer than k protected decodes over their allowance.
+        best, best_gain = base, 0
+        for k, chunk in enumerate(self._ttft_needs(base, full, d), start=1):
+            at_risk = bisect.bisect_left(allow, self.cost.step_ms(chunk + d))
+            if k - at_risk > best_gain:
+                best, best_gain = chunk, k - at_risk
+        return None if best >= full else best
+
+    def _ttft_needs(self, cap: int, full: int, num_decodes: int) -> list[int]:
+        """Sorted smallest chunks (in ``(cap, full]``) with which each request waiting for
+        its first token meets its TTFT objective, for those that miss it at ``cap`` but not
+        at ``full``; requests are served in the policy's order."""
+        needs: list[int] = []
+        pending = 0
+        cost = self.cost
+        for s in self._prefill_candidates():
+            pending += len(s.token_ids) - s.num_computed_tokens
+            if len(s.token_ids) > len(s.request.prompt_token_ids):
+                continue  # recomputing after preemption: its first token is out already
+            ttft = self._ttft_ms(s)
+            if ttft is None:
+                continue
+            left_ms = (s.request.arrival_time - self._now) * 1000.0 + ttft
+            if cost.prefill_ms(pending, cap, num_decodes) <= left_ms:
+                continue
+            if cost.prefill_ms(pending, full, num_decodes) > left_ms:
+                continue  # misses even at the full rate: not worth the decodes' TPOT
+            lo, hi = cap, full  # prefill_ms falls as the chunk grows
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if cost.prefill_ms(pending, mid, num_decodes) <= left_ms:
+                    hi = mid
+                else:
+                    lo = mid
+            needs.append(hi)
+        needs.sort()
+        return needs
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled_token_ids: Mapping[str, Sequence[int]]
+    ) -> None:
+        first = [
+            s
+            for c in output.chunks
+            if c.sample
+            and (s := self._requests.get(c.request_id)) is not None
+            and len(s.token_ids) == len(s.request.prompt_token_ids)
+        ]
+        super().update_from_output(output, sampled_token_ids)
+        if first:
+            now = self.clock()
+            for s in first:
+                self._first_token_at[s.request_id] = now
+                ttft = self._ttft_ms(s)
+                if ttft is not None and (now - s.request.arrival_time) * 1000.0 > ttft:
+                    self._missed_ttft.add(s.request_id)
+
+    def finish_requests(self, request_ids: Any, reason: Any) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        super().finish_requests(ids, reason)
+        for rid in ids:
+            self._missed_ttft.discard(rid)
+            self._first_token_at.pop(rid, None)
+
+
+class SLOScheduler(_CostAware):
+    """Least-slack-first service under TTFT deadlines; decodes protected for TPOT.
+
+    Slack of a request waiting for its first token = arrival + TTFT objective - now -
+    estimated prefill time of its remaining prompt (``steps * a + b * tokens`` on the
+    learned model). Preempted requests, which already have their first token, go first;
+    requests without a TTFT objective go after those with one (by arrival); with
+    ``demote_missed`` a request that can no longer meet its TTFT goes last and its decodes
+    no longer cap prefill. The same order applies to prefill already under way: a running
+    request still prefilling leaves the budget to waiting requests of less slack (when the
+    sequence cap and the free blocks let them in), keeping its blocks, so a short chat
+    request is not stuck behind a long prompt's chunks. The prefill budget per step follows
+    :class:`_CostAware` (TPOT of the running decodes, TTFT deadlines of the queue).
+    """
+
+    config_class: ClassVar[type[SLOSchedulerConfig]] = SLOSchedulerConfig
+    config: SLOSchedulerConfig
+
+    def __init__(self, config: SLOSchedulerConfig | None = None, **context: Any) -> None:
+        cfg = config or SLOSchedulerConfig()
+        super().__init__(cfg, **context)
+        self._default_ttft_ms = cfg.default_ttft_ms
+        self._default_tpot_ms = cfg.default_tpot_ms
+        self._reserve: dict[str, int] = {}  # running prefill -> tokens it leaves to the queue
+
+    def estimate_ms(self, num_tokens: int) -> float:
+        """Estimated time to compute ``num_tokens`` of one request's prefill."""
+        return self.cost.prefill_ms(num_tokens, self.config.max_num_batched_tokens)
 
     def slack_ms(self, state: RequestState, now: float | None = None) -> float:
-        """TTFT slack of a waiting request (inf without an objective)."""
+        """TTFT slack of a request still prefilling (inf without an objective)."""
         ttft = self._ttft_ms(state)
         if ttft is None:
             return math.inf
@@ -274,31 +435,62 @@ class SLOScheduler(_PrefillCapped):
             return (3, 0.0, arrival)
         return (1, slack, arrival)
 
-    def _begin_step(self) -> None:
-        super()._begin_step()
-        self._now = self.clock()
+    def _order_queue(self) -> None:
         # Slack changes with time only, so one sort per step orders the queue; requests
         # preempted during the step go to the front (they rank first anyway).
-        if len(self._waiting) > 1:
-            self._waiting = deque(sorted(self._waiting, key=self._key))
-        cfg = self.config
-        tpots = [t for s in self._running if _is_decoding(s) and (t := self._tpot_ms(s))]
-        if not tpots:
-            self._prefill_left = None
+        self._reserve = {}
+        if not self._waiting:
             return
-        n_decode = sum(1 for s in self._running if _is_decoding(s))
-        room = (min(tpots) - cfg.step_overhead_ms) / max(self.per_token_ms, 1e-9) - n_decode
-        self._prefill_left = max(self.block_size, int(room))
+        ranked = sorted(((self._key(s), s) for s in self._waiting), key=lambda p: p[0])
+        self._waiting = deque(s for _, s in ranked)
+        prefilling = [s for s in self._running if not _is_decoding(s)]
+        slots = self.config.max_num_seqs - len(self._running)
+        if not prefilling or slots <= 0:
+            return
+        # Budget a running prefill leaves to the better-ranked waiting requests that can
+        # get in this step (a free sequence slot and free blocks for their whole prompt).
+        keys: list[tuple[int, float, float]] = []
+        tokens: list[int] = []
+        free_blocks = self.pool.num_free_blocks
+        total = 0
+        for key, s in ranked[:slots]:
+            n = len(s.token_ids) - s.num_computed_tokens
+            free_blocks -= -(-(n + 1) // self.block_size)
+            if free_blocks < 0:
+                break
+            total += n
+            keys.append(key)
+            tokens.append(total)
+        for s in prefilling:
+            j = bisect.bisect_left(keys, self._key(s))
+            if j:
+                self._reserve[s.request_id] = tokens[j - 1]
+
+    def _prefill_candidates(self) -> list[RequestState]:
+        out = [s for s in self._running if not _is_decoding(s)]
+        out.extend(itertools.islice(self._waiting, self.config.max_num_seqs))
+        out.sort(key=self._key)
+        return out
+
+    def _chunk_len(self, state: RequestState, budget: int) -> int:
+        n = super()._chunk_len(state, budget)
+        reserve = self._reserve.get(state.request_id)
+        if reserve and state.status is RequestStatus.RUNNING:
+            room = budget if self._prefill_left is None else min(budget, self._prefill_left)
+            n = min(n, max(0, room - reserve))
+        return n
 
 
-class AdaptiveScheduler(_PrefillCapped):
-    """FCFS whose prefill share of the token budget follows what :meth:`observe_step` sees.
+class AdaptiveScheduler(_CostAware):
+    """FCFS with decodes first and a prefill budget per step chosen from a step-cost model.
 
-    After each observed step: when the step took longer than ``target_tpot_ms`` while
-    requests were decoding (their TPOT is the step time), the share shrinks by ``step``
-    (down to ``min_prefill_share``); otherwise, when more than ``queue_high`` requests
-    wait, it grows by ``step`` (up to 1). Decodes are always scheduled first. Without
-    observations the share stays at ``initial_prefill_share``.
+    :meth:`observe_step` fits step time ``a + b * tokens`` to the engine's timings; each
+    step, prefill takes as many tokens as keep the predicted step time within the tightest
+    TPOT objective of the decoding requests (``slo.tpot_ms``, else ``target_tpot_ms``),
+    never less than ``min_prefill_tokens``, without a cap when the objective is infeasible
+    even for a decode-only step, and more when a waiting request would otherwise miss its
+    TTFT objective (``slo.ttft_ms``, else ``target_ttft_ms``); see :class:`_CostAware`.
+    Without decodes, prefill takes the whole step budget. Order of service is FCFS.
     """
 
     config_class: ClassVar[type[AdaptiveSchedulerConfig]] = AdaptiveSchedulerConfig
@@ -307,21 +499,8 @@ class AdaptiveScheduler(_PrefillCapped):
     def __init__(self, config: AdaptiveSchedulerConfig | None = None, **context: Any) -> None:
         cfg = config or AdaptiveSchedulerConfig()
         super().__init__(cfg, **context)
-        self.prefill_share = cfg.initial_prefill_share
-
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """Adjust the prefill share from one step's wall time (optional engine hook)."""
-        cfg = self.config
-        decoding = any(_is_decoding(s) for s in self._running)
-        if decoding and seconds * 1000.0 > cfg.target_tpot_ms:
-            self.prefill_share = max(cfg.min_prefill_share, self.prefill_share - cfg.step)
-        elif self.num_waiting > cfg.queue_high:
-            self.prefill_share = min(1.0, self.prefill_share + cfg.step)
-
-    def _begin_step(self) -> None:
-        super()._begin_step()
-        cap = int(self.prefill_share * self.config.max_num_batched_tokens)
-        self._prefill_left = max(1, cap)
+        self._default_ttft_ms = cfg.target_ttft_ms
+        self._default_tpot_ms = cfg.target_tpot_ms
 
 
 class PDScheduler(_PrefillCapped):
