@@ -7,7 +7,7 @@ import random
 import pytest
 
 from sagellm.core.errors import InvalidRequestError
-from sagellm.core.types import FinishReason, SamplingParams
+from sagellm.core.types import SLO, FinishReason, SamplingParams
 from sagellm.engine.llm import LLM
 
 from .conftest import assert_no_leak, make_llm
@@ -229,3 +229,35 @@ def test_chat_uses_the_chat_template(llm: LLM) -> None:
     assert out.prompt_token_ids == llm.tokenizer.encode(expected, add_special_tokens=False)
     with pytest.raises(InvalidRequestError, match="messages is empty"):
         llm.chat([], GREEDY)
+
+
+def test_a_request_added_with_an_slo_reaches_the_scheduler_with_it(llm: LLM) -> None:
+    engine = llm.engine
+    slo = SLO(ttft_ms=800.0, tpot_ms=120.0)
+    engine.add_request("with-slo", [5, 6, 7], GREEDY, slo=slo)
+    engine.add_request("without", [5, 6, 8], GREEDY)
+    assert engine.scheduler.get_request("with-slo").request.slo == slo
+    assert engine.scheduler.get_request("without").request.slo == SLO()
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_run_requests_passes_each_request_its_slo(llm: LLM) -> None:
+    from sagellm.engine.bench.kv_workloads import Req, run_requests
+
+    engine = llm.engine
+    seen: dict[str, SLO] = {}
+    add = engine.scheduler.add_request
+
+    def spy(request):  # what the scheduler receives
+        seen[request.request_id] = request.slo
+        add(request)
+
+    slo = SLO(ttft_ms=500.0, tpot_ms=100.0)
+    engine.scheduler.add_request = spy
+    try:
+        res = run_requests(engine, [Req([5, 6, 7], 2, slo=slo), Req([5, 6, 9], 2)], "slo")
+    finally:
+        del engine.scheduler.add_request
+    assert seen == {"slo-0": slo, "slo-1": SLO()}
+    assert [len(t) for t in res.tokens] == [2, 2]

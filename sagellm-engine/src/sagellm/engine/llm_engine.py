@@ -24,6 +24,7 @@ from sagellm.core.config import EngineConfig
 from sagellm.core.errors import CapabilityMismatchError, InvalidRequestError
 from sagellm.core.protocols import KVMigrator
 from sagellm.core.types import (
+    SLO,
     CompletionOutput,
     ExecutionPlan,
     FinishReason,
@@ -215,8 +216,12 @@ class LLMEngine:
         cache_salt: str = "",
         kind: RequestKind = RequestKind.COMPLETION,
         add_special_tokens: bool = True,
+        slo: SLO | None = None,
     ) -> str:
         """Queue a request (text or token ids); returns its id.
+
+        ``slo`` (TTFT/TPOT objectives) reaches the scheduler with the request; SLO-aware
+        policies (``slo``, ``adaptive``) order and size their steps by it.
 
         Raises InvalidRequestError for an empty prompt, one that leaves no room in the
         context, token ids outside the vocabulary or an id already in use.
@@ -279,6 +284,7 @@ class LLMEngine:
                         cache_salt=cache_salt,
                         kind=kind,
                         eos_token_ids=self.eos_token_ids,
+                        slo=slo if slo is not None else SLO(),
                     )
                 )
                 added.append(seq.request_id)

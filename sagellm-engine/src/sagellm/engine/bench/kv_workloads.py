@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sagellm.core import registry
-from sagellm.core.types import RequestOutput, SamplingParams
+from sagellm.core.types import SLO, RequestOutput, SamplingParams
 
 __all__ = [
     "RunResult",
@@ -67,6 +67,7 @@ class Req:
     arrival: float = 0.0  # seconds after the run starts
     tenant: str = ""
     priority: int = 0
+    slo: SLO | None = None  # latency objectives, given to the engine with the request
 
 
 def run_requests(engine: Any, requests: Sequence[Req], name: str) -> RunResult:
@@ -90,6 +91,7 @@ def run_requests(engine: Any, requests: Sequence[Req], name: str) -> RunResult:
                 arrival_time=start_mono + r.arrival,
                 tenant=r.tenant,
                 priority=r.priority,
+                slo=r.slo,
             )
             nxt += 1
         if not engine.has_unfinished_requests():
