@@ -312,10 +312,39 @@ def test_slo_running_prefill_yields_to_a_waiting_request_with_less_slack():
     s.add_request(req("long", 40, slo=SLO(ttft_ms=1000)))
     assert ids(step(s)) == [("long", 16)]
     s.add_request(req("short", 4, start=300, slo=SLO(ttft_ms=100)))
-    # short: slack 100 - 14 = 86 ms; long: 1000 - (2 * 10 + 24) = 956 ms, so long leaves
-    # the short prompt's 4 tokens of the budget and keeps its blocks
+    # short's deadline (100 ms) is earlier than long's (1000 ms): long leaves the short
+    # prompt's 4 tokens of the budget and keeps its blocks
     assert ids(step(s)) == [("long", 12), ("short", 4)]
     assert ids(step(s)) == [("long", 12), ("short", 1)]
+
+
+def test_slo_defers_a_long_prompt_that_would_make_short_ones_miss():
+    clock = Clock()
+    kw = {"seqs": 1, "budget": 64, "step_overhead_ms": 10.0, "per_token_ms": 1.0}
+    pool = BlockLedger(num_blocks=32, block_size=4)
+    s = make(SLOScheduler, SLOSchedulerConfig, pool, ctx={"clock": clock}, model_len=128, **kw)
+    s.add_request(req("long", 60, slo=SLO(ttft_ms=100)))  # 70 ms of prefill
+    s.add_request(req("s1", 4, start=300, slo=SLO(ttft_ms=110)))  # 14 ms each
+    s.add_request(req("s2", 4, start=400, slo=SLO(ttft_ms=120)))
+    # by deadline: long (done at 70 ms), s1 (84), s2 (98): all on time, nothing deferred
+    s._begin_step()
+    assert [w.request_id for w in s._waiting] == ["long", "s1", "s2"]
+    s.finish_requests(["long", "s1", "s2"], FinishReason.ABORT)
+    s.add_request(req("long", 60, slo=SLO(ttft_ms=100)))
+    s.add_request(req("s1", 4, start=300, slo=SLO(ttft_ms=80)))
+    s.add_request(req("s2", 4, start=400, slo=SLO(ttft_ms=90)))
+    # by deadline: s1 (done at 14 ms), s2 (28), long (98 <= 100): all on time
+    s._begin_step()
+    assert [w.request_id for w in s._waiting] == ["s1", "s2", "long"]
+    s.finish_requests(["long", "s1", "s2"], FinishReason.ABORT)
+    s.add_request(req("long", 60, slo=SLO(ttft_ms=70)))
+    s.add_request(req("s1", 4, start=300, slo=SLO(ttft_ms=75)))
+    s.add_request(req("s2", 4, start=400, slo=SLO(ttft_ms=80)))
+    # by deadline: long (70 ms), s1 (84 > 75): the longest so far, long, is deferred; then
+    # s1 (14) and s2 (28) meet theirs: two requests on time instead of one
+    s._begin_step()
+    assert [w.request_id for w in s._waiting] == ["s1", "s2", "long"]
+    assert ids(s.schedule()) == [("s1", 4)]
 
 
 def test_slo_decodes_that_missed_their_ttft_do_not_cap_prefill():

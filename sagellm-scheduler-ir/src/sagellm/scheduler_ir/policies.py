@@ -14,6 +14,7 @@ with the tokens the step computed and its wall time.
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import math
 import time
@@ -386,18 +387,26 @@ class _CostAware(_PrefillCapped):
 
 
 class SLOScheduler(_CostAware):
-    """Least-slack-first service under TTFT deadlines; decodes protected for TPOT.
+    """Earliest TTFT deadline first, with the requests that would make others late deferred;
+    decodes protected for TPOT.
 
-    Slack of a request waiting for its first token = arrival + TTFT objective - now -
-    estimated prefill time of its remaining prompt (``steps * a + b * tokens`` on the
-    learned model). Preempted requests, which already have their first token, go first;
-    requests without a TTFT objective go after those with one (by arrival); with
-    ``demote_missed`` a request that can no longer meet its TTFT goes last and its decodes
-    no longer cap prefill. The same order applies to prefill already under way: a running
-    request still prefilling leaves the budget to waiting requests of less slack (when the
-    sequence cap and the free blocks let them in), keeping its blocks, so a short chat
-    request is not stuck behind a long prompt's chunks. The prefill budget per step follows
-    :class:`_CostAware` (TPOT of the running decodes, TTFT deadlines of the queue).
+    Each step ranks every request still waiting for its first token, running prefills
+    included: preempted requests, which already have their first token, go first; then
+    requests with a TTFT objective by deadline (arrival + objective); then requests without
+    one (by arrival); last, with ``demote_missed``, the deferred ones. Deferral follows
+    Moore and Hodgson's rule for the most deadlines met on one machine: walking the
+    deadline order and adding each request's estimated prefill time (``steps * a + b *
+    tokens`` on the learned model, the step also carrying the running decodes), whenever
+    the running total passes a deadline, the longest request taken so far is deferred. So
+    a request that cannot meet its TTFT, or whose long prompt would make several short
+    ones miss theirs, waits instead of delaying them; it still runs whenever the budget
+    has room. Deferred requests' decodes no longer cap prefill.
+
+    The order applies to prefill already under way: a running request still prefilling
+    leaves the budget to better-ranked waiting requests (when the sequence cap and the
+    free blocks let them in), keeping its blocks, so a short chat request is not stuck
+    behind a long prompt's chunks. The prefill budget per step follows :class:`_CostAware`
+    (TPOT of the running decodes, TTFT deadlines of the queue).
     """
 
     config_class: ClassVar[type[SLOSchedulerConfig]] = SLOSchedulerConfig
@@ -409,13 +418,17 @@ class SLOScheduler(_CostAware):
         self._default_ttft_ms = cfg.default_ttft_ms
         self._default_tpot_ms = cfg.default_tpot_ms
         self._reserve: dict[str, int] = {}  # running prefill -> tokens it leaves to the queue
+        self._keys: dict[str, tuple[int, float, float]] = {}  # this step's ranks
 
-    def estimate_ms(self, num_tokens: int) -> float:
-        """Estimated time to compute ``num_tokens`` of one request's prefill."""
-        return self.cost.prefill_ms(num_tokens, self.config.max_num_batched_tokens)
+    def estimate_ms(self, num_tokens: int, num_decodes: int = 0) -> float:
+        """Estimated time to compute ``num_tokens`` of one request's prefill, each step
+        also computing ``num_decodes`` decodes."""
+        chunk = max(1, self.config.max_num_batched_tokens - num_decodes)
+        return self.cost.prefill_ms(num_tokens, chunk, num_decodes)
 
     def slack_ms(self, state: RequestState, now: float | None = None) -> float:
-        """TTFT slack of a request still prefilling (inf without an objective)."""
+        """TTFT slack of a request still prefilling, were it served alone (inf without an
+        objective)."""
         ttft = self._ttft_ms(state)
         if ttft is None:
             return math.inf
@@ -424,26 +437,53 @@ class SLOScheduler(_CostAware):
         deadline_ms = (state.request.arrival_time - now) * 1000.0 + ttft
         return deadline_ms - self.estimate_ms(remaining)
 
+    def _rank(self, states: list[RequestState], num_decodes: int) -> None:
+        """Fill ``_keys`` for ``states`` (all prefilling): (class, deadline, arrival)."""
+        keys = self._keys = {}
+        timed: list[tuple[float, float, int, RequestState, float]] = []
+        elapsed = 0.0  # ms of prefill ranked ahead
+        for i, s in enumerate(states):
+            arrival = s.request.arrival_time
+            remaining = len(s.token_ids) - s.num_computed_tokens
+            cost = self.estimate_ms(remaining, num_decodes)
+            ttft = self._ttft_ms(s)
+            if len(s.token_ids) > len(s.request.prompt_token_ids):
+                keys[s.request_id] = (0, 0.0, arrival)  # preempted after its first token
+                elapsed += cost
+            elif ttft is None:
+                keys[s.request_id] = (2, 0.0, arrival)
+            else:
+                deadline = (arrival - self._now) * 1000.0 + ttft
+                timed.append((deadline, arrival, i, s, cost))
+        timed.sort(key=lambda t: t[:3])
+        deferred: set[int] = set()
+        if self.config.demote_missed:
+            taken: list[tuple[float, int]] = []  # max-heap of (-cost, index)
+            for deadline, _, i, _, cost in timed:
+                heapq.heappush(taken, (-cost, i))
+                elapsed += cost
+                if elapsed > deadline:
+                    neg, j = heapq.heappop(taken)
+                    elapsed += neg
+                    deferred.add(j)
+        for deadline, arrival, i, s, _ in timed:
+            keys[s.request_id] = (3, deadline, arrival) if i in deferred else (1, deadline, arrival)
+
     def _key(self, state: RequestState) -> tuple[int, float, float]:
-        arrival = state.request.arrival_time
-        if len(state.token_ids) > len(state.request.prompt_token_ids):
-            return (0, 0.0, arrival)  # preempted after its first token
-        slack = self.slack_ms(state, self._now)
-        if slack == math.inf:
-            return (2, 0.0, arrival)
-        if slack < 0 and self.config.demote_missed:
-            return (3, 0.0, arrival)
-        return (1, slack, arrival)
+        return self._keys.get(state.request_id, (0, 0.0, state.request.arrival_time))
 
     def _order_queue(self) -> None:
-        # Slack changes with time only, so one sort per step orders the queue; requests
+        # Deadlines move with time only, so one ranking per step orders the queue; requests
         # preempted during the step go to the front (they rank first anyway).
         self._reserve = {}
+        self._keys = {}
         if not self._waiting:
             return
+        prefilling = [s for s in self._running if not _is_decoding(s)]
+        num_decodes = len(self._running) - len(prefilling)
+        self._rank(prefilling + list(self._waiting), num_decodes)
         ranked = sorted(((self._key(s), s) for s in self._waiting), key=lambda p: p[0])
         self._waiting = deque(s for _, s in ranked)
-        prefilling = [s for s in self._running if not _is_decoding(s)]
         slots = self.config.max_num_seqs - len(self._running)
         if not prefilling or slots <= 0:
             return
