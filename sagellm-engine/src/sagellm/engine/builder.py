@@ -155,7 +155,8 @@ class EngineBuilder:
             # the predictor: demoted blocks are never hit in place, only promoted).
             lower_policy = None
             if eviction is not None:
-                lower = sum(pool.tier(t).num_blocks for t in pool.tiers if t != "device")
+                store: Any = pool  # a tiered store: tiers() and tier() beside KVPool
+                lower = sum(store.tier(t).num_blocks for t in store.tiers if t != "device")
                 lower_policy = self._build_optional("eviction", {"capacity": lower})
             prefix_index = TieredPrefixCache(prefix_index, pool, lower_policy=lower_policy)
 
