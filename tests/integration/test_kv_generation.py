@@ -173,3 +173,61 @@ def test_tiers_demote_and_promote_without_changing_tokens(
     assert stats.num_demoted_blocks > 0
     assert stats.num_promoted_blocks > 0
     _assert_no_leak(llm)
+
+
+@pytest.mark.skipif(
+    "tiered" not in _names("kv_pool"), reason="sagellm-kv-pool tiered not installed"
+)
+@pytest.mark.parametrize("eviction", _names("eviction"))
+def test_tier_eviction_policy_keeps_greedy_tokens(
+    tiny_model: Path, reference: list[list[int]], eviction: str
+) -> None:
+    # 20 device blocks and 6 host blocks (no disk): the device demotes, the host tier is
+    # full and drops blocks in the policy's order, and the second pass promotes the rest.
+    llm = LLM(
+        model=str(tiny_model),
+        kv_pool={"name": "tiered", "options": {"host": {"num_blocks": 6}, "disk": None}},
+        num_blocks=20,
+        max_num_seqs=2,
+        prefix_cache="radix",
+        eviction=eviction,
+        **OPTIONS,
+    )
+    index = llm.engine.parts.prefix_index
+    assert index.lower_policy is not None
+    assert type(index.lower_policy) is type(llm.engine.parts.eviction)
+    first, second = _run_twice(llm)
+    assert first == reference
+    assert second == reference
+    stats = index.make_stats()
+    assert stats.num_demoted_blocks > 0 and stats.num_dropped_blocks > 0
+    assert stats.num_promoted_blocks > 0
+    assert len(index.lower_policy) == index.num_lower_tier_blocks
+    _assert_no_leak(llm)
+    host = llm.engine.kv_pool.tier("host")
+    assert host.num_free_blocks == host.num_blocks
+
+
+@pytest.mark.skipif(
+    not {"cost_aware"} <= set(_names("eviction")) or not _names("lifetime"),
+    reason="needs sagellm-eviction cost_aware and a lifetime predictor",
+)
+def test_cost_aware_eviction_with_a_predictor_keeps_greedy_tokens(
+    tiny_model: Path, reference: list[list[int]]
+) -> None:
+    llm = LLM(
+        model=str(tiny_model),
+        num_blocks=24,
+        max_num_seqs=2,
+        prefix_cache="radix",
+        eviction="cost_aware",
+        lifetime=_names("lifetime")[0],
+        **OPTIONS,
+    )
+    policy = llm.engine.parts.eviction
+    assert policy.predictor is llm.engine.parts.lifetime
+    first, second = _run_twice(llm)
+    assert first == reference
+    assert second == reference
+    assert llm.engine.parts.lifetime.make_stats().num_observations > 0
+    _assert_no_leak(llm)
