@@ -326,22 +326,22 @@ def test_slo_defers_a_long_prompt_that_would_make_short_ones_miss():
     s.add_request(req("long", 60, slo=SLO(ttft_ms=100)))  # 70 ms of prefill
     s.add_request(req("s1", 4, start=300, slo=SLO(ttft_ms=110)))  # 14 ms each
     s.add_request(req("s2", 4, start=400, slo=SLO(ttft_ms=120)))
-    # by deadline: long (done at 70 ms), s1 (84), s2 (98): all on time, nothing deferred
+    # by deadline: long (done at 70 ms), s1 (74), s2 (two steps, 88): all on time
     s._begin_step()
     assert [w.request_id for w in s._waiting] == ["long", "s1", "s2"]
     s.finish_requests(["long", "s1", "s2"], FinishReason.ABORT)
     s.add_request(req("long", 60, slo=SLO(ttft_ms=100)))
     s.add_request(req("s1", 4, start=300, slo=SLO(ttft_ms=80)))
     s.add_request(req("s2", 4, start=400, slo=SLO(ttft_ms=90)))
-    # by deadline: s1 (done at 14 ms), s2 (28), long (98 <= 100): all on time
+    # by deadline: s1 (done at 14 ms), s2 (18), long (88 <= 100): all on time
     s._begin_step()
     assert [w.request_id for w in s._waiting] == ["s1", "s2", "long"]
     s.finish_requests(["long", "s1", "s2"], FinishReason.ABORT)
     s.add_request(req("long", 60, slo=SLO(ttft_ms=70)))
     s.add_request(req("s1", 4, start=300, slo=SLO(ttft_ms=75)))
     s.add_request(req("s2", 4, start=400, slo=SLO(ttft_ms=80)))
-    # by deadline: long (70 ms), s1 (84 > 75): the longest so far, long, is deferred; then
-    # s1 (14) and s2 (28) meet theirs: two requests on time instead of one
+    # by deadline: long (70 ms), s1 (74 <= 75), s2 (two steps, 88 > 80): the longest so
+    # far, long, is deferred; s1 and s2 (18 ms) meet theirs: two requests on time, not one
     s._begin_step()
     assert [w.request_id for w in s._waiting] == ["s1", "s2", "long"]
     assert ids(s.schedule()) == [("s1", 4)]
@@ -361,12 +361,14 @@ def test_slo_decodes_that_missed_their_ttft_do_not_cap_prefill():
 # ---------------------------------------------------------------- adaptive
 
 
-def fitted_adaptive(clock, *, a_ms=30.0, b_ms=2.0, **kw):
-    """An adaptive scheduler whose cost model has learned a_ms + b_ms * tokens."""
+def fitted(
+    clock, cls=AdaptiveScheduler, cfg_cls=AdaptiveSchedulerConfig, *, a_ms=30.0, b_ms=2.0, **kw
+):
+    """A cost-aware scheduler whose model has learned a_ms + b_ms * tokens."""
     pool = BlockLedger(num_blocks=64, block_size=4)
     s = make(
-        AdaptiveScheduler,
-        AdaptiveSchedulerConfig,
+        cls,
+        cfg_cls,
         pool,
         seqs=8,
         budget=64,
@@ -384,7 +386,7 @@ def fitted_adaptive(clock, *, a_ms=30.0, b_ms=2.0, **kw):
 
 def test_adaptive_prefill_budget_keeps_the_predicted_step_within_tpot():
     clock = Clock()
-    s = fitted_adaptive(clock, target_tpot_ms=100.0)
+    s = fitted(clock, target_tpot_ms=100.0)
     s.add_request(req("a", 3))
     assert ids(step(s)) == [("a", 3)]  # no decodes: the whole budget
     s.add_request(req("b", 100, start=300))
@@ -402,7 +404,7 @@ def test_adaptive_does_not_starve_prefill_when_the_objective_is_infeasible():
     clock = Clock()
     # every step, decode-only included, takes over 120 ms: the 100 ms objective is out of
     # reach, so throttling prefill would only make the queue wait (the old rule's collapse)
-    s = fitted_adaptive(clock, a_ms=120.0, b_ms=2.0, target_tpot_ms=100.0)
+    s = fitted(clock, a_ms=120.0, b_ms=2.0, target_tpot_ms=100.0)
     s.add_request(req("a", 3))
     step(s)
     s.add_request(req("b", 100, start=300))
@@ -412,23 +414,47 @@ def test_adaptive_does_not_starve_prefill_when_the_objective_is_infeasible():
 
 def test_adaptive_prefill_floor_and_ttft_trade():
     clock = Clock()
-    s = fitted_adaptive(clock, target_tpot_ms=34.0, min_prefill_tokens=8)
+    s = fitted(clock, target_tpot_ms=34.0, min_prefill_tokens=8)
     s.add_request(req("a", 3))
     step(s)
     s.add_request(req("b", 100, start=300))
     assert ids(s.schedule()) == [("b", 8), ("a", 1)]  # (34 - 30) / 2 - 1 = 1 -> floor of 8
 
-    s = fitted_adaptive(clock, target_tpot_ms=100.0)
+    # In arrival order: b is the head and would miss its 120 ms TTFT at the TPOT budget of
+    # 34 tokens (two steps, 144 ms); it gets the smallest chunk that meets it, 40 (112 ms).
+    s = fitted(clock, target_tpot_ms=100.0)
     s.add_request(req("a", 3))
     step(s)
     s.add_request(req("b", 40, start=300, slo=SLO(ttft_ms=120)))
-    s.add_request(req("c", 8, start=400, slo=SLO(ttft_ms=130)))
-    # At the TPOT budget of 34 tokens both miss their TTFT: b needs 40-token chunks
-    # (112 ms), c (48 tokens behind b's) 48-token chunks (128 ms). Chunks of 48 save both
-    # and put a alone over its 100 ms, a gain of one request; 40 alone would gain nothing.
     s._begin_step()
-    assert s.prefill_budget() == 48
-    assert ids(s.schedule()) == [("b", 40), ("c", 8), ("a", 1)]
+    assert s.prefill_budget() == 40
+    assert ids(s.schedule()) == [("b", 40), ("a", 1)]
+    # When even the full budget cannot save the head, it still gets the full budget: the
+    # queue behind it drains instead of piling up.
+    s = fitted(clock, target_tpot_ms=100.0)
+    s.add_request(req("a", 3))
+    step(s)
+    s.add_request(req("b", 100, start=300, slo=SLO(ttft_ms=50)))
+    assert ids(s.schedule()) == [("b", 63), ("a", 1)]
+
+
+def test_slo_prefill_budget_trades_decodes_tpot_for_more_ttfts_met():
+    clock = Clock()
+    s = fitted(clock, SLOScheduler, SLOSchedulerConfig, default_tpot_ms=60.0)
+    s.add_request(req("a", 3))
+    step(s)
+    s.add_request(req("b", 20, start=300, slo=SLO(ttft_ms=80)))
+    s.add_request(req("c", 4, start=400, slo=SLO(ttft_ms=100)))
+    # At the TPOT budget of (60 - 30) / 2 - 1 = 14 tokens both miss their TTFT: b needs
+    # 20-token chunks (72 ms), c (24 tokens with b's) 24-token chunks (80 ms). Chunks of 24
+    # save both and put a alone over its 60 ms, a gain of one request; 20 would gain nothing.
+    s._begin_step()
+    assert s.prefill_budget() == 24
+    assert ids(s.schedule()) == [("b", 20), ("c", 4), ("a", 1)]
+    s.finish_requests(["b", "c"], FinishReason.ABORT)
+    s.add_request(req("b", 20, start=300, slo=SLO(ttft_ms=80)))
+    s._begin_step()
+    assert s.prefill_budget() == 14  # saving b alone would cost a: no gain
 
 
 # ---------------------------------------------------------------- pd

@@ -250,6 +250,7 @@ class _CostAware(_PrefillCapped):
         self._now = 0.0
         self._missed_ttft: set[str] = set()  # first token came after the TTFT objective
         self._first_token_at: dict[str, float] = {}  # clock() when the first token came
+        self._num_decodes = 0  # decoding requests this step
         self._default_ttft_ms: float | None = None
         self._default_tpot_ms: float | None = None
 
@@ -301,7 +302,7 @@ class _CostAware(_PrefillCapped):
     def prefill_budget(self) -> int | None:
         """Prefill tokens this step may compute (None: up to the step budget)."""
         decodes = [s for s in self._running if _is_decoding(s)]
-        d = len(decodes)
+        d = self._num_decodes = len(decodes)
         full = self._token_budget() - d
         if not decodes or full <= 0 or (not self._waiting and d == len(self._running)):
             return None
@@ -320,6 +321,9 @@ class _CostAware(_PrefillCapped):
         base = max(floor, self.cost.tokens_within(allow[0]) - d)
         if base >= full:
             return None
+        base = self._head_chunk(base, full, d)
+        if base >= full:
+            return None
         # Goodput trade: a larger chunk that lets k more waiting requests meet their TTFT
         # is taken when it puts fewer than k protected decodes over their allowance.
         best, best_gain = base, 0
@@ -328,6 +332,22 @@ class _CostAware(_PrefillCapped):
             if k - at_risk > best_gain:
                 best, best_gain = chunk, k - at_risk
         return None if best >= full else best
+
+    def _head_chunk(self, cap: int, full: int, num_decodes: int) -> int:
+        """The prefill budget the head of the queue needs, at least ``cap`` (policies that
+        never defer a late request override this)."""
+        return cap
+
+    def _chunk_for(self, pending: int, left_ms: float, lo: int, hi: int) -> int:
+        """Smallest chunk in ``(lo, hi]`` computing ``pending`` tokens within ``left_ms``
+        (``hi`` when none does); ``prefill_ms`` falls as the chunk grows."""
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.cost.prefill_ms(pending, mid, self._num_decodes) <= left_ms:
+                hi = mid
+            else:
+                lo = mid
+        return hi
 
     def _ttft_needs(self, cap: int, full: int, num_decodes: int) -> list[int]:
         """Sorted smallest chunks (in ``(cap, full]``) with which each request waiting for
@@ -348,14 +368,7 @@ class _CostAware(_PrefillCapped):
                 continue
             if cost.prefill_ms(pending, full, num_decodes) > left_ms:
                 continue  # misses even at the full rate: not worth the decodes' TPOT
-            lo, hi = cap, full  # prefill_ms falls as the chunk grows
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if cost.prefill_ms(pending, mid, num_decodes) <= left_ms:
-                    hi = mid
-                else:
-                    lo = mid
-            needs.append(hi)
+            needs.append(self._chunk_for(pending, left_ms, cap, full))
         needs.sort()
         return needs
 
@@ -395,9 +408,10 @@ class SLOScheduler(_CostAware):
     requests with a TTFT objective by deadline (arrival + objective); then requests without
     one (by arrival); last, with ``demote_missed``, the deferred ones. Deferral follows
     Moore and Hodgson's rule for the most deadlines met on one machine: walking the
-    deadline order and adding each request's estimated prefill time (``steps * a + b *
-    tokens`` on the learned model, the step also carrying the running decodes), whenever
-    the running total passes a deadline, the longest request taken so far is deferred. So
+    deadline order and estimating the time to prefill every request taken so far (their
+    tokens in full-budget steps that also carry the running decodes, ``steps * a + b *
+    tokens`` on the learned model), whenever that passes a deadline, the longest request
+    taken so far is deferred. So
     a request that cannot meet its TTFT, or whose long prompt would make several short
     ones miss theirs, waits instead of delaying them; it still runs whenever the budget
     has room. Deferred requests' decodes no longer cap prefill.
@@ -440,33 +454,34 @@ class SLOScheduler(_CostAware):
     def _rank(self, states: list[RequestState], num_decodes: int) -> None:
         """Fill ``_keys`` for ``states`` (all prefilling): (class, deadline, arrival)."""
         keys = self._keys = {}
-        timed: list[tuple[float, float, int, RequestState, float]] = []
-        elapsed = 0.0  # ms of prefill ranked ahead
+        timed: list[tuple[float, float, int, RequestState]] = []
+        pending = 0  # prompt tokens ranked ahead
         for i, s in enumerate(states):
             arrival = s.request.arrival_time
-            remaining = len(s.token_ids) - s.num_computed_tokens
-            cost = self.estimate_ms(remaining, num_decodes)
             ttft = self._ttft_ms(s)
             if len(s.token_ids) > len(s.request.prompt_token_ids):
                 keys[s.request_id] = (0, 0.0, arrival)  # preempted after its first token
-                elapsed += cost
+                pending += len(s.token_ids) - s.num_computed_tokens
             elif ttft is None:
                 keys[s.request_id] = (2, 0.0, arrival)
             else:
                 deadline = (arrival - self._now) * 1000.0 + ttft
-                timed.append((deadline, arrival, i, s, cost))
+                timed.append((deadline, arrival, i, s))
         timed.sort(key=lambda t: t[:3])
         deferred: set[int] = set()
         if self.config.demote_missed:
-            taken: list[tuple[float, int]] = []  # max-heap of (-cost, index)
-            for deadline, _, i, _, cost in timed:
-                heapq.heappush(taken, (-cost, i))
-                elapsed += cost
-                if elapsed > deadline:
+            # Requests share steps, so the time to serve a set is that of its total tokens.
+            chunk = max(1, self.config.max_num_batched_tokens - num_decodes)
+            taken: list[tuple[int, int]] = []  # max-heap of (-tokens, index)
+            for deadline, _, i, s in timed:
+                n = len(s.token_ids) - s.num_computed_tokens
+                heapq.heappush(taken, (-n, i))
+                pending += n
+                if self.cost.prefill_ms(pending, chunk, num_decodes) > deadline:
                     neg, j = heapq.heappop(taken)
-                    elapsed += neg
+                    pending += neg
                     deferred.add(j)
-        for deadline, arrival, i, s, _ in timed:
+        for deadline, arrival, i, s in timed:
             keys[s.request_id] = (3, deadline, arrival) if i in deferred else (1, deadline, arrival)
 
     def _key(self, state: RequestState) -> tuple[int, float, float]:
@@ -541,6 +556,22 @@ class AdaptiveScheduler(_CostAware):
         super().__init__(cfg, **context)
         self._default_ttft_ms = cfg.target_ttft_ms
         self._default_tpot_ms = cfg.target_tpot_ms
+
+    def _head_chunk(self, cap: int, full: int, num_decodes: int) -> int:
+        # In arrival order a late head holds up every request behind it: once its TTFT
+        # slack runs out at ``cap``, it gets the chunk that still meets its objective, or
+        # the full budget when none does (so an overload drains instead of piling up).
+        pending = 0
+        for s in self._prefill_candidates():
+            pending += len(s.token_ids) - s.num_computed_tokens
+            ttft = self._ttft_ms(s)
+            if ttft is None or len(s.token_ids) > len(s.request.prompt_token_ids):
+                continue
+            left_ms = (s.request.arrival_time - self._now) * 1000.0 + ttft
+            if self.cost.prefill_ms(pending, cap, num_decodes) <= left_ms:
+                return cap
+            return self._chunk_for(pending, left_ms, cap, full)
+        return cap
 
 
 class PDScheduler(_PrefillCapped):
