@@ -17,10 +17,12 @@ small integer, and an access remembers the five cells it belongs to (four levels
 global one) until its label arrives, so labelling does no lookups. Forgetting is lazy: a
 cell does not multiply its counts by ``decay`` at each label, it adds the label with
 weight ``decay ** -n`` (``n`` its labels so far) and rescales once that weight grows
-large; the ratios a prediction reads are the same as with eager decay. A cell's
-prediction is computed when it is first read after a change and cached. A prediction is
-then at most four small dict lookups plus the cached result; a label costs five constant
-updates and, for the prequential score, at most one prediction.
+large; the ratios a prediction reads are the same as with eager decay. Each cell keeps
+its arg-max bucket up to date (the prequential score reads only that) and computes its
+full prediction when it is first read after a change. The five cells of every feature
+path observed so far are cached: a prediction is one dict lookup plus a cached result
+(a tree walk of at most four lookups for a path never observed); a label costs five
+constant updates.
 """
 
 from __future__ import annotations
