@@ -16,7 +16,8 @@ class FakePredictorConfig(BaseModel):
 
 
 class FakePredictor:
-    """``reuse_probability`` = ``tenant_hash / 10`` (0.5 when absent); records observe calls."""
+    """``reuse_probability`` = ``tenant_hash / 10`` (0.5 when absent), ``ttl_seconds`` = the
+    ``ttl_seconds`` feature (1.0 when absent; ``inf`` allowed); records observe calls."""
 
     config_class: ClassVar[type[BaseModel]] = FakePredictorConfig
 
@@ -30,7 +31,8 @@ class FakePredictor:
     def predict(self, features: Mapping[str, float]) -> LifetimePrediction:
         self.num_predictions += 1
         reuse = features.get("tenant_hash", 5.0) / 10.0
-        return LifetimePrediction(reuse_probability=reuse, ttl_seconds=1.0, ttl_bucket=0)
+        ttl = features.get("ttl_seconds", 1.0)
+        return LifetimePrediction(reuse_probability=reuse, ttl_seconds=ttl, ttl_bucket=0)
 
     def make_stats(self) -> Any:
         stats = LifetimeStats(num_observations=len(self.observed))

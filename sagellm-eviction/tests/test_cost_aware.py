@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 from _predictor import FakePredictor
 
 from sagellm.eviction import CostAwareConfig, CostAwarePolicy
@@ -68,7 +71,9 @@ def test_observe_gets_owner_and_tracked_features() -> None:
             13.0,
         ),
     ]
-    assert policy.priority("k") == 2.0 * 0.7
+    # prediction (p 0.7, ttl 1 s) worth 2 gaps, blended with the key's own 2 gaps (2.5 s, 0.5 s):
+    # p = (2 * 0.7 + 2) / 4 = 0.85, ttl = (2 * 1 + 3) / 4 = 1.25 s; density = cost * p / ttl
+    assert policy.priority("k") == 2.0 * 0.85 / 1.25
 
 
 def test_unpin_pushes_the_key_at_the_current_inflation() -> None:
@@ -91,3 +96,72 @@ def test_heap_stays_bounded_under_many_accesses() -> None:
         policy.access(t % 10, now=float(t))
     assert len(policy._heap) <= 4 * 10 + 64 + 1
     assert sorted(policy.evict(10).victims) == list(range(10))
+
+
+def _predicted(**config: float) -> CostAwarePolicy:
+    return CostAwarePolicy(CostAwareConfig(**config), predictor=FakePredictor())
+
+
+def test_density_ranks_by_expected_time_to_reuse_and_cost() -> None:
+    policy = _predicted()
+    # p 0.5 each: density = cost * 0.5 / ttl
+    policy.insert("soon", cost=1.0, now=0.0, features={"ttl_seconds": 1.0})
+    policy.insert("late", cost=1.0, now=0.0, features={"ttl_seconds": 10.0})
+    policy.insert("late_dear", cost=40.0, now=0.0, features={"ttl_seconds": 10.0})
+    assert [policy.priority(k) for k in ("soon", "late", "late_dear")] == [0.5, 0.05, 2.0]
+    assert policy.evict(3).victims == ("late", "soon", "late_dear")
+
+
+def test_never_again_goes_first_least_recent_first() -> None:
+    policy = _predicted()
+    policy.insert("old_never", now=0.0, features={"ttl_seconds": math.inf, "tenant_hash": 9.0})
+    policy.insert("rare", now=1.0, features={"ttl_seconds": 1000.0, "tenant_hash": 1.0})
+    policy.insert("new_never", now=2.0, features={"ttl_seconds": math.inf, "tenant_hash": 9.0})
+    assert policy.priority("old_never") == 0.0
+    assert policy.evict(3).victims == ("old_never", "new_never", "rare")
+
+
+def test_density_ages_between_accesses() -> None:
+    policy = _predicted()
+    # both p 0.9 (odds 9): "fast" is due in 1 s, "slow" in 10 s
+    policy.insert("fast", now=0.0, features={"ttl_seconds": 1.0, "tenant_hash": 9.0})
+    policy.insert("slow", now=0.0, features={"ttl_seconds": 10.0, "tenant_hash": 9.0})
+    assert policy.priority("fast") == pytest.approx(0.9)
+    assert policy.priority("slow") == pytest.approx(0.09)
+    # 20 s later "fast" is long overdue: odds 9 * e^-20, p at the 0.01 floor; "slow" has its
+    # deadline (density halved) at 10 * ln(11) = 24 s and keeps its rank
+    policy.insert("now", now=20.0, features={"ttl_seconds": 1.0, "tenant_hash": 9.0})
+    assert policy.evict(1).victims == ("fast",)
+    assert policy.priority("slow") == pytest.approx(0.09)
+    # at 30 s "slow" is ranked again: odds 9 * e^-3, p = 0.309, density 0.0309
+    policy.insert("later", now=30.0, features={"ttl_seconds": 1.0, "tenant_hash": 9.0})
+    assert policy.evict(1).victims == ("now",)  # 0.01: 10 s overdue at ttl 1 s
+    odds = 9.0 * math.exp(-3.0)
+    assert policy.priority("slow") == pytest.approx(odds / (1.0 + odds) / 10.0)
+
+
+def test_reused_key_overrules_a_never_prediction() -> None:
+    policy = _predicted(prior_weight=1.0)
+    policy.insert("k", now=0.0, features={"ttl_seconds": math.inf, "tenant_hash": 2.0})
+    policy.access("k", now=4.0)
+    # own mean gap 4 s; p = (1 * 0.2 + 1) / 2 = 0.6
+    assert policy.priority("k") == pytest.approx(0.6 / 4.0)
+
+
+def test_miss_on_a_ghost_shifts_weight_and_feeds_history() -> None:
+    predictor = FakePredictor()
+    policy = CostAwarePolicy(capacity=2, predictor=predictor)
+    policy.insert("a", now=0.0, features={"ttl_seconds": 10.0})  # density 0.05
+    policy.insert("b", now=0.0, features={"ttl_seconds": 1.0})  # density 0.5
+    policy.access("b", now=1.0)
+    assert policy.evict(1).victims == ("a",)  # the predicted ranking leads at 0.5
+    policy.insert("c", now=2.0, features={"ttl_seconds": 1.0})
+    policy.evict(1)  # b: p (2 * 0.5 + 1) / 3, ttl 1 s, density 0.667 > c: 0.5, so c goes
+    policy.insert("a", now=3.0, features={"ttl_seconds": 10.0})  # a miss on a's ghost
+    assert predictor.observed[-1][1]["access_count"] == 2.0
+    assert predictor.observed[-1][1]["seconds_since_last_access"] == 3.0
+    factor = math.exp(-0.45)
+    assert policy.predicted_weight == pytest.approx(0.5 * factor / (0.5 * factor + 0.5))
+    # frequency now chooses: L + cost * count, a (2 accesses, L 0) vs b (2): b is older
+    assert policy.evict(1).victims == ("b",)
+    assert policy.inflation == 2.0

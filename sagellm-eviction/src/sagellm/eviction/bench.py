@@ -12,7 +12,7 @@
 
 ``cost_aware`` runs with the trace's features and cost 1 per block; when a lifetime
 predictor is installed (entry-point group ``sagellm.lifetime``) it also runs as
-``cost_aware+predictor`` with the first one found.
+``cost_aware+predictor`` with the first one found, a fresh instance per replay.
 """
 
 from __future__ import annotations
@@ -95,18 +95,24 @@ class OrderedDictLRU:
 
 
 def _lifetime_predictor() -> Any:
-    """The first installed lifetime predictor, through the registry (None if none)."""
+    """A factory of the first installed lifetime predictor, through the registry (None if
+    none). Every replay gets a fresh predictor: one learned on an earlier replay would
+    carry its state (and times) into the next."""
     try:
         from sagellm.core import registry
 
         names = [info.name for info in registry.available("lifetime")]
-        return registry.load("lifetime", names[0]) if names else None
+        if not names:
+            return None
+        registry.load("lifetime", names[0])  # fails here, not in the middle of the bench
+        return lambda: registry.load("lifetime", names[0])
     except Exception:  # noqa: BLE001 - an optional peer; the bench runs without it
         return None
 
 
 def make_policy(name: str, capacity: int, predictor: Any = None) -> Any:
-    """A fresh policy (or the baseline) for ``capacity`` keys."""
+    """A fresh policy (or the baseline) for ``capacity`` keys; ``predictor`` is a
+    LifetimePredictor or a no-argument factory of one (called here)."""
     classes: dict[str, type[Any]] = {
         "lru": LRUPolicy,
         "fifo": FIFOPolicy,
@@ -120,6 +126,8 @@ def make_policy(name: str, capacity: int, predictor: Any = None) -> Any:
     if name == "cost_aware":
         return CostAwarePolicy(capacity=capacity)
     if name == "cost_aware+predictor":
+        if callable(predictor) and not hasattr(predictor, "predict"):
+            predictor = predictor()
         return CostAwarePolicy(capacity=capacity, predictor=predictor)
     return classes[name](capacity=capacity)
 

@@ -71,6 +71,12 @@ class CostAwareConfig(EvictionConfig):
     min_reuse: float = Field(0.01, ge=0.0, le=1.0)
     # the heap is rebuilt without stale entries once it holds this many per live key
     heap_compaction_factor: float = Field(4.0, ge=1.5, le=100.0)
+    # with a predictor: how many of the key's own observed gaps the prediction is worth
+    # when both are blended (0: the key's history alone once it has one)
+    prior_weight: float = Field(2.0, ge=0.0, le=1000.0)
+    # with a predictor: multiplicative-weights rate of the choice between the predicted
+    # ranking and frequency, per regretted eviction (LeCaR's 0.45)
+    learning_rate: float = Field(0.45, gt=0.0, le=10.0)
 
 
 class ZipfTraceConfig(BaseModel):
