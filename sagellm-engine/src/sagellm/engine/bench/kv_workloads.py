@@ -8,8 +8,9 @@
   returning conversations with host/disk tiers vs recomputing evicted prefixes.
 - ``goodput``: long-prompt and short chat requests with TTFT/TPOT SLOs through every
   installed scheduling policy vs FCFS.
-- ``eviction``: prefix-cache hit ratio per installed eviction policy on a multi-tenant
-  workload (cost_aware with and without the lifetime predictor).
+- ``eviction``: prefix-cache hit ratio and TTFT per installed eviction policy on a
+  multi-tenant stream whose working set exceeds the pool (chats, few-shot templates,
+  one-off prompts; cost_aware with and without the lifetime predictor).
 """
 
 from __future__ import annotations
@@ -428,71 +429,163 @@ def bench_goodput(
 # ---------------------------------------------------------------------- eviction
 
 
+def _eviction_workload(
+    rng: random.Random,
+    num_requests: int,
+    num_tenants: int,
+    system_len: int,
+    num_templates: int,
+    template_len: int,
+    user_len: int,
+    one_off_len: int,
+    output_len: int,
+) -> list[Req]:
+    """A multi-tenant stream whose working set exceeds the pool (see :func:`bench_eviction`)."""
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(100, 40000) for _ in range(n)]
+
+    systems = [tokens(system_len) for _ in range(num_tenants)]
+    templates = [tokens(template_len) for _ in range(num_templates)]
+    popularity = [1.0 / (k + 1) for k in range(num_tenants)]  # Zipf, exponent 1
+    history: dict[int, list[int]] = {}
+    reqs: list[Req] = []
+    for _ in range(num_requests):
+        kind = rng.choices(("chat", "few_shot", "one_off"), (0.55, 0.25, 0.2))[0]
+        k = rng.choices(range(num_tenants), popularity)[0]
+        if kind == "one_off":
+            prompt = tokens(one_off_len)  # never seen again: pollutes a recency-only cache
+        elif kind == "few_shot":
+            j = rng.choices(range(num_templates), popularity[:num_templates])[0]
+            prompt = systems[k] + templates[j] + tokens(user_len)
+        else:
+            # the tenant's conversation returns with one more user turn; long ones restart
+            ctx = history.get(k)
+            if ctx is None or len(ctx) + user_len > 4 * system_len:
+                ctx = list(systems[k])
+            prompt = history[k] = ctx + tokens(user_len)
+        reqs.append(Req(prompt, output_len, tenant=f"t{k}"))
+    return reqs
+
+
 def bench_eviction(
     model: str = "smollm2-135m",
     threads: int = 2,
-    num_tenants: int = 4,
-    num_requests: int = 32,
-    system_len: int = 128,
-    user_len: int = 16,
+    num_requests: int = 64,
+    num_tenants: int = 8,
+    system_len: int = 192,
+    num_templates: int = 4,
+    template_len: int = 256,
+    user_len: int = 24,
+    one_off_len: int = 320,
     output_len: int = 2,
     num_blocks: int = 96,
     prefix_cache: str = "radix",
 ) -> str:
-    """Prefix-cache hit ratio per installed eviction policy on a multi-tenant workload."""
+    """Prefix-cache hit ratio and TTFT per installed eviction policy, one run.
+
+    Tenants' system prompts (Zipf-popular), their multi-turn chats, few-shot templates
+    behind the system prompts and one-off prompts come one after another; the working
+    set is several times the device pool, so the index evicts all along. Requests run one
+    at a time, so every policy sees the same sequence of cache operations.
+    Rows: no prefix cache (the reference for tokens and TTFT), the index's built-in LRU,
+    every installed policy, and ``cost_aware`` with the first installed lifetime predictor.
+    """
     rng = random.Random(0)
-    systems = [[rng.randrange(100, 40000) for _ in range(system_len)] for _ in range(num_tenants)]
-    # Zipf-like popularity across tenants; each tenant's conversation grows turn by turn.
-    weights = [1.0 / (k + 1) for k in range(num_tenants)]
-    history: list[list[int]] = [list(s) for s in systems]
-    reqs: list[Req] = []
-    for _ in range(num_requests):
-        k = rng.choices(range(num_tenants), weights)[0]
-        if len(history[k]) + user_len + output_len > 900:
-            history[k] = list(systems[k])
-        history[k] = history[k] + [rng.randrange(100, 40000) for _ in range(user_len)]
-        reqs.append(Req(list(history[k]), output_len, tenant=f"t{k}"))
-    configs: list[tuple[str, dict[str, Any]]] = [("none (prefix cache default)", {})]
+    reqs = _eviction_workload(
+        rng,
+        num_requests,
+        num_tenants,
+        system_len,
+        num_templates,
+        template_len,
+        user_len,
+        one_off_len,
+        output_len,
+    )
+    bs = 16  # the engine's default block size
+    working_set = len(
+        {tuple(r.prompt[:end]) for r in reqs for end in range(bs, len(r.prompt) + 1, bs)}
+    )
+    configs: list[tuple[str, dict[str, Any]]] = [
+        ("no prefix cache", {}),
+        ("built-in LRU", {"prefix_cache": prefix_cache}),
+    ]
     for name in sorted(p.name for p in registry.available("eviction")):
-        configs.append((name, {"eviction": name}))
-        if name == "cost_aware" and registry.available("lifetime"):
-            life = sorted(p.name for p in registry.available("lifetime"))[0]
-            configs.append((f"{name} + {life}", {"eviction": name, "lifetime": life}))
-    rows = [["eviction", "hit ratio (tokens)", "hits/lookups", "evicted blocks", "vs default"]]
-    base_ratio = None
+        configs.append((name, {"prefix_cache": prefix_cache, "eviction": name}))
+        if name == "cost_aware":
+            for life in sorted(p.name for p in registry.available("lifetime"))[:1]:
+                configs.append(
+                    (
+                        f"{name} + {life}",
+                        {"prefix_cache": prefix_cache, "eviction": name, "lifetime": life},
+                    )
+                )
+    header = [
+        "eviction",
+        "hit ratio (tokens)",
+        "vs built-in LRU",
+        "hits/lookups",
+        "evicted blocks",
+        "TTFT mean ms",
+        "TTFT vs no cache",
+        "same tokens",
+    ]
+    rows = [header]
+    base: RunResult | None = None
+    lru_ratio: float | None = None
     for label, opts in configs:
         try:
             engine = _engine(
-                model,
-                threads,
-                prefix_cache=prefix_cache,
-                num_blocks=num_blocks,
-                max_model_len=1024,
-                max_num_seqs=1,
-                **opts,
+                model, threads, num_blocks=num_blocks, max_model_len=1024, max_num_seqs=1, **opts
             )
-        except Exception as exc:
+        except Exception as exc:  # a policy that cannot be built is reported, not fatal
             print(f"{label}: cannot build: {exc}")
             continue
-        engine.component_stats()
-        run_requests(engine, reqs, label)
-        st = engine.component_stats()["prefix_index"]
-        ratio = st.num_matched_tokens / max(1, st.num_query_tokens)
-        base_ratio = ratio if base_ratio is None else base_ratio
+        _warm(engine, one_off_len)
+        # One request at a time, as a client that sends the next one when the answer is
+        # back: TTFT is the prefill work a policy saves, not queueing.
+        res = RunResult(label, [], [], [], 0.0, {})
+        for i, r in enumerate(reqs):
+            one = run_requests(engine, [Req(r.prompt, r.max_tokens, tenant=r.tenant)], f"e{i}")
+            res.tokens += one.tokens
+            res.ttft += one.ttft
+            res.wall_seconds += one.wall_seconds
+        ttft = statistics.fmean(res.ttft)
+        if base is None:
+            base = res
+        st = engine.component_stats().get("prefix_index")
+        if st is None:
+            ratio_s, vs_lru, hits, evicted = "-", "-", "-", "-"
+        else:
+            ratio = st.num_matched_tokens / max(1, st.num_query_tokens)
+            if lru_ratio is None:
+                lru_ratio = ratio
+            ratio_s = f"{ratio:.3f}"
+            vs_lru = f"{ratio / lru_ratio:.2f}x" if lru_ratio else "-"
+            hits = f"{st.num_hits}/{st.num_lookups}"
+            evicted = str(st.num_evicted_blocks)
+        same = sum(a == b for a, b in zip(res.tokens, base.tokens))
         rows.append(
             [
                 label,
-                f"{ratio:.3f}",
-                f"{st.num_hits}/{st.num_lookups}",
-                str(st.num_evicted_blocks),
-                f"{ratio / base_ratio:.2f}x" if base_ratio else "-",
+                ratio_s,
+                vs_lru,
+                hits,
+                evicted,
+                f"{1e3 * ttft:.0f}",
+                f"{statistics.fmean(base.ttft) / ttft:.2f}x",
+                f"{same}/{len(reqs)}",
             ]
         )
         del engine
     return "\n".join(
         [
-            f"eviction workload: {num_tenants} tenants (Zipf), {num_requests} multi-turn "
-            f"requests, {system_len}-token system prompts, device pool {num_blocks} blocks",
+            f"eviction workload: {num_requests} requests one at a time ({num_tenants} tenants, "
+            f"Zipf; {system_len}-token system prompts; chats, few-shot on {num_templates} "
+            f"{template_len}-token templates, {one_off_len}-token one-offs), {output_len} "
+            f"greedy tokens; device pool {num_blocks} blocks, working set {working_set} "
+            f"blocks; {threads} threads",
             _table(rows),
         ]
     )
