@@ -504,6 +504,7 @@ def bench_eviction(
         output_len,
     )
     bs = 16  # the engine's default block size
+    max_len = max(len(r.prompt) for r in reqs) + output_len
     working_set = len(
         {tuple(r.prompt[:end]) for r in reqs for end in range(bs, len(r.prompt) + 1, bs)}
     )
@@ -537,7 +538,12 @@ def bench_eviction(
     for label, opts in configs:
         try:
             engine = _engine(
-                model, threads, num_blocks=num_blocks, max_model_len=1024, max_num_seqs=1, **opts
+                model,
+                threads,
+                num_blocks=num_blocks,
+                max_model_len=max_len,
+                max_num_seqs=1,
+                **opts,
             )
         except Exception as exc:  # a policy that cannot be built is reported, not fatal
             print(f"{label}: cannot build: {exc}")
