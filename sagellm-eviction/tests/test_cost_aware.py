@@ -27,6 +27,16 @@ def test_without_predictor_priority_is_cost_times_frequency() -> None:
     assert policy.inflation == 3.0
 
 
+def test_priority_is_per_block_for_multi_block_keys() -> None:
+    """A radix edge of 8 blocks costs 8 to recompute but also frees 8 blocks."""
+    policy = CostAwarePolicy()
+    policy.insert("edge", cost=8.0, now=0.0, features={"num_blocks": 8.0})
+    policy.insert("block", cost=2.0, now=0.0, features={"num_blocks": 1.0})
+    policy.insert("plain", cost=3.0, now=0.0)
+    assert [policy.priority(k) for k in ("edge", "block", "plain")] == [1.0, 2.0, 3.0]
+    assert policy.evict(3).victims == ("edge", "block", "plain")
+
+
 def test_reuse_none_is_plain_greedy_dual() -> None:
     policy = CostAwarePolicy(CostAwareConfig(reuse_without_predictor="none"))
     policy.insert("a", cost=2.0, now=0.0)

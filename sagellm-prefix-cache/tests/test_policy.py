@@ -65,7 +65,12 @@ def test_policy_is_told_prefix_depth_and_tenant(cls: type) -> None:
     index.insert(A, [100, 101, 102], "tenant-a")
     tenant = float(zlib.crc32(b"tenant-a"))
     deepest = policy.order[-1]
-    assert policy.features[deepest] == {"prefix_depth": 12.0, "tenant_hash": tenant}
+    size = 3.0 if cls is RadixPrefixIndex else 1.0  # one edge of 3 blocks, or 1 block a node
+    assert policy.features[deepest] == {
+        "prefix_depth": 12.0,
+        "num_blocks": size,
+        "tenant_hash": tenant,
+    }
     index.match(A[:8], "tenant-a")  # radix splits the edge: the upper node ends at 8 tokens
     touched = {k: f for k, f in policy.features.items() if f is not None}
     assert sorted(f["prefix_depth"] for f in touched.values()) == (

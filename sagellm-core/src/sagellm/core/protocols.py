@@ -320,8 +320,9 @@ class EvictionPolicy(Protocol):
         ``cost``: what recomputing the entry costs (seconds, or blocks as a proxy);
         ``now``: the access time (``None``: the policy's own clock, ``time.monotonic()``);
         ``features``: what the owner knows of the entry, named as for
-        :class:`LifetimePredictor` (``prefix_depth``, ``request_kind``, ``tenant_hash``);
-        policies that do not predict reuse ignore them.
+        :class:`LifetimePredictor` (``prefix_depth``, ``request_kind``, ``tenant_hash``),
+        plus ``num_blocks``, the entry's size in blocks when it holds several; policies
+        that do not use them ignore them.
         """
         ...
 

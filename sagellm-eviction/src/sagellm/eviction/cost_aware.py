@@ -1,8 +1,8 @@
 """Cost-aware eviction that weighs recompute cost by predicted reuse.
 
 Without a predictor the policy is GreedyDual-Size-Frequency (Cherkasova 1998; libCacheSim
-``GDSF``): every held key has a priority ``H = L + cost * reuse / size`` (``size`` is 1:
-one key, one block), ``reuse`` being the access count since the insert
+``GDSF``): every held key has a priority ``H = L + cost * reuse / size`` (``size`` is the
+``num_blocks`` feature the owner gives at insert, else 1: one key, one block), ``reuse`` being the access count since the insert
 (``reuse_without_predictor="frequency"``) or 1 (``"none"``, GreedyDual on cost alone);
 the victim is the key with the smallest ``H`` (ties: the older priority first) and the
 inflation value ``L`` rises to the victim's ``H``, so keys that stop being used age out
@@ -291,6 +291,12 @@ class CostAwarePolicy(PolicyBase):
     ) -> None:
         if now is None:
             now = time.monotonic()
+        if features:
+            # A key of several blocks (a radix edge) frees them all when evicted: rank by
+            # cost per block, GDSF's cost / size.
+            size = features.get("num_blocks", 1.0)
+            if size > 1.0:
+                cost = cost / size
         entry = _Entry(float(cost), now, features)
         self._entries[key] = entry
         if self._predictor is None:

@@ -253,13 +253,18 @@ class TreePrefixIndex:
             node = node.parent
 
     def _features(self, node: Node) -> dict[str, float]:
-        """What the index tells a policy about a node (names of the lifetime features)."""
+        """What the index tells a policy about a node: the lifetime features it knows and
+        the node's size in blocks (a policy may rank per block)."""
         key = node.isolation_key
         tenant = self._tenant_hashes.get(key)
         if tenant is None:
             # stable across processes, unlike hash() of a string
             tenant = self._tenant_hashes[key] = float(zlib.crc32(key.encode()))
-        return {"prefix_depth": float(node.end_length), "tenant_hash": tenant}
+        return {
+            "prefix_depth": float(node.end_length),
+            "num_blocks": float(len(node.block_ids)),
+            "tenant_hash": tenant,
+        }
 
     def _sync_pin(self, node: Node) -> None:
         """Keep the policy's pin equal to "not an evictable leaf" (interior or locked)."""
