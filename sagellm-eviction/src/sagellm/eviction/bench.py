@@ -27,14 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sagellm.core.types import EvictionDecision, PolicyContext
-from sagellm.eviction.arc import ARCPolicy
+from sagellm.eviction.compare import ALGORITHMS
 from sagellm.eviction.config import KVTraceConfig
 from sagellm.eviction.cost_aware import CostAwarePolicy
-from sagellm.eviction.fifo import FIFOPolicy
-from sagellm.eviction.lfu import LFUPolicy
-from sagellm.eviction.lru import LRUPolicy
-from sagellm.eviction.s3fifo import S3FIFOPolicy
-from sagellm.eviction.sieve import SievePolicy
 from sagellm.eviction.simulate import simulate
 from sagellm.eviction.trace import KVTrace, kv_trace
 
@@ -113,14 +108,6 @@ def _lifetime_predictor() -> Any:
 def make_policy(name: str, capacity: int, predictor: Any = None) -> Any:
     """A fresh policy (or the baseline) for ``capacity`` keys; ``predictor`` is a
     LifetimePredictor or a no-argument factory of one (called here)."""
-    classes: dict[str, type[Any]] = {
-        "lru": LRUPolicy,
-        "fifo": FIFOPolicy,
-        "lfu": LFUPolicy,
-        "arc": ARCPolicy,
-        "s3fifo": S3FIFOPolicy,
-        "sieve": SievePolicy,
-    }
     if name == BASELINE:
         return OrderedDictLRU()
     if name == "cost_aware":
@@ -129,7 +116,7 @@ def make_policy(name: str, capacity: int, predictor: Any = None) -> Any:
         if callable(predictor) and not hasattr(predictor, "predict"):
             predictor = predictor()
         return CostAwarePolicy(capacity=capacity, predictor=predictor)
-    return classes[name](capacity=capacity)
+    return ALGORITHMS[name](capacity=capacity)
 
 
 @dataclass(frozen=True, slots=True)

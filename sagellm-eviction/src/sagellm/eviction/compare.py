@@ -19,13 +19,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sagellm.eviction.arc import ARCPolicy
+from sagellm.eviction import POLICIES
 from sagellm.eviction.config import KVTraceConfig
-from sagellm.eviction.fifo import FIFOPolicy
-from sagellm.eviction.lfu import LFUPolicy
-from sagellm.eviction.lru import LRUPolicy
-from sagellm.eviction.s3fifo import S3FIFOPolicy
-from sagellm.eviction.sieve import SievePolicy
 from sagellm.eviction.simulate import simulate
 from sagellm.eviction.trace import kv_trace, zipf_trace
 
@@ -41,14 +36,7 @@ __all__ = [
 ]
 
 #: algorithms both sides have: name -> our policy class
-ALGORITHMS: dict[str, type[Any]] = {
-    "lru": LRUPolicy,
-    "fifo": FIFOPolicy,
-    "lfu": LFUPolicy,
-    "arc": ARCPolicy,
-    "s3fifo": S3FIFOPolicy,
-    "sieve": SievePolicy,
-}
+ALGORITHMS: dict[str, type[Any]] = {k: v for k, v in POLICIES.items() if k != "cost_aware"}
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.2)
 #: libCacheSim's S3-FIFO admits nothing while its small FIFO is under 2 keys
