@@ -32,7 +32,13 @@ def test_logits_of_prompt_and_greedy_continuation_match_transformers() -> None:
         NativeRuntimeConfig(model="SmolLM2-135M-Instruct", dtype="float32", num_threads=2),
         progress=lambda stage, done, total: stages.__setitem__(stage, (done, total)),
     )
-    assert stages == {"parse": (1, 1), "dequantize": (272, 272), "assemble": (30, 30)}
+    assert stages == {
+        "parse": (1, 1),
+        "dequantize": (272, 272),
+        "assemble": (30, 30),
+        "quantize": (121, 121),  # GGUF blocks computed on natively by default
+    }
+    assert rt.quantization == "gguf"
     mc = rt.model_config
     assert (mc.num_layers, mc.hidden_size, mc.num_heads, mc.num_kv_heads) == (30, 576, 9, 3)
     assert mc.tie_word_embeddings and mc.rope_theta == 100000.0

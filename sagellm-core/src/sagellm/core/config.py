@@ -55,6 +55,14 @@ class EngineConfig(BaseModel):
     block_size: int = Field(16, ge=1, le=1024)  # tokens per KV block
     max_model_len: int | None = Field(None, ge=16)  # None: the model's maximum
     seed: int = 0  # default seed of requests that give none
+    # weight quantizer (a name in sagellm.quantization: gguf, int8, int4, ...); None: a
+    # GGUF checkpoint computes on its own quantized blocks ("gguf") when that quantizer is
+    # installed, any other checkpoint in float; "none": float weights always
+    quantization: str | None = None
+    # KV cache element type; "auto": the compute dtype
+    kv_cache_dtype: Literal["auto", "int8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    # kernel provider (a name in sagellm.kernels: compile, ...); None: eager PyTorch
+    kernels: str | None = None
     runtime: ComponentSpec = ComponentSpec(name="native")
     kv_pool: ComponentSpec = ComponentSpec(name="paged")
     scheduler: ComponentSpec = ComponentSpec(name="fcfs")

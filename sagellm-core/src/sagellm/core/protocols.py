@@ -15,7 +15,7 @@ mistakes and derive from :class:`sagellm.core.errors.SageLLMError`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Hashable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from sagellm.core.types import (
@@ -58,6 +58,7 @@ __all__ = [
     "KVPool",
     "KVQuota",
     "KVTransferChannel",
+    "LinearMethod",
     "KernelProvider",
     "LifetimePredictor",
     "OverlapScheduler",
@@ -648,11 +649,45 @@ class OverlapScheduler(Protocol):
 
 
 @runtime_checkable
-class Quantizer(Protocol):
-    """Quantizes weights and/or the KV cache (group ``sagellm.quantization``).
+class LinearMethod(Protocol):
+    """How one projection holds its weight and multiplies by it.
 
-    Anchor: gpt-fast ``WeightOnlyInt8QuantHandler``: ``create_quantized_state_dict`` then
-    ``convert_for_runtime`` that swaps ``nn.Linear`` modules.
+    Anchor: vLLM's ``LinearMethodBase`` (``create_weights`` /
+    ``process_weights_after_loading`` / ``apply``). The layer owns the shapes and the
+    sharding; the method owns the bytes and the kernel, so quantization, fused kernels and
+    tensor-parallel slices compose on one layer class. The layer (the engine's ``Linear``)
+    exposes ``input_size``, ``output_size``, ``weight`` (float ``[output_size,
+    input_size]`` in the compute dtype once loaded), ``bias`` (or None) and ``packed`` (a
+    :class:`~sagellm.core.types.PackedWeight` when the checkpoint stored the weight
+    quantized, else None).
+    """
+
+    name: str  # short name for logs and stats: "dense", "int4", "gguf_q4_1", ...
+
+    def process_weights(self, layer: torch.nn.Module) -> None:
+        """Called once after the checkpoint is loaded, before the first :meth:`apply`.
+
+        Turns the layer's float ``weight`` (or its ``packed`` blocks, where the method
+        computes on that format) into the method's own tensors, registered on ``layer``;
+        it may drop ``weight`` when it no longer needs it. Raises ValueError when the
+        layer's shape does not suit the method (the message says which shapes do).
+        """
+        ...
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T (+ bias)`` for ``x`` ``[M, input_size]``; returns ``[M, output_size]``
+        in ``x``'s dtype. Must not change ``x``."""
+        ...
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """Chooses and prepares the linear methods of a model (group ``sagellm.quantization``).
+
+    Anchors: vLLM's ``QuantizationConfig.get_quant_method(layer, prefix)`` and gpt-fast's
+    two steps (make the quantized weights, convert the model for run time). The runtime
+    calls :meth:`prepare` once with the model's projections, then :meth:`linear_method`
+    for each of them, then the method's ``process_weights``.
     """
 
     config_class: ClassVar[type[BaseModel]]
@@ -661,14 +696,23 @@ class Quantizer(Protocol):
         """What this quantizer produces."""
         ...
 
-    def quantize_state_dict(
-        self, state_dict: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Quantized tensors (and scales) for every weight it handles."""
+    def prepare(
+        self,
+        layers: Mapping[str, torch.nn.Module],
+        run: Callable[[Sequence[int]], object] | None = None,
+    ) -> None:
+        """Called once, after loading and before :meth:`linear_method`.
+
+        ``layers`` maps each projection's name (``"layers.3.qkv_proj"``, ``"lm_head"``)
+        to its layer; ``run(token_ids)`` runs the float model forward over one sequence.
+        Calibrating quantizers (GPTQ, AWQ, SmoothQuant) hook the layers and call ``run``
+        over their calibration text; the others do nothing. Raises ValueError when a
+        calibrating quantizer is given no ``run``.
+        """
         ...
 
-    def convert_for_runtime(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Swap modules so the model consumes the quantized state dict."""
+    def linear_method(self, name: str, layer: torch.nn.Module) -> LinearMethod | None:
+        """The method for projection ``name``; None keeps the layer's float method."""
         ...
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "ModelOutput",
     "RequestMetrics",
     "RequestOutput",
+    "PackedWeight",
     "PrefixEntry",
     "PrefixMatch",
     "QuantizationProfile",
@@ -467,12 +468,29 @@ class QuantizationProfile(BaseModel):
 
     model_config = _FROZEN
 
-    method: Literal["none", "int8", "int4", "fp8", "awq", "gptq", "q4_1", "q8_0"] = "none"
+    method: Literal[
+        "none", "gguf", "int8", "int4", "fp8", "awq", "gptq", "smoothquant", "q4_0", "q4_1", "q8_0"
+    ] = "none"
     weight_bits: int = Field(16, ge=1, le=32)
     activation_bits: int = Field(16, ge=1, le=32)
     kv_cache_dtype: DType | None = None  # None: same as the model's
     group_size: int | None = Field(None, ge=1)  # per-group scales; None: per channel
     symmetric: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PackedWeight:
+    """A projection weight as the checkpoint stores it, still quantized (GGUF blocks).
+
+    A loader hands these to a quantizer's linear method instead of dequantizing them, so
+    a method that computes on the same format (GGUF Q4_1 on the int4 kernel) keeps the
+    checkpoint's exact values. Rows are independent, so rows can be stacked (q, k, v) and
+    permuted (llama.cpp's rotary layout) on ``data`` without decoding it.
+    """
+
+    format: str  # "q4_0", "q4_1", "q8_0", ... (GGML type name, lower case)
+    data: Any  # uint8 torch.Tensor [rows, bytes_per_row]: the raw blocks of each row
+    shape: tuple[int, int]  # (rows, columns) of the decoded weight, torch order
 
 
 class AccelConfig(BaseModel):

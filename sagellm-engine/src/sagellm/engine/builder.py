@@ -195,6 +195,8 @@ class EngineBuilder:
             "device": cfg.device,
             "num_threads": cfg.num_threads,
             "max_model_len": cfg.max_model_len,
+            "quantization": cfg.quantization,
+            "kernels": cfg.kernels,
         }
         base = {k: v for k, v in base.items() if v is not None}
         cls = registry.load_class("runtime", cfg.runtime.name)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sagellm.engine.layers.linear import linear
+from sagellm.engine.layers.linear import Linear
 
 __all__ = ["LMHead", "VocabEmbedding"]
 
@@ -22,15 +22,18 @@ class VocabEmbedding(nn.Module):
         return F.embedding(token_ids, self.weight)
 
 
-class LMHead(nn.Module):
-    """Vocabulary logits in float32; called only on the rows that are sampled."""
+class LMHead(Linear):
+    """Vocabulary logits in float32; called only on the rows that are sampled.
+
+    A projection like any other (a quantizer may give it its own method: it is a fifth
+    of the bytes read per decoded token here); a tied head shares the embedding tensor
+    until a method converts it into its own form.
+    """
 
     def __init__(self, vocab_size: int, hidden_size: int, tied: VocabEmbedding | None) -> None:
-        super().__init__()
+        super().__init__(hidden_size, (vocab_size,))
         if tied is not None:
             self.weight = tied.weight  # one tensor, not a copy
-        else:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight).float()
+        return self.method.apply(self, x).float()

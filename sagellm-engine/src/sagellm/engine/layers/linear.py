@@ -1,14 +1,24 @@
-"""A plain linear projection whose weight may be several projections stacked row-wise."""
+"""A projection whose weight may be several projections stacked row-wise.
+
+The layer owns shapes; a method object (:class:`sagellm.core.protocols.LinearMethod`)
+owns the bytes and the kernel (vLLM's linear-method pattern). Every projection starts
+with :data:`DENSE`, the float matmul; a quantizer swaps in its own method after loading,
+so quantization, fused kernels and sharding compose on this one class.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Linear", "linear"]
+from sagellm.core.protocols import LinearMethod
+from sagellm.core.types import PackedWeight
+
+__all__ = ["DENSE", "DenseMethod", "Linear", "linear"]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,29 +35,69 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+class DenseMethod:
+    """The float method: the weight as loaded, one (matrix-vector) product per call."""
+
+    name = "dense"
+
+    def process_weights(self, layer: nn.Module) -> None:
+        """Nothing to convert: the float weight is used as it is."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T (+ b)`` in ``x``'s dtype."""
+        return linear(x, layer.weight, layer.bias)
+
+
+#: The method every projection starts with.
+DENSE = DenseMethod()
+
+
 class Linear(nn.Module):
     """``y = x @ W.T (+ b)``; ``output_sizes`` names the stacked parts (q, k, v or gate, up).
 
     Stacking projections that read the same input turns three (or two) matrix products
     into one, which matters most for small batches where each call's overhead and each
-    pass over the input count.
+    pass over the input count. ``packed`` keeps the checkpoint's quantized blocks (GGUF)
+    for a method that computes on them; it is dropped once the method has processed them.
     """
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], *, bias: bool = False) -> None:
         super().__init__()
         self.input_size = input_size
         self.output_sizes = tuple(output_sizes)
-        out = sum(self.output_sizes)
-        self.weight = nn.Parameter(torch.empty(out, input_size), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+        self.output_size = sum(self.output_sizes)
+        self.weight: Any = nn.Parameter(
+            torch.empty(self.output_size, input_size), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(self.output_size), requires_grad=False) if bias else None
+        )
+        self.packed: PackedWeight | None = None
+        self.method: LinearMethod = DENSE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.method.apply(self, x)
+
+    def set_method(self, method: LinearMethod) -> None:
+        """Convert the loaded weight for ``method`` and compute through it from now on."""
+        method.process_weights(self)
+        self.method = method
+        self.packed = None
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_sizes}, method={self.method.name}"
 
     def load_parts(
-        self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None = None
+        self,
+        weights: Sequence[torch.Tensor],
+        biases: Sequence[torch.Tensor] | None = None,
+        packed: Sequence[PackedWeight | None] | None = None,
     ) -> None:
-        """Copy the stacked parts in, in ``output_sizes`` order (shapes are checked)."""
+        """Copy the stacked parts in, in ``output_sizes`` order (shapes are checked).
+
+        ``packed`` gives each part's quantized blocks; they are kept (stacked row-wise)
+        only when every part has them in one format.
+        """
         if len(weights) != len(self.output_sizes):
             raise ValueError(f"expected {len(self.output_sizes)} weights, got {len(weights)}")
         row = 0
@@ -65,3 +115,16 @@ class Linear(nn.Module):
             for b, size in zip(biases, self.output_sizes):
                 self.bias.data[row : row + size].copy_(b.reshape(size))
                 row += size
+        self.packed = _stack_packed(packed) if packed else None
+
+
+def _stack_packed(parts: Sequence[PackedWeight | None]) -> PackedWeight | None:
+    if any(p is None for p in parts):
+        return None
+    ps = [p for p in parts if p is not None]
+    if len({p.format for p in ps}) != 1 or len({p.shape[1] for p in ps}) != 1:
+        return None
+    if len(ps) == 1:
+        return ps[0]
+    data = torch.cat([p.data for p in ps], dim=0)
+    return PackedWeight(ps[0].format, data, (sum(p.shape[0] for p in ps), ps[0].shape[1]))

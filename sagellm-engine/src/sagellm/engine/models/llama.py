@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from sagellm.core.types import PackedWeight
 from sagellm.engine.layers.activation import SiluAndMul
 from sagellm.engine.layers.attention import Attention, AttentionMetadata
 from sagellm.engine.layers.embedding import LMHead, VocabEmbedding
@@ -119,6 +120,16 @@ class LlamaForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ weights
 
+    def projections(self) -> dict[str, Linear]:
+        """Every projection by name (``"layers.3.qkv_proj"``, ..., ``"lm_head"``)."""
+        out: dict[str, Linear] = {}
+        for i, module in enumerate(self.layers):
+            layer: LlamaDecoderLayer = module  # type: ignore[assignment]
+            for attr in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                out[f"layers.{i}.{attr}"] = getattr(layer, attr)
+        out["lm_head"] = self.lm_head
+        return out
+
     def tie_weights(self) -> None:
         """Make the head share the embedding tensor again (after a device or dtype move)."""
         if self.config.tie_word_embeddings:
@@ -128,11 +139,15 @@ class LlamaForCausalLM(nn.Module):
         self,
         weights: Mapping[str, torch.Tensor],
         progress: Progress | None = None,
+        packed: Mapping[str, PackedWeight] | None = None,
     ) -> None:
         """Copy Hugging Face-named tensors in, stacking q/k/v and gate/up.
 
+        ``packed`` holds the checkpoint's quantized blocks of some weights (same names);
+        each projection keeps them for a linear method that computes on them.
         Raises ValueError naming the first missing or unexpected tensor.
         """
+        packed = packed or {}
         cfg = self.config
         used: set[str] = set()
 
@@ -142,6 +157,9 @@ class LlamaForCausalLM(nn.Module):
                     used.add(candidate)
                     return weights[candidate]
             raise ValueError(f"the checkpoint has no tensor {name!r}")
+
+        def blocks(*names: str) -> list[PackedWeight | None]:
+            return [packed.get(n, packed.get(n.removeprefix("model."))) for n in names]
 
         def copy(dst: torch.Tensor, name: str) -> None:
             src = take(name)
@@ -156,21 +174,28 @@ class LlamaForCausalLM(nn.Module):
             copy(self.norm.weight, "model.norm.weight")
             if not cfg.tie_word_embeddings:
                 copy(self.lm_head.weight, "lm_head.weight")
+                self.lm_head.packed = blocks("lm_head.weight")[0]
+            else:
+                self.lm_head.packed = blocks("model.embed_tokens.weight")[0]
             for i, module in enumerate(self.layers):
                 layer: LlamaDecoderLayer = module  # type: ignore[assignment]
                 p = f"model.layers.{i}."
                 copy(layer.input_layernorm.weight, p + "input_layernorm.weight")
                 copy(layer.post_attention_layernorm.weight, p + "post_attention_layernorm.weight")
-                names = ("q_proj", "k_proj", "v_proj")
+                qkv = [f"{p}self_attn.{n}_proj.weight" for n in ("q", "k", "v")]
                 layer.qkv_proj.load_parts(
-                    [take(f"{p}self_attn.{n}.weight") for n in names],
-                    [take(f"{p}self_attn.{n}.bias") for n in names] if cfg.attention_bias else None,
+                    [take(n) for n in qkv],
+                    [take(n.replace(".weight", ".bias")) for n in qkv]
+                    if cfg.attention_bias
+                    else None,
+                    blocks(*qkv),
                 )
-                copy(layer.o_proj.weight, p + "self_attn.o_proj.weight")
-                layer.gate_up_proj.load_parts(
-                    [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
-                )
-                copy(layer.down_proj.weight, p + "mlp.down_proj.weight")
+                o = p + "self_attn.o_proj.weight"
+                layer.o_proj.load_parts([take(o)], packed=blocks(o))
+                gate_up = (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+                layer.gate_up_proj.load_parts([take(n) for n in gate_up], packed=blocks(*gate_up))
+                down = p + "mlp.down_proj.weight"
+                layer.down_proj.load_parts([take(down)], packed=blocks(down))
                 if progress is not None:
                     progress("assemble", i + 1, cfg.num_layers)
         # a tied checkpoint may still carry lm_head.weight (equal to the embedding)

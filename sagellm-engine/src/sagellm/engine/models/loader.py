@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from sagellm.core.errors import ModelNotFoundError
+from sagellm.core.types import PackedWeight
 from sagellm.engine.models.config import ModelConfig
 from sagellm.engine.models.gguf_file import GGUFFile
 from sagellm.engine.models.source import ModelSource
@@ -85,10 +86,24 @@ def unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     )
 
 
+#: GGML types kept as :class:`PackedWeight` for methods that compute on them.
+_PACKED_TYPES = frozenset({"q4_0", "q4_1", "q8_0"})
+
+
+def _packed(f: GGUFFile, name: str) -> PackedWeight | None:
+    t = f.tensors[name]
+    fmt = t.type_name.lower()
+    if fmt not in _PACKED_TYPES or len(t.shape) != 2:
+        return None
+    rows, cols = t.shape
+    return PackedWeight(fmt, f.raw(name).view(rows, -1), (rows, cols))
+
+
 def load_gguf(
     path: Path, progress: Progress | None = None
-) -> tuple[ModelConfig, dict[str, torch.Tensor], GGUFFile]:
-    """Config, float32 Hugging Face-named weights and the parsed file of a GGUF model."""
+) -> tuple[ModelConfig, dict[str, torch.Tensor], GGUFFile, dict[str, PackedWeight]]:
+    """Config, float32 Hugging Face-named weights, the parsed file, and the quantized
+    blocks (as :class:`PackedWeight`, same names) of the tensors stored quantized."""
     if progress is not None:
         progress("parse", 0, 1)
     f = GGUFFile(path)
@@ -103,19 +118,29 @@ def load_gguf(
     # llama.cpp permutes Q/K rows for the llama architecture only (qwen2 keeps the layout)
     permuted = cfg.architecture in ("llama", "mistral")
     weights: dict[str, torch.Tensor] = {}
+    packed: dict[str, PackedWeight] = {}
     total = len(f.tensors)
     for i, name in enumerate(f.tensors):
         hf = gguf_to_hf_name(name)
         if hf is not None:
             w = f.tensor(name)
+            p = _packed(f, name)
+            heads = None
             if permuted and name.endswith(("attn_q.weight", "attn_q.bias")):
-                w = unpermute_qk(w, cfg.num_heads)
+                heads = cfg.num_heads
             elif permuted and name.endswith(("attn_k.weight", "attn_k.bias")):
-                w = unpermute_qk(w, cfg.num_kv_heads)
+                heads = cfg.num_kv_heads
+            if heads is not None:
+                # rows are independent: the blocks of each row move with it
+                w = unpermute_qk(w, heads)
+                if p is not None:
+                    p = PackedWeight(p.format, unpermute_qk(p.data, heads), p.shape)
             weights[hf] = w
+            if p is not None:
+                packed[hf] = p
         if progress is not None:
             progress("dequantize", i + 1, total)
-    return cfg, weights, f
+    return cfg, weights, f, packed
 
 
 def load_safetensors(
@@ -143,9 +168,11 @@ def load_safetensors(
 
 def load_weights(
     source: ModelSource, progress: Progress | None = None
-) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and float32 Hugging Face-named weights of ``source``."""
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, PackedWeight]]:
+    """Config, float32 Hugging Face-named weights of ``source``, and the quantized blocks
+    of the weights the checkpoint stores quantized (GGUF; empty for safetensors)."""
     if source.kind == "gguf":
-        cfg, weights, _ = load_gguf(source.path, progress)
-        return cfg, weights
-    return load_safetensors(source.path, progress)
+        cfg, weights, _, packed = load_gguf(source.path, progress)
+        return cfg, weights, packed
+    cfg, weights = load_safetensors(source.path, progress)
+    return cfg, weights, {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,3 +23,11 @@ class NativeRuntimeConfig(BaseModel):
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch's default
     # longest sequence to serve; None: what the model was trained for
     max_model_len: int | None = Field(None, ge=1)
+    # weight quantizer in sagellm.quantization; None: "gguf" for a GGUF checkpoint when
+    # installed (its quantized blocks computed on natively), float otherwise; "none":
+    # float weights
+    quantization: str | None = None
+    quantization_options: dict[str, Any] = Field(default_factory=dict)  # the quantizer's
+    # kernel provider in sagellm.kernels; None: eager PyTorch
+    kernels: str | None = None
+    kernel_options: dict[str, Any] = Field(default_factory=dict)  # the provider's

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel
 
+from sagellm.core import registry
 from sagellm.core.errors import CapabilityMismatchError, ConfigError, SageLLMError
-from sagellm.core.protocols import KVPool
-from sagellm.core.types import CapabilityDescriptor, ExecutionPlan, KVCacheSchema, ModelOutput
+from sagellm.core.protocols import KVPool, Quantizer
+from sagellm.core.types import (
+    CapabilityDescriptor,
+    ExecutionPlan,
+    KVCacheSchema,
+    ModelOutput,
+    SequenceChunk,
+)
+from sagellm.engine.layers.linear import Linear
 from sagellm.engine.layers.rotary import RotaryEmbedding
 from sagellm.engine.models.llama import LlamaForCausalLM
 from sagellm.engine.models.loader import load_weights
@@ -92,7 +100,7 @@ class NativeRuntime:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         t0 = time.perf_counter()
         self.source = resolve_model(cfg.model)
-        self.model_config, weights = load_weights(self.source, progress)
+        self.model_config, weights, packed = load_weights(self.source, progress)
         mc = self.model_config
         if cfg.max_model_len is not None and cfg.max_model_len > mc.max_position_embeddings:
             raise ConfigError(
@@ -108,19 +116,89 @@ class NativeRuntime:
         model.rotary = RotaryEmbedding(
             mc.head_dim, mc.max_position_embeddings, mc.rope_theta, mc.rope_scaling
         ).to(self.device)
-        model.load_weights(weights, progress)
-        del weights
+        model.load_weights(weights, progress, packed)
+        del weights, packed
         self.model = model.eval()
         self._pool: KVPool | None = None
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.quantization = self._quantize(progress)
         self.load_seconds = time.perf_counter() - t0
         logger.info(
-            "loaded %s (%s, %s) in %.1f s",
+            "loaded %s (%s, %s, quantization %s) in %.1f s",
             self.source.name,
             self.source.kind,
             str(self.dtype).removeprefix("torch."),
+            self.quantization,
             self.load_seconds,
         )
+
+    # ------------------------------------------------------------------ quantization
+
+    def _quantization_name(self, layers: dict[str, Linear]) -> str:
+        name = self.config.quantization
+        if name is not None:
+            return name
+        stored_quantized = any(layer.packed is not None for layer in layers.values())
+        if stored_quantized and any(p.name == "gguf" for p in registry.available("quantization")):
+            return "gguf"
+        return "none"
+
+    def _quantize(self, progress: Callable[[str, int, int], None] | None) -> str:
+        """Give every projection the configured quantizer's method; the quantizer's name."""
+        layers = self.model.projections()
+        name = self._quantization_name(layers)
+        if name != "none":
+            quantizer = registry.load("quantization", name, self.config.quantization_options)
+            if not isinstance(quantizer, Quantizer):
+                raise CapabilityMismatchError(
+                    f"quantizer {name!r} ({type(quantizer).__name__}) does not implement "
+                    "sagellm.core.protocols.Quantizer"
+                )
+            try:
+                quantizer.prepare(layers, self.run_sequence)
+                for i, (layer_name, layer) in enumerate(layers.items()):
+                    method = quantizer.linear_method(layer_name, layer)
+                    if method is not None:
+                        layer.set_method(method)
+                    if progress is not None:
+                        progress("quantize", i + 1, len(layers))
+            except ValueError as exc:
+                raise ConfigError(f"quantization {name!r}: {exc}") from exc
+        for layer in layers.values():
+            layer.packed = None  # the checkpoint's blocks are not needed any more
+        return name
+
+    def run_sequence(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Float32 logits of every position of one sequence, on a scratch KV cache.
+
+        For calibration and evaluation: nothing touches the bound pool.
+        """
+        n = len(token_ids)
+        if not 0 < n <= self.max_model_len:
+            raise ValueError(f"a sequence of {n} tokens does not fit 1..{self.max_model_len}")
+        mc = self.model_config
+        bs = 16
+        num_blocks = -(-n // bs)
+        caches = [
+            (
+                torch.zeros(num_blocks, bs, mc.num_kv_heads, mc.head_dim, dtype=self.dtype),
+                torch.zeros(num_blocks, bs, mc.num_kv_heads, mc.head_dim, dtype=self.dtype),
+            )
+            for _ in range(mc.num_layers)
+        ]
+        chunk = SequenceChunk(
+            "run", tuple(int(t) for t in token_ids), 0, tuple(range(num_blocks)), True
+        )
+        batch = build_step_batch(
+            [chunk],
+            block_size=bs,
+            num_blocks=num_blocks,
+            max_model_len=self.max_model_len,
+            mask_dtype=self.dtype,
+            device=self.device,
+        )
+        rows = torch.arange(n, device=self.device)
+        return self.model(batch.token_ids, batch.positions, caches, batch.meta, rows).cpu()
 
     # ------------------------------------------------------------------ protocol
 
