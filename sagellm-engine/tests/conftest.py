@@ -51,6 +51,26 @@ def assert_no_leak(llm: LLM, timeout: float = 5.0) -> None:
     )
 
 
+def slow_down(llm: LLM, monkeypatch: pytest.MonkeyPatch, seconds: float = 0.01) -> None:
+    """Make every step take a while, so a request outlives its client."""
+    runtime = llm.engine.runtime
+    real = runtime.execute
+
+    def slow(plan: Any) -> Any:
+        time.sleep(seconds)
+        return real(plan)
+
+    monkeypatch.setattr(runtime, "execute", slow)
+
+
+def wait_idle(llm: LLM, timeout: float = 10.0) -> None:
+    """Wait until the engine holds no request."""
+    deadline = time.monotonic() + timeout
+    while llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not llm.engine.has_unfinished_requests()
+
+
 @pytest.fixture
 def llm(tiny_llm: LLM) -> Any:
     """The shared engine; fails the test if it leaves a block allocated."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,7 +14,7 @@ from sagellm.engine.async_engine import AsyncLLMEngine
 from sagellm.engine.config import ServerConfig
 from sagellm.engine.server import ServerThread, build_app
 
-from .conftest import assert_no_leak, make_llm
+from .conftest import assert_no_leak, make_llm, slow_down, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -299,25 +298,6 @@ def test_openai_client_sees_typed_errors(server) -> None:
         c.completions.create(model="nope", prompt="x")
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         c.completions.create(model=model_name(llm), prompt="x", max_tokens=100_000)
-
-
-def slow_down(llm, monkeypatch, seconds: float = 0.01) -> None:
-    """Make every step take a while, so a request outlives its client."""
-    runtime = llm.engine.runtime
-    real = runtime.execute
-
-    def slow(plan):
-        time.sleep(seconds)
-        return real(plan)
-
-    monkeypatch.setattr(runtime, "execute", slow)
-
-
-def wait_idle(llm, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not llm.engine.has_unfinished_requests()
 
 
 def test_client_disconnect_mid_stream_aborts_the_request(server, monkeypatch) -> None:

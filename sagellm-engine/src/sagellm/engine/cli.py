@@ -7,10 +7,10 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sagellm.core.errors import SageLLMError
+from sagellm.core.errors import ConfigError, SageLLMError
 from sagellm.engine._version import __version__
 from sagellm.engine.args import add_engine_arguments, engine_config_from_args
 
@@ -62,14 +62,52 @@ def _build_llm(args: argparse.Namespace) -> Any:
 # ---------------------------------------------------------------------- commands
 
 
+def server_config_from_args(
+    args: argparse.Namespace,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    served_model_name: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Any:
+    """The :class:`ServerConfig` of ``sagellm serve`` flags (``host``/``port``: fallbacks)."""
+    from pydantic import ValidationError
+
+    from sagellm.engine.config import ServerConfig, api_keys_from
+
+    keys = api_keys_from(args.api_key or (), args.api_keys_file, environ=environ)
+    try:
+        return ServerConfig(
+            host=args.host or host or "127.0.0.1",
+            port=args.port if args.port is not None else port,
+            served_model_name=served_model_name,
+            log_level=args.log_level,
+            api_keys=keys,
+            metrics_public=args.metrics_public,
+            max_request_body_bytes=args.max_request_body_bytes,
+            tenant_max_concurrent_requests=args.tenant_max_concurrent_requests,
+            tenant_max_tokens_per_minute=args.tenant_max_tokens_per_minute,
+            strict_request_fields=args.strict_request_fields,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc'][:1]).replace('_', '-')}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"invalid server options: {problems}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from sagellm.engine.async_engine import AsyncLLMEngine
     from sagellm.engine.builder import EngineBuilder
-    from sagellm.engine.config import ServerConfig
     from sagellm.engine.llm_engine import LLMEngine
     from sagellm.engine.server import build_app, run_server
 
     config, options = engine_config_from_args(args)
+    # Keys first: a bad keys file fails in a second, not after loading the model.
+    server_config = server_config_from_args(
+        args, host=config.host, port=config.port, served_model_name=config.served_model_name
+    )
     t0 = time.perf_counter()
     parts = EngineBuilder(config, options, progress=_progress).build()
     _progress(
@@ -78,16 +116,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"{parts.schema.block_size} tokens"
     )
     engine = AsyncLLMEngine(LLMEngine(parts))
-    server_config = ServerConfig(
-        host=args.host or config.host,
-        port=args.port if args.port is not None else config.port,
-        served_model_name=config.served_model_name,
-        log_level=args.log_level,
-    )
     app = build_app(engine, server_config)
+    num_keys = len(server_config.api_keys)
+    num_tenants = len({k.tenant_name() for k in server_config.api_keys})
+    access = (
+        f"{num_keys} API key(s) of {num_tenants} tenant(s)"
+        if num_keys
+        else "no API key: open to every client"
+    )
 
     def ready(host: str, port: int) -> None:
-        _progress(f"serving the OpenAI API on http://{host}:{port}/v1 (Ctrl-C stops)")
+        _progress(f"serving the OpenAI API on http://{host}:{port}/v1 ({access}; Ctrl-C stops)")
 
     run_server(app, server_config, on_ready=ready)
     return 0
@@ -238,6 +277,52 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- parser
 
 
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    from sagellm.engine.config import DEFAULT_MAX_REQUEST_BODY_BYTES
+
+    g = parser.add_argument_group("access and limits")
+    g.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="accept this key as 'Authorization: Bearer KEY' on /v1/* (repeatable; default: "
+        "$SAGELLM_API_KEY); its tenant is key-<8 hex digits of its sha256>",
+    )
+    g.add_argument(
+        "--api-keys-file",
+        metavar="PATH",
+        help="keys file: JSON/YAML mapping key -> {tenant, priority, max_concurrent_requests, "
+        "max_tokens_per_minute}, or lines 'key' / 'key tenant'",
+    )
+    g.add_argument(
+        "--metrics-public", action="store_true", help="serve /metrics without an API key"
+    )
+    g.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+        metavar="N",
+        help=f"larger request bodies get 413 (default: {DEFAULT_MAX_REQUEST_BODY_BYTES})",
+    )
+    g.add_argument(
+        "--tenant-max-concurrent-requests",
+        type=int,
+        metavar="N",
+        help="requests a tenant may run at once (default: unlimited; keys file overrides)",
+    )
+    g.add_argument(
+        "--tenant-max-tokens-per-minute",
+        type=int,
+        metavar="N",
+        help="prompt + max_tokens a tenant may be admitted per minute (default: unlimited)",
+    )
+    g.add_argument(
+        "--strict-request-fields",
+        action="store_true",
+        help="reject requests with unknown fields (400) instead of logging a warning",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sagellm",
@@ -260,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
     )
+    _add_server_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

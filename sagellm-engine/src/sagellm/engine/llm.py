@@ -126,8 +126,15 @@ class LLM:
         use_tqdm: bool = False,
         kind: RequestKind = RequestKind.COMPLETION,
         add_special_tokens: bool = True,
+        tenant: str = "",
+        cache_salt: str = "",
     ) -> list[RequestOutput]:
-        """Complete every prompt (text or token ids); outputs in input order."""
+        """Complete every prompt (text or token ids); outputs in input order.
+
+        ``tenant`` and ``cache_salt`` isolate the prefix cache: a prompt reuses cached
+        prefixes only of requests with the same tenant and salt (``tenant`` also owns the
+        KV quota).
+        """
         batch = self._as_batch(prompts)
         if isinstance(sampling, Sequence):
             if len(sampling) != len(batch):
@@ -137,7 +144,7 @@ class LLM:
             params = list(sampling)
         else:
             params = [sampling or SamplingParams()] * len(batch)
-        return self._run(batch, params, use_tqdm, kind, add_special_tokens)
+        return self._run(batch, params, use_tqdm, kind, add_special_tokens, tenant, cache_salt)
 
     def chat(
         self,
@@ -148,8 +155,13 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tenant: str = "",
+        cache_salt: str = "",
     ) -> list[RequestOutput]:
-        """Answer one conversation or a list of them with the tokenizer's chat template."""
+        """Answer one conversation or a list of them with the tokenizer's chat template.
+
+        ``tenant`` and ``cache_salt``: as in :meth:`generate`.
+        """
         if not messages:
             raise InvalidRequestError(
                 "messages is empty: a conversation needs at least one message"
@@ -171,7 +183,13 @@ class LLM:
             for conv in conversations
         ]
         return self.generate(
-            prompts, sampling, use_tqdm=use_tqdm, kind=RequestKind.CHAT, add_special_tokens=False
+            prompts,
+            sampling,
+            use_tqdm=use_tqdm,
+            kind=RequestKind.CHAT,
+            add_special_tokens=False,
+            tenant=tenant,
+            cache_salt=cache_salt,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -191,6 +209,8 @@ class LLM:
         use_tqdm: bool,
         kind: RequestKind,
         add_special_tokens: bool,
+        tenant: str,
+        cache_salt: str,
     ) -> list[RequestOutput]:
         engine = self.engine
         ids = []
@@ -198,7 +218,15 @@ class LLM:
             for prompt, p in zip(prompts, params):
                 rid = f"llm-{self._counter}"
                 self._counter += 1
-                engine.add_request(rid, prompt, p, kind=kind, add_special_tokens=add_special_tokens)
+                engine.add_request(
+                    rid,
+                    prompt,
+                    p,
+                    kind=kind,
+                    add_special_tokens=add_special_tokens,
+                    tenant=tenant,
+                    cache_salt=cache_salt,
+                )
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)

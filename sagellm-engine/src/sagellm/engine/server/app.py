@@ -3,27 +3,37 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with SSE streaming),
 ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /version``.
 Every error is returned in OpenAI's schema ``{"error": {"message", "type", "param",
-"code"}}``: 400 for invalid requests (including what FastAPI would report as 422), 404
-for an unknown model or route, 503 when the engine cannot take more, 500 for internal
-failures (logged, never described to the client).
+"code"}}``: 400 for invalid requests (including what FastAPI would report as 422), 401
+without a valid API key, 404 for an unknown model or route, 413 for a body over the size
+limit, 429 beyond the tenant's limits (with ``Retry-After``), 503 when the engine cannot
+take more, 500 for internal failures (logged, never described to the client).
+
+With API keys configured, every ``/v1/*`` route (and ``/metrics`` unless public) needs
+``Authorization: Bearer <key>``; the key's tenant and the request's ``cache_salt`` go to
+the engine, which shares cached prefixes only within one tenant and salt. Bodies are
+read up to the size limit and never further; tokenization and chat templates run on
+worker threads, so a huge prompt does not hold up the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sagellm.core.errors import InvalidRequestError, RequestAbortedError, SageLLMError
 from sagellm.core.types import CompletionOutput, FinishReason, RequestKind, RequestOutput
@@ -32,7 +42,13 @@ from sagellm.engine.async_engine import AsyncLLMEngine, EngineDeadError, Request
 from sagellm.engine.config import ServerConfig
 from sagellm.engine.llm import apply_chat_template
 from sagellm.engine.metrics import PrometheusPublisher
-from sagellm.engine.server.protocol import ChatCompletionRequest, CompletionRequest
+from sagellm.engine.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    unknown_fields,
+)
+from sagellm.engine.server.rate_limiter import Admission, RateLimiter, Refusal
+from sagellm.engine.server.tenants import Tenant, Tenants
 
 __all__ = ["APIError", "build_app"]
 
@@ -50,6 +66,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -57,6 +74,7 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {
@@ -69,7 +87,7 @@ class APIError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def _internal_error() -> APIError:
@@ -94,6 +112,115 @@ def _from_validation(exc: ValidationError | RequestValidationError) -> APIError:
     return APIError(400, message, param=param)
 
 
+def _too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"the request body is larger than this server's limit of {limit} bytes",
+        code="request_too_large",
+    )
+
+
+def _rate_limited(refusal: Refusal) -> APIError:
+    return APIError(
+        429,
+        refusal.message,
+        type=refusal.kind,
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(refusal.retry_after_s)},
+    )
+
+
+#: Where the auth middleware leaves the request's tenant in the ASGI scope.
+_TENANT_SCOPE_KEY = "sagellm.tenant"
+
+
+class _AuthMiddleware:
+    """Checks the API key of every ``/v1/*`` request (and ``/metrics`` unless public).
+
+    Runs before routing, so an unknown ``/v1`` route answers 401 too and tells a client
+    without a key nothing about the API. The tenant goes into the scope for the handlers.
+    """
+
+    def __init__(self, app: ASGIApp, tenants: Tenants, metrics_public: bool) -> None:
+        self.app = app
+        self.tenants = tenants
+        self.metrics_public = metrics_public
+
+    def _needs_key(self, path: str) -> bool:
+        if path == "/metrics":
+            return not self.metrics_public
+        return path == "/v1" or path.startswith("/v1/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.tenants.requires_key:
+            await self.app(scope, receive, send)
+            return
+        tenant = None
+        if self._needs_key(scope["path"]):
+            header = Headers(scope=scope).get("authorization")
+            tenant = self.tenants.authenticate(header)
+            if tenant is None:
+                # Neither message nor log line carries what the client sent.
+                logger.info("refused a request to %s: no valid API key", scope["path"])
+                message = (
+                    "missing API key: send it as 'Authorization: Bearer <key>'"
+                    if header is None
+                    else "invalid API key"
+                )
+                err = APIError(
+                    401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+                )
+                await err.response()(scope, receive, send)
+                return
+        scope[_TENANT_SCOPE_KEY] = tenant
+        await self.app(scope, receive, send)
+
+
+class _Flight:
+    """An admitted request's engine streams and tenant slot, given back together once."""
+
+    def __init__(self, admission: Admission, streams: list[RequestStream], num_prompt: int) -> None:
+        self.admission = admission
+        self.streams = streams
+        self.num_prompt_tokens = num_prompt
+        self.num_completion_tokens = 0  # updated while outputs arrive (charged on close)
+        self.num_cached_tokens: dict[int, int] = {}  # stream position -> prompt tokens hit
+
+    def observe(self, position: int, out: RequestOutput, num_new_tokens: int) -> None:
+        """Account one output of the stream at ``position``."""
+        self.num_completion_tokens += num_new_tokens
+        self.num_cached_tokens[position] = out.metrics.num_cached_tokens
+
+    def close(self) -> None:
+        """Abort what still runs and release the tenant's slot; idempotent."""
+        for s in self.streams:
+            s.close()
+        self.admission.release(self.num_prompt_tokens + self.num_completion_tokens)
+
+
+class _SSEResponse(StreamingResponse):
+    """A streaming response that runs ``on_close`` however it ends.
+
+    The body generator's ``finally`` does not run when the client disconnects before
+    the first chunk is pulled (a generator never started has nothing to finalise), so
+    the response releases the request's resources itself as well.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
 def _finish_reason(reason: FinishReason | None) -> str | None:
     if reason is None:
         return None
@@ -113,6 +240,8 @@ class _Server:
         self.accepted_models = {a for a in aliases if a}
         self.publisher = PrometheusPublisher(self.model_name)
         self.created = int(time.time())
+        self.tenants = Tenants(config)
+        self.limiter = RateLimiter()
 
     # ------------------------------------------------------------------ helpers
 
@@ -127,25 +256,61 @@ class _Server:
                 code="model_not_found",
             )
 
+    async def read_body(self, request: Request) -> bytes:
+        """The raw body, refused with 413 as soon as it is known to exceed the limit."""
+        limit = self.config.max_request_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise APIError(400, "the Content-Length header is not a number")
+            if int(length) > limit:
+                raise _too_large(limit)  # before reading a byte of it
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():  # chunked uploads: count while reading
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def body(self, request: Request, model: type[BaseModel]) -> Any:
-        raw = await request.body()
+        raw = await self.read_body(request)
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"the request body is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
+        unknown = unknown_fields(model, data)
+        if unknown:
+            names = ", ".join(_field_name(n) for n in unknown[:32])
+            if len(unknown) > 32:
+                names += f" (and {len(unknown) - 32} more)"
+            if self.config.strict_request_fields:
+                raise APIError(
+                    400,
+                    f"Unrecognized request arguments supplied: {names} (this server rejects "
+                    "unknown fields)",
+                    param=_field_name(unknown[0]),
+                    code="unknown_field",
+                )
+            logger.warning(
+                "a request to %s has fields this server ignores: %s", request.url.path, names
+            )
         try:
             return model.model_validate(data)
         except ValidationError as exc:
             raise _from_validation(exc) from None
 
-    def tokenize(self, prompt: str | list[int], *, add_special_tokens: bool) -> list[int]:
+    async def tokenize(self, prompt: str | list[int], *, add_special_tokens: bool) -> list[int]:
         if isinstance(prompt, str):
             tok = self.engine.tokenizer
             if tok is None:
                 raise APIError(400, "this server has no tokenizer: send token ids", param="prompt")
-            ids: list[int] = tok.encode(prompt, add_special_tokens=add_special_tokens)
+            # On a worker thread: a long prompt must not stall the other clients.
+            encode = functools.partial(tok.encode, prompt, add_special_tokens=add_special_tokens)
+            ids: list[int] = await asyncio.to_thread(encode)
             return ids
         return list(prompt)
 
@@ -182,16 +347,17 @@ class _Server:
         text: str = tok.decode([token_id], skip_special_tokens=False)
         return text
 
-    async def open_streams(
+    async def start(
         self,
+        request: Request,
+        req: CompletionRequest | ChatCompletionRequest,
         prompts: Sequence[list[int]],
         sampling: Any,
         base_id: str,
         *,
         kind: RequestKind,
-        priority: int,
-        stream: bool,
-    ) -> list[RequestStream]:
+    ) -> _Flight:
+        """Admit the request (server and tenant limits) and queue its prompts."""
         if self.engine.num_live_requests + len(prompts) > self.config.max_concurrent_requests:
             raise APIError(
                 503,
@@ -199,23 +365,42 @@ class _Server:
                 type="server_error",
                 code="overloaded",
             )
+        tenant = _tenant_of(request, self.tenants.anonymous)
+        num_prompt = sum(len(p) for p in prompts)
+        max_tokens = sampling.max_tokens or 0
+        admission = self.limiter.acquire(
+            tenant, num_prompt + max_tokens * sampling.n * len(prompts)
+        )
+        if isinstance(admission, Refusal):
+            raise _rate_limited(admission)
+        priority = req.priority
+        if tenant.priority is not None and "priority" not in req.model_fields_set:
+            priority = tenant.priority
         streams: list[RequestStream] = []
+        flight = _Flight(admission, streams, num_prompt)
         try:
             for i, ids in enumerate(prompts):
                 rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
                 streams.append(
                     await self.engine.add_request(
-                        ids, sampling, rid, delta=stream, kind=kind, priority=priority
+                        ids,
+                        sampling,
+                        rid,
+                        delta=req.stream,
+                        kind=kind,
+                        priority=priority,
+                        tenant=tenant.name,
+                        cache_salt=req.cache_salt or "",
                     )
                 )
         except BaseException:
-            for s in streams:
-                s.close()
+            flight.close()
             raise
-        return streams
+        return flight
 
-    async def collect(self, request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
+    async def collect(self, request: Request, flight: _Flight) -> list[RequestOutput]:
         """Final outputs of every stream; a client disconnect aborts them all."""
+        streams = flight.streams
 
         async def last(stream: RequestStream) -> RequestOutput:
             final = None
@@ -235,44 +420,39 @@ class _Server:
                 with contextlib.suppress(BaseException):
                     await work
                 raise RequestAbortedError("the client disconnected")
-            return work.result()
+            outputs: list[RequestOutput] = work.result()
+            for i, out in enumerate(outputs):
+                flight.observe(i, out, sum(len(c.token_ids) for c in out.outputs))
+            return outputs
         finally:
             watch.cancel()
-            for s in streams:
-                s.close()
+            flight.close()
 
     # ------------------------------------------------------------------ completions
 
     async def completions(self, request: Request) -> Response:
         req: CompletionRequest = await self.body(request, CompletionRequest)
         self.check_model(req.model)
-        prompts = [self.tokenize(p, add_special_tokens=True) for p in req.prompts()]
+        prompts = [await self.tokenize(p, add_special_tokens=True) for p in req.prompts()]
         max_tokens = [self.resolve_max_tokens(len(p), req.max_tokens, "prompt") for p in prompts]
         # One max_tokens for all prompts keeps one SamplingParams; take the tightest.
         sampling = self._sampling(req, min(max_tokens))
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self.open_streams(
-            prompts,
-            sampling,
-            rid,
-            kind=RequestKind.COMPLETION,
-            priority=req.priority,
-            stream=req.stream,
-        )
-        echo_texts = None
-        if req.echo:
-            raw = req.prompts()
-            echo_texts = [p if isinstance(p, str) else self._decode(p) for p in raw]
+        flight = await self.start(request, req, prompts, sampling, rid, kind=RequestKind.COMPLETION)
+        try:
+            echo_texts = None
+            if req.echo:
+                raw = req.prompts()
+                echo_texts = [p if isinstance(p, str) else await self._decode(p) for p in raw]
+        except BaseException:
+            flight.close()
+            raise
         if req.stream:
-            return self._sse(
-                self._completion_chunks(req, rid, streams, prompts, echo_texts), streams
-            )
-        outputs = await self.collect(request, streams)
+            return self._sse(self._completion_chunks(req, rid, flight, echo_texts), flight)
+        outputs = await self.collect(request, flight)
         choices = []
-        num_completion = 0
         for pi, out in enumerate(outputs):
             for c in out.outputs:
-                num_completion += len(c.token_ids)
                 text = c.text if echo_texts is None else echo_texts[pi] + c.text
                 choices.append(
                     {
@@ -285,7 +465,6 @@ class _Server:
                         "stop_reason": c.stop_reason,
                     }
                 )
-        num_prompt = sum(len(p) for p in prompts)
         return JSONResponse(
             {
                 "id": rid,
@@ -293,7 +472,7 @@ class _Server:
                 "created": int(time.time()),
                 "model": self.model_name,
                 "choices": choices,
-                "usage": _usage(num_prompt, num_completion),
+                "usage": _usage(flight),
             }
         )
 
@@ -301,20 +480,18 @@ class _Server:
         self,
         req: CompletionRequest,
         rid: str,
-        streams: list[RequestStream],
-        prompts: list[list[int]],
+        flight: _Flight,
         echo_texts: list[str] | None,
     ) -> AsyncIterator[dict[str, Any]]:
         created = int(time.time())
-        num_completion = 0
         offsets: dict[int, int] = {}
         if echo_texts is not None:
             for pi, text in enumerate(echo_texts):
                 for i in range(req.n):
                     yield self._completion_chunk(rid, created, pi * req.n + i, text, None, None)
-        async for pi, out in _merge(streams):
+        async for pi, out in _merge(flight.streams):
+            flight.observe(pi, out, sum(len(c.token_ids) for c in out.outputs))
             for c in out.outputs:
-                num_completion += len(c.token_ids)
                 index = pi * req.n + c.index
                 if not (c.text or c.finish_reason or c.token_ids):
                     continue
@@ -332,7 +509,7 @@ class _Server:
                 "created": created,
                 "model": self.model_name,
                 "choices": [],
-                "usage": _usage(sum(len(p) for p in prompts), num_completion),
+                "usage": _usage(flight),
             }
 
     def _completion_chunk(
@@ -377,29 +554,29 @@ class _Server:
         self.check_model(req.model)
         if not req.messages:
             raise APIError(400, "messages must hold at least one message", param="messages")
+        render = functools.partial(
+            apply_chat_template,
+            self.engine.tokenizer,
+            [m.as_template_message() for m in req.messages],
+            add_generation_prompt=req.add_generation_prompt,
+            **dict(req.chat_template_kwargs or {}),
+        )
         try:
-            text = apply_chat_template(
-                self.engine.tokenizer,
-                [m.as_template_message() for m in req.messages],
-                add_generation_prompt=req.add_generation_prompt,
-                **dict(req.chat_template_kwargs or {}),
-            )
+            text = await asyncio.to_thread(render)  # templates can be slow: off the loop
         except InvalidRequestError:
             raise
         except Exception as exc:  # a template that rejects the conversation (jinja raise)
             raise APIError(
                 400, f"the chat template rejected the messages: {exc}", param="messages"
             ) from None
-        ids = self.tokenize(text, add_special_tokens=False)
+        ids = await self.tokenize(text, add_special_tokens=False)
         max_tokens = self.resolve_max_tokens(len(ids), req.requested_max_tokens(), "messages")
         sampling = self._sampling(req, max_tokens)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self.open_streams(
-            [ids], sampling, rid, kind=RequestKind.CHAT, priority=req.priority, stream=req.stream
-        )
+        flight = await self.start(request, req, [ids], sampling, rid, kind=RequestKind.CHAT)
         if req.stream:
-            return self._sse(self._chat_chunks(req, rid, streams[0], len(ids)), streams)
-        (out,) = await self.collect(request, streams)
+            return self._sse(self._chat_chunks(req, rid, flight), flight)
+        (out,) = await self.collect(request, flight)
         choices = []
         for c in out.outputs:
             choices.append(
@@ -413,7 +590,6 @@ class _Server:
                     "stop_reason": c.stop_reason,
                 }
             )
-        num_completion = sum(len(c.token_ids) for c in out.outputs)
         return JSONResponse(
             {
                 "id": rid,
@@ -421,12 +597,12 @@ class _Server:
                 "created": int(time.time()),
                 "model": self.model_name,
                 "choices": choices,
-                "usage": _usage(len(ids), num_completion),
+                "usage": _usage(flight),
             }
         )
 
     async def _chat_chunks(
-        self, req: ChatCompletionRequest, rid: str, stream: RequestStream, num_prompt: int
+        self, req: ChatCompletionRequest, rid: str, flight: _Flight
     ) -> AsyncIterator[dict[str, Any]]:
         created = int(time.time())
 
@@ -443,10 +619,9 @@ class _Server:
 
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""}, None, None)
-        num_completion = 0
-        async for _, out in _merge([stream]):
+        async for _, out in _merge(flight.streams):
+            flight.observe(0, out, sum(len(c.token_ids) for c in out.outputs))
             for c in out.outputs:
-                num_completion += len(c.token_ids)
                 if not (c.text or c.finish_reason or c.token_ids):
                     continue
                 lp = None
@@ -461,7 +636,7 @@ class _Server:
                 "created": created,
                 "model": self.model_name,
                 "choices": [],
-                "usage": _usage(num_prompt, num_completion),
+                "usage": _usage(flight),
             }
 
     def _chat_logprobs(self, c: CompletionOutput, top_k: int) -> list[dict[str, Any]]:
@@ -494,13 +669,11 @@ class _Server:
         except ValidationError as exc:
             raise _from_validation(exc) from None
 
-    def _decode(self, ids: list[int]) -> str:
+    async def _decode(self, ids: list[int]) -> str:
         tok = self.engine.tokenizer
-        return "" if tok is None else str(tok.decode(ids))
+        return "" if tok is None else str(await asyncio.to_thread(tok.decode, ids))
 
-    def _sse(
-        self, chunks: AsyncIterator[dict[str, Any]], streams: list[RequestStream]
-    ) -> StreamingResponse:
+    def _sse(self, chunks: AsyncIterator[dict[str, Any]], flight: _Flight) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
             try:
                 async for item in chunks:
@@ -512,15 +685,10 @@ class _Server:
                 logger.exception("streaming failed")
                 yield b"data: " + json.dumps(_internal_error().body()).encode() + b"\n\n"
             finally:
-                for s in streams:
-                    s.close()
+                flight.close()
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(
-            body(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return _SSEResponse(body(), flight.close)
 
     # ------------------------------------------------------------------ misc routes
 
@@ -551,12 +719,26 @@ class _Server:
         return Response(self.publisher.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
+def _usage(flight: _Flight) -> dict[str, Any]:
+    prompt, completion = flight.num_prompt_tokens, flight.num_completion_tokens
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        # OpenAI's field: prompt tokens served from the (tenant's own) prefix cache
+        "prompt_tokens_details": {"cached_tokens": sum(flight.num_cached_tokens.values())},
     }
+
+
+def _tenant_of(request: Request, anonymous: Tenant) -> Tenant:
+    tenant = request.scope.get(_TENANT_SCOPE_KEY)
+    return tenant if isinstance(tenant, Tenant) else anonymous
+
+
+def _field_name(path: str) -> str:
+    """A field name fit for a log line: bounded, control characters escaped."""
+    short = path if len(path) <= 64 else path[:61] + "..."
+    return ascii(short)[1:-1] if not short.isprintable() else short
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -619,6 +801,9 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fas
     server = _Server(engine, config or ServerConfig())
     app = FastAPI(title="sageLLM", version=__version__, docs_url=None, redoc_url=None)
     app.state.server = server
+    app.add_middleware(
+        _AuthMiddleware, tenants=server.tenants, metrics_public=server.config.metrics_public
+    )
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:

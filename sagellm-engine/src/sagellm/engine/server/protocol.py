@@ -3,27 +3,49 @@
 Field names and defaults follow OpenAI's API reference; the extra sampling knobs
 (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ...)
 follow vLLM's OpenAI server. Unknown fields are ignored, as OpenAI clients send fields
-a server may not know; fields whose behaviour is not implemented are rejected when set
-to something other than their neutral value, never silently ignored.
+a server may not know (:func:`unknown_fields` lists them, so the server can warn or, when
+strict, refuse); fields whose behaviour is not implemented are rejected when set to
+something other than their neutral value, never silently ignored.
+
+``cache_salt`` (vLLM's field) separates prefix caches: requests share cached prefixes
+only with requests of the same tenant and the same salt.
 """
 
 from __future__ import annotations
 
+import types
+import typing
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from sagellm.core.errors import InvalidRequestError
 from sagellm.core.types import SamplingParams
 
 __all__ = [
+    "MAX_CACHE_SALT_CHARS",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
     "StreamOptions",
+    "unknown_fields",
 ]
 
 _LAX = ConfigDict(extra="ignore")
+
+#: Longest accepted ``cache_salt``.
+MAX_CACHE_SALT_CHARS = 256
 
 
 class StreamOptions(BaseModel):
@@ -59,7 +81,21 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[StrictInt] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
-    priority: StrictInt = 0
+    priority: StrictInt = 0  # lower runs first; default: the API key's priority, else 0
+    cache_salt: str | None = None  # prefix-cache isolation within the tenant (vLLM's field)
+
+    @field_validator("cache_salt", mode="before")
+    @classmethod
+    def _check_cache_salt(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not 0 < len(value) <= MAX_CACHE_SALT_CHARS:
+            raise PydanticCustomError(
+                "cache_salt",
+                f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
+                "characters",
+            )
+        return value
 
     def _check_unsupported(self) -> None:
         if self.logit_bias:
@@ -188,3 +224,50 @@ class ChatCompletionRequest(_SamplingFields):
             raise InvalidRequestError("top_logprobs needs logprobs set to true")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling(max_tokens, logprobs)
+
+
+def unknown_fields(model: type[BaseModel], data: Mapping[str, Any]) -> list[str]:
+    """Paths of the keys of ``data`` that ``model`` does not know, in order of appearance.
+
+    Nested models are followed (``stream_options.x``, ``messages[].x``,
+    ``messages[].content[].x``); list positions are left out so one misspelt key in a
+    long conversation is one name. Values are never part of the result.
+    """
+    found: dict[str, None] = {}
+    _walk(model, data, "", found)
+    return list(found)
+
+
+def _walk(model: type[BaseModel], data: Mapping[str, Any], prefix: str, found: dict) -> None:
+    known: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        known[name] = info.annotation
+        for alias in (info.alias, info.validation_alias):
+            if isinstance(alias, str):
+                known[alias] = info.annotation
+    for key, value in data.items():
+        if key not in known:
+            found[f"{prefix}{key}"] = None
+            continue
+        nested = next(_models_in(known[key]), None)
+        if nested is None:
+            continue
+        if isinstance(value, Mapping):
+            _walk(nested, value, f"{prefix}{key}.", found)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, Mapping):
+                    _walk(nested, item, f"{prefix}{key}[].", found)
+
+
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The pydantic models an annotation holds (``X | None``, ``list[X]``, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    origin = typing.get_origin(annotation)
+    if origin in (dict, Mapping) or origin is Literal:
+        return  # free-form mappings (chat_template_kwargs, ...) are not checked
+    if origin is not None or isinstance(annotation, types.UnionType):
+        for arg in typing.get_args(annotation):
+            yield from _models_in(arg)
