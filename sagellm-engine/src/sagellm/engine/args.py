@@ -112,6 +112,22 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-cache", help="prefix index implementation (default: none)")
     g.add_argument("--eviction", help="eviction policy implementation (default: none)")
     g.add_argument("--seed", type=int, help="default seed of requests that give none")
+    g.add_argument(
+        "--quantization",
+        "-q",
+        help="weight quantizer: none, gguf, int8, int4, gptq, awq, smoothquant (default: "
+        "gguf for a GGUF checkpoint, its quantized blocks computed on natively; none "
+        "otherwise)",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "int8", "fp8_e4m3", "fp8_e5m2"],
+        help="KV cache element type (default: auto, the compute dtype)",
+    )
+    g.add_argument(
+        "--kernels",
+        help="kernel provider: eager, fused, ... (default: fused where installed)",
+    )
 
 
 _ARG_KEYS = (
@@ -132,6 +148,9 @@ _ARG_KEYS = (
     "prefix_cache",
     "eviction",
     "seed",
+    "quantization",
+    "kv_cache_dtype",
+    "kernels",
 )
 
 

@@ -20,6 +20,8 @@ from sagellm.engine.llm_engine import LLMEngine, Prompt
 __all__ = ["LLM", "Message", "apply_chat_template"]
 
 Message = Mapping[str, Any]
+#: Text, token ids, or a vLLM-style prompt dict ({"prompt": ...} / {"prompt_token_ids": ...}).
+PromptInput = Prompt | Mapping[str, Any]
 
 #: Consecutive steps without scheduled work after which generate() gives up (a scheduler
 #: that can admit nothing while requests wait would otherwise spin forever).
@@ -42,6 +44,49 @@ def _message_text(content: Any) -> str:
     if content is None:
         return ""
     raise InvalidRequestError("message content must be a string or a list of text parts")
+
+
+_PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "cache_salt"})
+
+
+def _prompt_batch(
+    prompts: PromptInput | Sequence[PromptInput], cache_salt: str
+) -> tuple[list[Prompt], list[str]]:
+    """Prompts as text or token ids, and each one's cache salt."""
+    if isinstance(prompts, (str, Mapping)) or (
+        isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+    ):
+        items: list[Any] = [prompts]
+    else:
+        items = list(prompts)  # type: ignore[arg-type]
+    batch: list[Prompt] = []
+    salts: list[str] = []
+    for item in items:
+        if not isinstance(item, Mapping):
+            batch.append(item)
+            salts.append(cache_salt)
+            continue
+        unknown = set(item) - _PROMPT_KEYS
+        if unknown:
+            raise InvalidRequestError(
+                f"prompt dict has unknown keys {sorted(unknown)}; it takes 'prompt' (text) "
+                "or 'prompt_token_ids', and optionally 'cache_salt'"
+            )
+        if ("prompt" in item) == ("prompt_token_ids" in item):
+            raise InvalidRequestError(
+                "a prompt dict holds exactly one of 'prompt' (text) and 'prompt_token_ids'"
+            )
+        if "prompt" in item:
+            if not isinstance(item["prompt"], str):
+                raise InvalidRequestError("'prompt' of a prompt dict must be a string")
+            batch.append(item["prompt"])
+        else:
+            batch.append(list(item["prompt_token_ids"]))
+        salt = item.get("cache_salt", cache_salt)
+        if not isinstance(salt, str):
+            raise InvalidRequestError("'cache_salt' of a prompt dict must be a string")
+        salts.append(salt)
+    return batch, salts
 
 
 def apply_chat_template(
@@ -120,7 +165,7 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptInput | Sequence[PromptInput],
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
@@ -129,13 +174,15 @@ class LLM:
         tenant: str = "",
         cache_salt: str = "",
     ) -> list[RequestOutput]:
-        """Complete every prompt (text or token ids); outputs in input order.
+        """Complete every prompt; outputs in input order.
 
-        ``tenant`` and ``cache_salt`` isolate the prefix cache: a prompt reuses cached
-        prefixes only of requests with the same tenant and salt (``tenant`` also owns the
-        KV quota).
+        A prompt is text, token ids, or one of vLLM's prompt dicts: ``{"prompt": text}``
+        or ``{"prompt_token_ids": [...]}``, either optionally with its own
+        ``"cache_salt"``. ``tenant`` and ``cache_salt`` isolate the prefix cache: a prompt
+        reuses cached prefixes only of requests with the same tenant and salt (``tenant``
+        also owns the KV quota).
         """
-        batch = self._as_batch(prompts)
+        batch, salts = _prompt_batch(prompts, cache_salt)
         if isinstance(sampling, Sequence):
             if len(sampling) != len(batch):
                 raise InvalidRequestError(
@@ -144,7 +191,7 @@ class LLM:
             params = list(sampling)
         else:
             params = [sampling or SamplingParams()] * len(batch)
-        return self._run(batch, params, use_tqdm, kind, add_special_tokens, tenant, cache_salt)
+        return self._run(batch, params, use_tqdm, kind, add_special_tokens, tenant, salts)
 
     def chat(
         self,
@@ -194,14 +241,6 @@ class LLM:
 
     # ------------------------------------------------------------------ helpers
 
-    @staticmethod
-    def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-        if isinstance(prompts, str):
-            return [prompts]
-        if isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int):
-            return [prompts]  # type: ignore[list-item]
-        return list(prompts)  # type: ignore[arg-type]
-
     def _run(
         self,
         prompts: list[Prompt],
@@ -210,12 +249,12 @@ class LLM:
         kind: RequestKind,
         add_special_tokens: bool,
         tenant: str,
-        cache_salt: str,
+        cache_salts: list[str],
     ) -> list[RequestOutput]:
         engine = self.engine
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, cache_salt in zip(prompts, params, cache_salts):
                 rid = f"llm-{self._counter}"
                 self._counter += 1
                 engine.add_request(

@@ -23,6 +23,9 @@ __all__ = [
     "INT4_GROUP_SIZES",
     "decode_blocks",
     "int4_from_gguf",
+    "int4_levels",
+    "int4_params",
+    "int4_round",
     "int4_rtn",
     "int8_rtn",
     "pack_int4",
@@ -102,23 +105,73 @@ def int4_from_gguf(
     return q.reshape(shape).to(torch.int32), d, zero
 
 
-def int4_rtn(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric round-to-nearest int4 of float ``w`` ``[N, K]`` per group of columns.
+def int4_levels(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The ``(lowest, highest)`` code of a ``bits``-bit grid inside the kernel's 0..15.
 
-    Returns ``(q int32 [N, K] in 0..15, scale [N, K/g], zero [N, K/g])`` with
-    ``w ~ (q - 8) * scale + zero``; each group's minimum and maximum are represented
-    exactly up to rounding of the scale.
+    Asymmetric grids use codes ``0 .. 2**bits - 1``; symmetric ones are centred on the
+    kernel's zero point 8 (``8 - 2**(bits-1) .. 8 + 2**(bits-1) - 1``), so ``zero = 0``.
+    3-bit weights run on the same kernel (no fewer bytes, eight levels).
+    """
+    if bits not in (2, 3, 4):
+        raise ValueError(f"the int4 kernel holds 2, 3 or 4-bit codes, not {bits}-bit")
+    levels = 1 << bits
+    if symmetric:
+        return 8 - levels // 2, 8 + levels // 2 - 1
+    return 0, levels - 1
+
+
+def int4_params(
+    groups: torch.Tensor, bits: int = 4, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` of float ``groups`` ``[..., g]`` (one pair per group).
+
+    Asymmetric: the group's minimum and maximum map onto the lowest and highest code
+    (``zero = min + 8 * scale`` in the kernel's ``(q - 8) * scale + zero`` form);
+    symmetric: ``scale = 2 * max|w| / (2**bits - 1)``, ``zero = 0`` (GPTQ's convention).
+    """
+    lo_code, hi_code = int4_levels(bits, symmetric)
+    steps = hi_code - lo_code
+    g = groups.float()
+    if symmetric:
+        scale = (2 * g.abs().amax(dim=-1) / steps).clamp_min(1e-8)
+        return scale, torch.zeros_like(scale)
+    lo = g.amin(dim=-1)
+    hi = g.amax(dim=-1)
+    scale = ((hi - lo) / steps).clamp_min(1e-8)
+    return scale, lo + (8 - lo_code) * scale
+
+
+def int4_round(
+    groups: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int = 4,
+    symmetric: bool = False,
+) -> torch.Tensor:
+    """Codes (int32, in :func:`int4_levels`' range) nearest to ``groups`` ``[..., g]`` on
+    the grid ``(q - 8) * scale + zero`` (``scale``/``zero`` ``[...]``, one per group)."""
+    lo_code, hi_code = int4_levels(bits, symmetric)
+    s = scale.unsqueeze(-1)
+    q = ((groups.float() - zero.unsqueeze(-1)) / s + 8).round_().clamp_(lo_code, hi_code)
+    return q.to(torch.int32)
+
+
+def int4_rtn(
+    w: torch.Tensor, group_size: int, *, bits: int = 4, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest of float ``w`` ``[N, K]`` per group of ``group_size`` columns.
+
+    Returns ``(q int32 [N, K], scale [N, K/g], zero [N, K/g])`` (float32) with
+    ``w ~ (q - 8) * scale + zero``. Asymmetric (the default) represents each group's
+    minimum and maximum up to rounding of the scale; ``bits=3`` uses eight codes.
     """
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"group size {group_size} does not divide the {k} input columns")
     g = w.float().reshape(n, k // group_size, group_size)
-    lo = g.amin(dim=-1)
-    hi = g.amax(dim=-1)
-    scale = ((hi - lo) / 15).clamp_min(1e-8)
-    q = ((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).round_().clamp_(0, 15)
-    zero = lo + 8 * scale
-    return q.reshape(n, k).to(torch.int32), scale, zero
+    scale, zero = int4_params(g, bits, symmetric)
+    q = int4_round(g, scale, zero, bits, symmetric)
+    return q.reshape(n, k), scale, zero
 
 
 def int8_rtn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

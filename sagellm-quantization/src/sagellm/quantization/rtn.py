@@ -72,17 +72,26 @@ class Int8Quantizer:
 
 
 class Int4Quantizer:
-    """Group-wise asymmetric int4 weights on every projection (``int4``)."""
+    """Group-wise int4 weights on every projection (``int4``), round-to-nearest.
+
+    Subclasses that calibrate (GPTQ, AWQ) keep its group choice and head and replace
+    :meth:`quantize_layer` (the codes of one projection) and :meth:`prepare`.
+    """
 
     config_class: ClassVar[type[BaseModel]] = Int4Config
+    method: ClassVar[str] = "int4"  # the profile's method
 
     def __init__(self, config: Int4Config | None = None, **_context: object) -> None:
-        self.config = config or Int4Config()
+        self.config = config or self.config_class()
 
     def profile(self) -> QuantizationProfile:
-        """int4 weights with one scale and zero per group."""
+        """int4 weights (``bits`` codes) with one scale and zero per group."""
+        cfg = self.config
         return QuantizationProfile(
-            method="int4", weight_bits=4, group_size=self.config.group_size, symmetric=False
+            method=self.method,  # type: ignore[arg-type]
+            weight_bits=cfg.bits,
+            group_size=cfg.group_size,
+            symmetric=cfg.symmetric,
         )
 
     def prepare(
@@ -92,10 +101,8 @@ class Int4Quantizer:
     ) -> None:
         """Nothing to calibrate."""
 
-    def linear_method(self, name: str, layer: nn.Module) -> LinearMethod | None:
-        """An :class:`Int4Method` per projection (group size fitted to its columns)."""
-        if name == "lm_head":
-            return head_method(self.config, from_gguf=False)
+    def group_for(self, name: str, layer: nn.Module) -> int:
+        """The group size of projection ``name`` (the configured one where it divides)."""
         k = int(layer.input_size)
         group = int4_group_for(self.config.group_size, k)
         if group != self.config.group_size:
@@ -106,4 +113,16 @@ class Int4Quantizer:
                 group,
                 self.config.group_size,
             )
-        return Int4Method(group, dense_min_rows=self.config.dense_min_rows)
+        return group
+
+    def linear_method(self, name: str, layer: nn.Module) -> LinearMethod | None:
+        """An :class:`Int4Method` per projection (group size fitted to its columns)."""
+        if name == "lm_head":
+            return head_method(self.config, from_gguf=False)
+        cfg = self.config
+        return Int4Method(
+            self.group_for(name, layer),
+            dense_min_rows=cfg.dense_min_rows,
+            bits=cfg.bits,
+            symmetric=cfg.symmetric,
+        )

@@ -17,6 +17,7 @@ once per step in :class:`AttentionMetadata` and shared by all layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,10 @@ class AttentionMetadata:
     num_decodes: int = 0  # rows 0..num_decodes-1 are single-token chunks
     decode_slots: torch.Tensor | None = None  # [B * max_len] slots of every position, padded
     decode_mask: torch.Tensor | None = None  # additive [B, 1, 1, max_len]
+    # with a paged decode kernel instead of the two above: int32 block tables [B, width]
+    # (padded with the row's first block) and context lengths [B]
+    decode_block_tables: torch.Tensor | None = None
+    decode_context_lens: torch.Tensor | None = None
     chunks: list[ChunkMetadata] = field(default_factory=list)
 
 
@@ -58,6 +63,9 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.group = num_heads // num_kv_heads
         self.scale = head_dim**-0.5
+        # a kernel provider's paged decode attention (q, k_cache, v_cache, block_tables,
+        # context_lens, scale) -> out, reading the pool's blocks in place; None: gather
+        self.decode_kernel: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -81,7 +89,17 @@ class Attention(nn.Module):
 
         out = q.new_empty(num_tokens, h, d)
         b = meta.num_decodes
-        if b:
+        if b and meta.decode_block_tables is not None:
+            assert self.decode_kernel is not None and meta.decode_context_lens is not None
+            out[:b] = self.decode_kernel(
+                q[:b].contiguous(),
+                k_cache,
+                v_cache,
+                meta.decode_block_tables,
+                meta.decode_context_lens,
+                self.scale,
+            )
+        elif b:
             assert meta.decode_slots is not None and meta.decode_mask is not None
             length = meta.decode_mask.shape[-1]
             kb = k_flat.index_select(0, meta.decode_slots).view(b, length, hkv, d)

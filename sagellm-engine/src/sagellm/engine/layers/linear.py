@@ -9,7 +9,7 @@ so quantization, fused kernels and sharding compose on this one class.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ class DenseMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T (+ b)`` in ``x``'s dtype."""
-        return linear(x, layer.weight, layer.bias)
+        return linear(x, cast(torch.Tensor, layer.weight), cast("torch.Tensor | None", layer.bias))
 
 
 #: The method every projection starts with.
@@ -73,7 +73,8 @@ class Linear(nn.Module):
             nn.Parameter(torch.zeros(self.output_size), requires_grad=False) if bias else None
         )
         self.packed: PackedWeight | None = None
-        self.method: LinearMethod = DENSE
+        self.method: LinearMethod = DENSE  # what forward computes with
+        self.dense: LinearMethod = DENSE  # the float method (a quantized method's fallback)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
@@ -83,6 +84,17 @@ class Linear(nn.Module):
         method.process_weights(self)
         self.method = method
         self.packed = None
+
+    def set_dense(self, method: LinearMethod) -> None:
+        """Make ``method`` (a kernel provider's float matmul) the layer's float method.
+
+        It is what a quantized method falls back to for large inputs, and what the layer
+        computes with when it has no quantized method. Call after :meth:`set_method`.
+        """
+        method.process_weights(self)
+        if self.method is self.dense:
+            self.method = method
+        self.dense = method
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_sizes}, method={self.method.name}"

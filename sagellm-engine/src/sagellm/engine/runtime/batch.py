@@ -61,8 +61,13 @@ def build_step_batch(
     max_model_len: int,
     mask_dtype: torch.dtype,
     device: torch.device,
+    paged_decode: bool = False,
 ) -> StepBatch:
-    """Flatten ``chunks`` (in plan order) into a :class:`StepBatch`."""
+    """Flatten ``chunks`` (in plan order) into a :class:`StepBatch`.
+
+    ``paged_decode``: describe the decodes by block tables and context lengths (for a
+    paged decode kernel) instead of gathered slots and a mask.
+    """
     for c in chunks:
         _check(c, block_size, num_blocks, max_model_len)
     decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
@@ -86,7 +91,15 @@ def build_step_batch(
         ctx_lens.append(pos + 1)
         last_row[i] = len(tokens) - 1
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long))
-    if decodes:
+    if decodes and paged_decode:
+        width = max(len(t) for t in tables)
+        flat = [b for t in tables for b in (t + [t[0]] * (width - len(t)))]
+        meta.num_decodes = len(decodes)
+        meta.decode_block_tables = torch.tensor(flat, dtype=torch.int32, device=device).view(
+            len(decodes), width
+        )
+        meta.decode_context_lens = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
+    elif decodes:
         width = max(len(t) for t in tables)
         flat = [b for t in tables for b in (t + [t[0]] * (width - len(t)))]
         table = torch.tensor(flat, dtype=torch.long, device=device).view(len(decodes), width)

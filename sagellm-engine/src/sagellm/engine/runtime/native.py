@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from sagellm.core import registry
 from sagellm.core.errors import CapabilityMismatchError, ConfigError, SageLLMError
-from sagellm.core.protocols import KVPool, Quantizer
+from sagellm.core.protocols import KernelProvider, KVPool, Quantizer
 from sagellm.core.types import (
     CapabilityDescriptor,
     ExecutionPlan,
@@ -20,6 +20,7 @@ from sagellm.core.types import (
     ModelOutput,
     SequenceChunk,
 )
+from sagellm.engine.layers.attention import Attention
 from sagellm.engine.layers.linear import Linear
 from sagellm.engine.layers.rotary import RotaryEmbedding
 from sagellm.engine.models.llama import LlamaForCausalLM
@@ -121,14 +122,17 @@ class NativeRuntime:
         self.model = model.eval()
         self._pool: KVPool | None = None
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._paged_decode = False  # decodes attend through a kernel provider's paged kernel
         self.quantization = self._quantize(progress)
+        self.kernels = self._use_kernels()
         self.load_seconds = time.perf_counter() - t0
         logger.info(
-            "loaded %s (%s, %s, quantization %s) in %.1f s",
+            "loaded %s (%s, %s, quantization %s, kernels %s) in %.1f s",
             self.source.name,
             self.source.kind,
             str(self.dtype).removeprefix("torch."),
             self.quantization,
+            self.kernels,
             self.load_seconds,
         )
 
@@ -166,6 +170,49 @@ class NativeRuntime:
                 raise ConfigError(f"quantization {name!r}: {exc}") from exc
         for layer in layers.values():
             layer.packed = None  # the checkpoint's blocks are not needed any more
+        return name
+
+    def _kernel_provider_name(self) -> str:
+        name = self.config.kernels
+        if name is not None:
+            return name
+        if self.device.type == "cpu" and any(
+            p.name == "fused" for p in registry.available("kernels")
+        ):
+            return "fused"
+        return "eager"
+
+    def _use_kernels(self) -> str:
+        """Hand the projections to the configured kernel provider's ops; its name."""
+        name = self._kernel_provider_name()
+        if name == "eager":
+            return name
+        provider = registry.load("kernels", name, self.config.kernel_options)
+        if not isinstance(provider, KernelProvider):
+            raise CapabilityMismatchError(
+                f"kernel provider {name!r} ({type(provider).__name__}) does not implement "
+                "sagellm.core.protocols.KernelProvider"
+            )
+        ops = set(provider.available_ops())
+        if "paged_decode_attention" in ops:
+            kernel = provider.get("paged_decode_attention")
+            for module in self.model.modules():
+                if isinstance(module, Attention):
+                    module.decode_kernel = kernel
+            self._paged_decode = True
+        if "dense_linear" in ops:
+            make = provider.get("dense_linear")
+            for layer_name, layer in self.model.projections().items():
+                # the tied head's weight is the embedding table: a blocked copy would
+                # double it for the rare step that samples many rows
+                tied = layer_name == "lm_head" and self.model_config.tie_word_embeddings
+                if layer.weight is None or tied:
+                    continue
+                method = make(self.dtype)
+                if method is None:
+                    logger.info("kernels %s: no dense linear for %s here", name, self.dtype)
+                    break
+                layer.set_dense(method)
         return name
 
     def run_sequence(self, token_ids: Sequence[int]) -> torch.Tensor:
@@ -274,6 +321,7 @@ class NativeRuntime:
             max_model_len=self.max_model_len,
             mask_dtype=self.dtype,
             device=self.device,
+            paged_decode=self._paged_decode,
         )
         ids = batch.token_ids
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:

@@ -1,0 +1,217 @@
+// Paged decode attention on the CPU: one query token per sequence attends to the keys and
+// values its block table points at, read in place from the KV pool's blocks (no gather
+// into a contiguous copy). Grouped-query attention: the query heads of one KV head share
+// each key and value row while it is in cache.
+//
+// Layouts: q [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D] (any strides
+// for the first two dims, the last two contiguous); block_tables int32 [B, max_blocks];
+// context_lens int32 [B]; out [B, H, D] in q's dtype. Scores and sums are float32.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(at::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float to_float(at::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) dst[i] = to_float(src[i]);
+}
+
+#if defined(__AVX512F__)
+// 16 lanes of a row as float32
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+constexpr int64_t kMaxLanes = 16;  // D up to 256 stays in registers (16 x 16 floats)
+#endif
+
+// One (sequence, KV head) task: scores of its G query heads against every position,
+// softmax, then the weighted sum of the values. q rows are pre-scaled float32.
+template <typename C>
+void attend_one(const float* qf, const C* kp, const C* vp, const int32_t* table,
+                int64_t len, int64_t block_size, int64_t kb_stride, int64_t kt_stride,
+                int64_t vb_stride, int64_t vt_stride, int64_t G, int64_t D, float* scores,
+                float* acc, float* row) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0 && D / 16 <= kMaxLanes && G <= 8) {
+    const int64_t L = D / 16;
+    __m512 qv[8][kMaxLanes];
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t l = 0; l < L; ++l) qv[g][l] = _mm512_loadu_ps(qf + g * D + 16 * l);
+    for (int64_t t = 0; t < len; ++t) {
+      const C* kr = kp + table[t / block_size] * kb_stride + (t % block_size) * kt_stride;
+      __m512 s[8];
+      for (int64_t g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
+      for (int64_t l = 0; l < L; ++l) {
+        const __m512 k = load16(kr + 16 * l);
+        for (int64_t g = 0; g < G; ++g) s[g] = _mm512_fmadd_ps(qv[g][l], k, s[g]);
+      }
+      for (int64_t g = 0; g < G; ++g) scores[g * len + t] = _mm512_reduce_add_ps(s[g]);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = scores + g * len;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < len; ++t) m = sg[t] > m ? sg[t] : m;
+      float sum = 0.f;
+      for (int64_t t = 0; t < len; ++t) {
+        sg[t] = std::exp(sg[t] - m);
+        sum += sg[t];
+      }
+      const float inv = 1.f / sum;
+      for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+    }
+    __m512 a[8][kMaxLanes];
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t l = 0; l < L; ++l) a[g][l] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+      const C* vr = vp + table[t / block_size] * vb_stride + (t % block_size) * vt_stride;
+      for (int64_t l = 0; l < L; ++l) {
+        const __m512 v = load16(vr + 16 * l);
+        for (int64_t g = 0; g < G; ++g)
+          a[g][l] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t]), v, a[g][l]);
+      }
+    }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t l = 0; l < L; ++l) _mm512_storeu_ps(acc + g * D + 16 * l, a[g][l]);
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < len; ++t) {
+    load_row(kp + table[t / block_size] * kb_stride + (t % block_size) * kt_stride, row, D);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf + g * D;
+      float s = 0.f;
+      for (int64_t i = 0; i < D; ++i) s += qg[i] * row[i];
+      scores[g * len + t] = s;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * len;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < len; ++t) m = sg[t] > m ? sg[t] : m;
+    float sum = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      sg[t] = std::exp(sg[t] - m);
+      sum += sg[t];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+  }
+  std::fill(acc, acc + G * D, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    load_row(vp + table[t / block_size] * vb_stride + (t % block_size) * vt_stride, row, D);
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = scores[g * len + t];
+      float* ag = acc + g * D;
+      for (int64_t i = 0; i < D; ++i) ag[i] += p * row[i];
+    }
+  }
+}
+
+template <typename T, typename C>
+void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& block_tables, const at::Tensor& context_lens,
+                      double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_cache.size(2), block_size = k_cache.size(1);
+  const int64_t G = H / Hkv;
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t kb_stride = k_cache.stride(0), kt_stride = k_cache.stride(1);
+  const int64_t vb_stride = v_cache.stride(0), vt_stride = v_cache.stride(1);
+  const T* qp = q.data_ptr<T>();
+  const C* kp = k_cache.data_ptr<C>();
+  const C* vp = v_cache.data_ptr<C>();
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const int32_t* cl = context_lens.data_ptr<int32_t>();
+  T* op = out.data_ptr<T>();
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), row(D), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, kh = task % Hkv;
+      const int64_t len = cl[b];
+      TORCH_CHECK(len >= 1 && len <= max_blocks * block_size,
+                  "context length ", len, " does not fit the block table");
+      scores.resize(G * len);
+      for (int64_t g = 0; g < G; ++g) {
+        load_row(qp + (b * H + kh * G + g) * D, qf.data() + g * D, D);
+        for (int64_t i = 0; i < D; ++i) qf[g * D + i] *= fscale;
+      }
+      attend_one<C>(qf.data(), kp + kh * D, vp + kh * D, bt + b * max_blocks, len, block_size,
+                    kb_stride, kt_stride, vb_stride, vt_stride, G, D, scores.data(),
+                    acc.data(), row.data());
+      for (int64_t g = 0; g < G; ++g) {
+        T* dst = op + (b * H + kh * G + g) * D;
+        for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(acc[g * D + i]);
+      }
+    }
+  });
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "q [B, H, D] and caches [blocks, block_size, H_kv, D] expected");
+  TORCH_CHECK(q.is_contiguous(), "q must be contiguous");
+  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
+                  v_cache.stride(3) == 1 && v_cache.stride(2) == v_cache.size(3),
+              "the caches' last two dims must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "the caches must have one dtype");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.size(2) == k_cache.size(3), "head_dim of q and the caches differ");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
+              "block_tables and context_lens must be int32");
+  TORCH_CHECK(block_tables.is_contiguous() && context_lens.is_contiguous(),
+              "block_tables and context_lens must be contiguous");
+  TORCH_CHECK(block_tables.size(0) == q.size(0) && context_lens.size(0) == q.size(0),
+              "one block table and one context length per sequence");
+  auto out = at::empty_like(q);
+  const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
+#define SAGELLM_CASE(QT, CT, TQ, TC)                                                      \
+  if (qt == QT && ct == CT) {                                                             \
+    decode_attention<TQ, TC>(q, k_cache, v_cache, block_tables, context_lens, scale, out); \
+    return out;                                                                           \
+  }
+  SAGELLM_CASE(at::kFloat, at::kFloat, float, float)
+  SAGELLM_CASE(at::kBFloat16, at::kBFloat16, at::BFloat16, at::BFloat16)
+  SAGELLM_CASE(at::kHalf, at::kHalf, at::Half, at::Half)
+  SAGELLM_CASE(at::kFloat, at::kBFloat16, float, at::BFloat16)
+  SAGELLM_CASE(at::kFloat, at::kHalf, float, at::Half)
+#undef SAGELLM_CASE
+  TORCH_CHECK(false, "paged_decode_attention: q ", qt, " with caches ", ct,
+              " is not supported (float32, bfloat16 or float16; a float32 q may read "
+              "bfloat16 or float16 caches)");
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "decode attention over a paged KV cache, read in place");
+}

@@ -1,0 +1,65 @@
+"""``fused``: the kernel provider the engine uses by default on CPU."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel
+
+from sagellm.kernel_fusion.config import FusedKernelsConfig
+from sagellm.kernel_fusion.extension import load_kernels
+from sagellm.kernel_fusion.onednn import OneDNNLinear, onednn_available
+
+__all__ = ["FusedKernels"]
+
+
+class FusedKernels:
+    """Fused and prepacked CPU kernels (implements ``sagellm.core.protocols.KernelProvider``).
+
+    Ops:
+
+    * ``dense_linear``: a factory ``(dtype) -> LinearMethod | None`` of float projections on
+      oneDNN's prepacked weights (:mod:`.onednn`);
+    * ``paged_decode_attention``: ``(q [B, H, D], k_cache, v_cache [blocks, block_size,
+      H_kv, D], block_tables int32 [B, width], context_lens int32 [B], scale) -> [B, H, D]``,
+      decode attention reading the pool's blocks in place (C++, :mod:`.extension`).
+
+    An op this machine cannot run (no oneDNN, no compiler) is left out of
+    :meth:`available_ops`.
+    """
+
+    config_class: ClassVar[type[BaseModel]] = FusedKernelsConfig
+
+    def __init__(self, config: FusedKernelsConfig | None = None, **_context: object) -> None:
+        self.config = config or FusedKernelsConfig()
+
+    def available_ops(self) -> tuple[str, ...]:
+        """Names of the ops this machine can run."""
+        ops = []
+        if self.config.onednn_linear and (
+            onednn_available(torch.float32) or onednn_available(torch.bfloat16)
+        ):
+            ops.append("dense_linear")
+        if self.config.compiled_kernels and load_kernels() is not None:
+            ops.append("paged_decode_attention")
+        return tuple(ops)
+
+    def get(self, op: str) -> Any:
+        """The callable for ``op``; KeyError naming the available ops otherwise."""
+        if op not in self.available_ops():
+            raise KeyError(
+                f"kernel {op!r} is not provided here; available: {', '.join(self.available_ops())}"
+            )
+        if op == "dense_linear":
+            hint = self.config.linear_batch_hint
+
+            def make(dtype: torch.dtype) -> OneDNNLinear | None:
+                return OneDNNLinear(hint) if onednn_available(dtype) else None
+
+            return make
+        if op == "paged_decode_attention":
+            module = load_kernels()
+            assert module is not None
+            return module.paged_decode_attention
+        raise AssertionError(op)
