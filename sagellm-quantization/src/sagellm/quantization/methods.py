@@ -37,7 +37,17 @@ from sagellm.quantization.formats import (
     unpack_int4,
 )
 
-__all__ = ["Int4Method", "Int8Method", "ScaledInt4Method"]
+__all__ = ["Int4Method", "Int8Method", "ScaledInt4Method", "buffer", "input_size"]
+
+
+def buffer(layer: nn.Module, name: str) -> torch.Tensor:
+    """The tensor a method registered on ``layer`` as ``name`` (typed for mypy)."""
+    return cast(torch.Tensor, getattr(layer, name))
+
+
+def input_size(layer: nn.Module) -> int:
+    """A projection's ``input_size``."""
+    return int(cast(int, layer.input_size))
 
 
 def _float_weight(layer: nn.Module) -> torch.Tensor:
@@ -166,7 +176,7 @@ class Int4Method(_WeightOnlyMethod):
         if deq is not None:  # a float32 layer (see the module docstring)
             return F.linear(x, deq, cast("torch.Tensor | None", layer.bias))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, layer.qweight, self.group_size, layer.scale_zeros
+            x, buffer(layer, "qweight"), self.group_size, buffer(layer, "scale_zeros")
         )
         if layer.bias is not None:
             y = y + layer.bias
@@ -221,7 +231,7 @@ class ScaledInt4Method(Int4Method):
         y = self._dense(layer, x)
         if y is not None:
             return y
-        return self._int4(layer, x * layer.input_scale)
+        return self._int4(layer, x * buffer(layer, "input_scale"))
 
 
 class Int8Method(_WeightOnlyMethod):
@@ -299,7 +309,7 @@ class Int8Method(_WeightOnlyMethod):
         deq = getattr(layer, "dequantized", None)
         if deq is not None and x.shape[0] > 1:  # a float32 layer (see the module docstring)
             return F.linear(x, deq, cast("torch.Tensor | None", layer.bias))
-        qw, sc = layer.qweight, layer.scales
+        qw, sc = buffer(layer, "qweight"), buffer(layer, "scales")
         groups = qw.shape[0]
         if groups == 1:
             y = torch.ops.aten._weight_int8pack_mm(x, qw[0], sc[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from pydantic import BaseModel
 from torch import nn
@@ -13,7 +13,7 @@ from sagellm.core.protocols import LinearMethod
 from sagellm.core.types import QuantizationProfile
 from sagellm.quantization.config import Int4Config, Int8Config, QuantizationConfig
 from sagellm.quantization.formats import INT4_GROUP_SIZES
-from sagellm.quantization.methods import Int4Method, Int8Method
+from sagellm.quantization.methods import Int4Method, Int8Method, input_size
 
 __all__ = ["Int4Quantizer", "Int8Quantizer", "head_method", "int4_group_for"]
 
@@ -82,7 +82,7 @@ class Int4Quantizer:
     method: ClassVar[str] = "int4"  # the profile's method
 
     def __init__(self, config: Int4Config | None = None, **_context: object) -> None:
-        self.config = config or self.config_class()
+        self.config = cast(Int4Config, config or self.config_class())
 
     def profile(self) -> QuantizationProfile:
         """int4 weights (``bits`` codes) with one scale and zero per group."""
@@ -103,7 +103,7 @@ class Int4Quantizer:
 
     def group_for(self, name: str, layer: nn.Module) -> int:
         """The group size of projection ``name`` (the configured one where it divides)."""
-        k = int(layer.input_size)
+        k = input_size(layer)
         group = int4_group_for(self.config.group_size, k)
         if group != self.config.group_size:
             logger.info(
