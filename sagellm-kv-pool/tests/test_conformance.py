@@ -29,3 +29,19 @@ class TestTieredStoreConformance(kit.KVPoolConformance):
             disk=None,
         )
         return TieredKVStore(config, schema=schema, device="cpu")
+
+
+#: An int8 layout whose token-head rows end in a float16 scale.
+QUANTIZED = KVCacheSchema(
+    num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="int8", scale_bytes=2
+)
+
+
+class TestQuantizedPagedPoolConformance(TestPagedPoolConformance):
+    schema = QUANTIZED
+
+
+class TestQuantizedTieredStoreConformance(TestTieredStoreConformance):
+    schema = KVCacheSchema(
+        num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float8_e5m2", scale_bytes=2
+    )

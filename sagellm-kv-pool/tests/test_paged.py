@@ -290,6 +290,56 @@ def test_storage_dtype_and_layer_views(
         pool.layer_cache(3)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "torch_dtype"),
+    [
+        ("int8", torch.int8),
+        ("float8_e4m3fn", torch.float8_e4m3fn),
+        ("float8_e5m2", torch.float8_e5m2),
+    ],
+)
+def test_quantized_storage_rows_end_in_their_scale(dtype: str, torch_dtype: torch.dtype) -> None:
+    schema = KVCacheSchema(
+        num_layers=3, num_kv_heads=2, head_dim=4, block_size=4, dtype=dtype, scale_bytes=2
+    )
+    # 3 layers x (K, V) x 4 tokens x 2 heads x (4 values + 2 scale bytes)
+    assert schema.bytes_per_block == 3 * 2 * 4 * 2 * 6 == 288
+    # the same budget as a bfloat16 pool of 10 blocks (512 bytes each)
+    pool = PagedKVPool(PagedKVPoolConfig(memory_bytes=10 * 512), schema=schema)
+    assert pool.num_blocks == 17  # 5120 // 288
+    assert pool.storage.dtype == torch_dtype
+    assert pool.storage.shape == (3, 2, 17, 4, 2, 6)
+    assert pool.raw_storage.shape == (3, 2, 17, 4, 2, 6)
+    k, v = pool.layer_cache(1)
+    assert k.shape == v.shape == (17, 4, 2, 6)
+    assert pool.block_info(0).size_bytes == 288
+    # the scale is a float16 in the row's last two elements
+    k[5, 2, 1, 4:].view(torch.float16).fill_(0.125)
+    assert pool.storage[1, 0, 5, 2, 1, 4:].view(torch.float16).item() == 0.125
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn", "float8_e5m2"])
+def test_copy_blocks_moves_quantized_values_and_scales_untouched(dtype: str) -> None:
+    schema = KVCacheSchema(
+        num_layers=2, num_kv_heads=2, head_dim=4, block_size=4, dtype=dtype, scale_bytes=2
+    )
+    pool = make(schema, num_blocks=8)
+    raw = pool.raw_storage
+    gen = torch.Generator().manual_seed(0)
+    raw.copy_(torch.randint(0, 256, raw.shape, generator=gen, dtype=torch.uint8))
+    before = raw.clone()
+    pool.copy_blocks([(1, 5), (2, 6), (7, 0)])
+    for s, d in ((1, 5), (2, 6), (7, 0)):
+        assert torch.equal(raw[:, :, d], before[:, :, s])
+    for b in (1, 2, 3, 4, 7):
+        assert torch.equal(raw[:, :, b], before[:, :, b])
+    out = torch.empty(2, 2, 2, 4, 2, 6, dtype=torch.uint8)
+    pool.gather_blocks([5, 3], out)
+    assert torch.equal(out[0], before[:, :, 1]) and torch.equal(out[1], before[:, :, 3])
+    pool.scatter_blocks([4, 2], out)
+    assert torch.equal(raw[:, :, 4], before[:, :, 1]) and torch.equal(raw[:, :, 2], before[:, :, 3])
+
+
 def _fill_distinct(pool: PagedKVPool) -> None:
     n = pool.storage.numel()
     pool.storage.copy_(torch.arange(n, dtype=torch.float32).reshape(pool.storage.shape))

@@ -47,16 +47,17 @@ def store(schema: KVCacheSchema, tmp_path: Path) -> Iterator[TieredKVStore]:
 
 
 def fill(store: TieredKVStore, block_ids: list[int], seed: int) -> torch.Tensor:
-    """Write distinct random content into device blocks; return a copy of it."""
-    kv = store.device_pool.storage
+    """Write random bytes into device blocks (values and any scales); return a copy."""
+    raw = store.device_pool.raw_storage
     gen = torch.Generator().manual_seed(seed)
-    data = torch.randn(kv[:, :, block_ids].shape, generator=gen).to(kv.dtype)
-    kv[:, :, block_ids] = data
+    data = torch.randint(0, 256, raw[:, :, block_ids].shape, generator=gen, dtype=torch.uint8)
+    raw[:, :, block_ids] = data
     return data.clone()
 
 
 def device_content(store: TieredKVStore, block_ids: list[int]) -> torch.Tensor:
-    return store.device_pool.storage[:, :, block_ids].clone()
+    """The bytes of device blocks (compared as bytes: float8 patterns may be NaN)."""
+    return store.device_pool.raw_storage[:, :, block_ids].clone()
 
 
 # ---------------------------------------------------------------- protocols, registry
@@ -137,9 +138,30 @@ def test_tier_face_allocate_free_and_info(store: TieredKVStore) -> None:
 # ---------------------------------------------------------------- migration
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_round_trip_device_host_disk_device_keeps_content(dtype: str, tmp_path: Path) -> None:
-    schema = KVCacheSchema(num_layers=2, num_kv_heads=2, head_dim=4, block_size=4, dtype=dtype)
+@pytest.mark.parametrize(
+    ("dtype", "scale_bytes"),
+    [
+        ("float32", 0),
+        ("bfloat16", 0),
+        ("int8", 2),
+        ("float8_e4m3fn", 2),
+        ("float8_e5m2", 2),
+    ],
+)
+def test_round_trip_device_host_disk_device_keeps_content(
+    dtype: str, scale_bytes: int, tmp_path: Path
+) -> None:
+    schema = KVCacheSchema(
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=4,
+        block_size=4,
+        dtype=dtype,
+        scale_bytes=scale_bytes,
+    )
+    # 2 layers x (K, V) x 4 tokens x 2 heads x (4 values + a quantized row's 2 scale bytes)
+    element = {"float32": 4, "bfloat16": 2}.get(dtype, 1)
+    assert schema.bytes_per_block == 2 * 2 * 4 * 2 * (4 * element + scale_bytes)
     with make_store(schema, tmp_path) as store:
         ids = store.allocate(5)
         data = fill(store, ids, seed=2)

@@ -177,8 +177,8 @@ def test_pool_binding_checks_the_schema(tiny_dir) -> None:
         CapabilityMismatchError, match=r"\(layers, kv_heads, head_dim\)=\(3, 2, 16\)"
     ):
         runtime.bind_kv_pool(pool)
-    with pytest.raises(ConfigError, match="KV cache dtype 'int8' is not supported"):
-        runtime.kv_cache_schema(4, "int8")
+    with pytest.raises(ConfigError, match="KV cache dtype 'uint8' is not supported"):
+        runtime.kv_cache_schema(4, "uint8")
 
 
 def test_max_model_len_beyond_the_model_is_refused(tiny_dir) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "CommConfig",
     "DType",
     "DTYPE_BYTES",
+    "KV_CACHE_DTYPES",
     "EvictionDecision",
     "ExecutionPlan",
     "FinishReason",
@@ -63,7 +64,7 @@ __all__ = [
 ]
 
 #: Element types a KV cache or a model may use, by their torch names.
-DType = Literal["float32", "bfloat16", "float16", "float8_e4m3fn", "int8", "uint8"]
+DType = Literal["float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "int8", "uint8"]
 
 #: Bytes per element of each :data:`DType`.
 DTYPE_BYTES: Mapping[str, int] = {
@@ -71,8 +72,17 @@ DTYPE_BYTES: Mapping[str, int] = {
     "bfloat16": 2,
     "float16": 2,
     "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
     "int8": 1,
     "uint8": 1,
+}
+
+#: KV cache element type of each quantized ``EngineConfig.kv_cache_dtype`` choice
+#: (``"auto"`` keeps the compute dtype). Each stores a float16 scale per token-head row.
+KV_CACHE_DTYPES: Mapping[str, DType] = {
+    "int8": "int8",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
 }
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -184,7 +194,11 @@ class KVCacheSchema(BaseModel):
 
     A block holds ``block_size`` consecutive token positions of one sequence for every
     layer; per layer the key and value storage are laid out as
-    ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+    ``[num_blocks, block_size, num_kv_heads, head_size]``, where ``head_size`` is
+    ``head_dim`` for an unquantized cache. A quantized cache (a 1-byte ``dtype``: int8,
+    float8_e4m3fn, float8_e5m2) stores after each token-head's ``head_dim`` values its
+    quantization scale in ``scale_bytes`` more bytes (a float16 bit-cast into 2 elements),
+    so a block's bytes hold values and scales together and move as one.
     """
 
     model_config = _FROZEN
@@ -195,11 +209,34 @@ class KVCacheSchema(BaseModel):
     block_size: int = Field(16, ge=1, le=4096)  # tokens per block
     dtype: DType = "float32"  # element type of the stored keys and values
     layout: Literal["NHD"] = "NHD"  # [block, token, head, dim]
+    # bytes after each token-head's head_dim elements holding its quantization scale
+    # (a whole number of elements); 0 for an unquantized cache
+    scale_bytes: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_scale_bytes(self) -> KVCacheSchema:
+        if self.scale_bytes % DTYPE_BYTES[self.dtype]:
+            raise ValueError(
+                f"scale_bytes={self.scale_bytes} is not a whole number of {self.dtype} "
+                f"elements ({DTYPE_BYTES[self.dtype]} bytes each)"
+            )
+        return self
+
+    @property
+    def is_quantized(self) -> bool:
+        """True when every token-head row carries its own scale."""
+        return self.scale_bytes > 0
+
+    @property
+    def head_size(self) -> int:
+        """Elements of one stored token-head row: ``head_dim`` values, then the scale."""
+        return self.head_dim + self.scale_bytes // DTYPE_BYTES[self.dtype]
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one token occupies across all layers, keys and values."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
+        """Bytes one token occupies across all layers, keys and values (scales included)."""
+        row = self.head_dim * DTYPE_BYTES[self.dtype] + self.scale_bytes
+        return 2 * self.num_layers * self.num_kv_heads * row
 
     @property
     def bytes_per_block(self) -> int:
@@ -456,6 +493,8 @@ class CapabilityDescriptor(BaseModel):
     name: str  # component or instance name
     devices: tuple[str, ...] = ("cpu",)  # device types it runs on
     dtypes: tuple[DType, ...] = ("float32",)  # element types it accepts
+    # KV cache element types it can store and read (empty: not stated)
+    kv_dtypes: tuple[DType, ...] = ()
     kv_schema: KVCacheSchema | None = None  # the KV layout it produces or expects
     max_model_len: int | None = None  # longest sequence (prompt + output)
     supports_prefill: bool = True  # can run prefill (P side of P/D separation)

@@ -19,7 +19,7 @@ from sagellm.core import registry
 from sagellm.core.config import EngineConfig
 from sagellm.core.errors import CapabilityMismatchError
 from sagellm.core.protocols import KVPool, PrefixIndex, Runtime, Scheduler
-from sagellm.core.types import CapabilityDescriptor, KVCacheSchema
+from sagellm.core.types import KV_CACHE_DTYPES, CapabilityDescriptor, KVCacheSchema
 from sagellm.engine.config import MAX_FULL_SEQUENCES, BuildOptions
 from sagellm.engine.kv_tiers import TieredPrefixCache, is_tiered_store
 
@@ -115,6 +115,13 @@ class EngineBuilder:
                 f"{schema.block_size} for block_size={cfg.block_size}; the runtime must honour "
                 "the requested block size"
             )
+        if cfg.kv_cache_dtype != "auto" and schema.dtype != KV_CACHE_DTYPES[cfg.kv_cache_dtype]:
+            raise CapabilityMismatchError(
+                f"kv_cache_dtype={cfg.kv_cache_dtype!r} asks for a "
+                f"{KV_CACHE_DTYPES[cfg.kv_cache_dtype]} KV cache but runtime "
+                f"{cfg.runtime.name!r} laid it out in {schema.dtype}; use a runtime that "
+                "stores quantized KV (native) or kv_cache_dtype='auto'"
+            )
         # The runtime reports what the model supports; the config may ask for less.
         model_len = cfg.max_model_len or caps.max_model_len
         if model_len is None:
@@ -196,6 +203,7 @@ class EngineBuilder:
             "num_threads": cfg.num_threads,
             "max_model_len": cfg.max_model_len,
             "quantization": cfg.quantization,
+            "kv_cache_dtype": cfg.kv_cache_dtype if cfg.kv_cache_dtype != "auto" else None,
             "kernels": cfg.kernels,
         }
         base = {k: v for k, v in base.items() if v is not None}
@@ -230,6 +238,13 @@ class EngineBuilder:
             raise CapabilityMismatchError(
                 f"runtime {cfg.runtime.name!r} computes in {', '.join(caps.dtypes)} but the config "
                 f"asks for dtype {cfg.dtype!r}; pick one of those (or 'auto')"
+            )
+        kv_dtype = KV_CACHE_DTYPES.get(cfg.kv_cache_dtype)
+        if kv_dtype is not None and caps.kv_dtypes and kv_dtype not in caps.kv_dtypes:
+            raise CapabilityMismatchError(
+                f"runtime {cfg.runtime.name!r} stores KV caches in "
+                f"{', '.join(caps.kv_dtypes)} but the config asks for kv_cache_dtype="
+                f"{cfg.kv_cache_dtype!r} ({kv_dtype}); pick another or 'auto'"
             )
         if (
             cfg.max_model_len is not None

@@ -27,7 +27,10 @@ __all__ = ["cache_dir", "load_kernels"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.cpp",)
+_SOURCES = ("paged_attention.cpp", "fused_ops.cpp")
+# -fopenmp: at::parallel_for is header code; without it every kernel runs on one thread
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 
 
 def _cpu_flags() -> str:
@@ -55,6 +58,7 @@ def load_kernels() -> Any | None:
     for p in paths:
         digest.update(p.read_bytes())
     digest.update(torch.__version__.encode())
+    digest.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     digest.update(_cpu_flags().encode())
     tag = digest.hexdigest()[:16]
     build = cache_dir() / tag
@@ -70,7 +74,8 @@ def load_kernels() -> Any | None:
         module = load(
             name=name,
             sources=[str(p) for p in paths],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
             build_directory=str(build),
             verbose=False,
         )

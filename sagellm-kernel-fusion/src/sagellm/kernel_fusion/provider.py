@@ -23,7 +23,12 @@ class FusedKernels:
       oneDNN's prepacked weights (:mod:`.onednn`);
     * ``paged_decode_attention``: ``(q [B, H, D], k_cache, v_cache [blocks, block_size,
       H_kv, D], block_tables int32 [B, width], context_lens int32 [B], scale) -> [B, H, D]``,
-      decode attention reading the pool's blocks in place (C++, :mod:`.extension`).
+      decode attention reading the pool's blocks in place (C++, :mod:`.extension`);
+    * ``fused_layer_ops``: the compiled module whose ``rms_norm(x, w, eps)``,
+      ``add_rms_norm(x, residual, w, eps) -> (out, residual)`` (residual updated in place),
+      ``silu_and_mul(x)`` and ``rotary_write_kv(qkv, positions, cos, sin, H, Hkv, k_cache,
+      v_cache, slots)`` (q and k rotated in place in ``qkv``, k and v written to their
+      slots) each make one pass over memory.
 
     An op this machine cannot run (no oneDNN, no compiler) is left out of
     :meth:`available_ops`.
@@ -42,7 +47,7 @@ class FusedKernels:
         ):
             ops.append("dense_linear")
         if self.config.compiled_kernels and load_kernels() is not None:
-            ops.append("paged_decode_attention")
+            ops += ["paged_decode_attention", "fused_layer_ops"]
         return tuple(ops)
 
     def get(self, op: str) -> Any:
@@ -62,4 +67,8 @@ class FusedKernels:
             module = load_kernels()
             assert module is not None
             return module.paged_decode_attention
+        if op == "fused_layer_ops":
+            module = load_kernels()
+            assert module is not None
+            return module
         raise AssertionError(op)

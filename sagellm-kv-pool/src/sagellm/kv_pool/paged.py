@@ -30,7 +30,10 @@ class PagedKVPool(BlockAllocator):
     """A paged pool of KV-cache blocks (implements ``sagellm.core.protocols.KVPool``).
 
     Storage is one tensor ``[num_layers, 2, num_blocks, block_size, num_kv_heads,
-    head_dim]`` in ``schema.dtype`` on ``device``; :meth:`layer_cache` returns views of it.
+    head_size]`` in ``schema.dtype`` on ``device``; :meth:`layer_cache` returns views of it.
+    ``head_size`` is ``head_dim``, plus the scale's elements for a quantized schema (an
+    int8 or float8 row of ``head_dim`` values ends in its float16 scale), so every copy,
+    gather and tier move carries the scales with their values.
     The tensor is created with ``torch.empty``: pages are not touched until written, and a
     newly allocated block holds whatever its previous user left (callers write before they
     read, as attention over a block table does).
@@ -42,7 +45,7 @@ class PagedKVPool(BlockAllocator):
 
         pool = PagedKVPool(PagedKVPoolConfig(num_blocks=64), schema=schema, device="cpu")
         ids = pool.allocate(4)        # [0, 1, 2, 3]
-        k, v = pool.layer_cache(0)    # each [64, block_size, num_kv_heads, head_dim]
+        k, v = pool.layer_cache(0)    # each [64, block_size, num_kv_heads, head_size]
         pool.free(ids)
 
     Context: ``schema=`` (KVCacheSchema), ``device=`` (torch device string, default
@@ -78,7 +81,7 @@ class PagedKVPool(BlockAllocator):
             num_blocks,
             schema.block_size,
             schema.num_kv_heads,
-            schema.head_dim,
+            schema.head_size,
         )
         pin = bool(pin_memory) and self._device.type == "cpu" and torch.cuda.is_available()
         self._kv = torch.empty(
@@ -101,16 +104,19 @@ class PagedKVPool(BlockAllocator):
 
     @property
     def storage(self) -> torch.Tensor:
-        """The whole storage tensor ``[num_layers, 2, num_blocks, block_size, heads, dim]``."""
+        """The whole storage tensor ``[num_layers, 2, num_blocks, block_size, heads, size]``."""
         return self._kv
 
     @property
     def raw_storage(self) -> torch.Tensor:
-        """The storage as bytes (uint8, last dimension ``head_dim * element size``)."""
+        """The storage as bytes (uint8, last dimension ``head_size * element size``)."""
         return self._raw
 
     def layer_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key and value storage of one layer, each ``[num_blocks, block_size, heads, dim]``."""
+        """Key and value storage of one layer, each ``[num_blocks, block_size, heads, size]``.
+
+        ``size`` is the schema's ``head_size``: ``head_dim``, then a quantized row's scale.
+        """
         if type(layer) is not int or not 0 <= layer < len(self._layers):
             raise ValueError(
                 f"layer_cache: layer must be an int in 0..{len(self._layers) - 1}, got {layer!r}"
@@ -142,8 +148,8 @@ class PagedKVPool(BlockAllocator):
         """Write the bytes of ``block_ids`` block after block into ``out``.
 
         ``out`` is a uint8 tensor ``[len(block_ids), num_layers, 2, block_size, heads,
-        dim * element size]`` (block-major: each block's bytes are contiguous), on any
-        device.
+        head_size * element size]`` (block-major: each block's bytes are contiguous), on
+        any device.
         """
         index = torch.tensor(block_ids, dtype=torch.long, device=self._device)
         block_major = self._raw.permute(2, 0, 1, 3, 4, 5)

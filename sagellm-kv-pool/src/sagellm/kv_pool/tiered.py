@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from sagellm.core.errors import ConfigError
 from sagellm.core.telemetry import KVPoolStats, TierStats
 from sagellm.core.types import (
+    DTYPE_BYTES,
     AllocationResult,
     KVBlockInfo,
     KVCacheSchema,
@@ -506,16 +507,15 @@ class TieredKVStore:
         if self._staging.numel() < need:
             size = max(need, 2 * self._staging.numel())
             self._staging = torch.empty(size, dtype=torch.uint8, pin_memory=self._pin)
-        itemsize = schema.bytes_per_block // (
-            2 * schema.num_layers * schema.block_size * schema.num_kv_heads * schema.head_dim
-        )
+        # bytes of one token-head row: its values, then a quantized row's scale
+        row_bytes = schema.head_size * DTYPE_BYTES[schema.dtype]
         return self._staging[:need].view(
             num_blocks,
             schema.num_layers,
             2,
             schema.block_size,
             schema.num_kv_heads,
-            schema.head_dim * itemsize,
+            row_bytes,
         )
 
     def _copy(

@@ -27,7 +27,9 @@ class KVPoolConformance:
 
     ``make_pool(schema, num_blocks)`` returns a fresh pool of exactly ``num_blocks``
     blocks laid out by ``schema``, on the CPU. Tests that read storage import torch and
-    are skipped when it is missing.
+    are skipped when it is missing. Set the class attribute ``schema`` to run the suite on
+    another layout, e.g. a quantized one (``dtype="int8", scale_bytes=2``: every
+    token-head row holds ``head_dim`` values and then its scale).
     """
 
     #: Layout of the pools the suite builds.
@@ -242,11 +244,14 @@ class KVPoolConformance:
         torch = pytest.importorskip("torch")
         pool = self._pool()
         s = self.schema
-        shape = (self.num_blocks, s.block_size, s.num_kv_heads, s.head_dim)
+        # a quantized row holds head_dim values, then the scale's elements
+        shape = (self.num_blocks, s.block_size, s.num_kv_heads, s.head_size)
         for layer in range(s.num_layers):
             k, v = pool.layer_cache(layer)
             assert tuple(k.shape) == shape and tuple(v.shape) == shape
             assert k.dtype == getattr(torch, s.dtype) and v.dtype == getattr(torch, s.dtype)
+            row_bytes = s.head_dim * k.element_size() + s.scale_bytes
+            assert k.shape[-1] * k.element_size() == row_bytes
 
     def test_layer_cache_is_the_storage(self) -> None:
         torch = pytest.importorskip("torch")

@@ -6,6 +6,11 @@ concurrency, through the official openai client), peak RSS of the engine, transf
 ``generate`` (float32 and bfloat16, padded batch; ``generate_batch`` continuous batching
 when present) and llama.cpp through llama-cpp-python when installed. The table reports
 each figure, the ratio sageLLM / baseline, and the fraction of the measured matmul peak.
+
+``--peers vllm,llama.cpp,transformers`` instead compares the engine with each installed
+peer, figure by figure, sampled alternately (:mod:`sagellm.engine.bench.peers`);
+``--server-peers vllm`` compares ``sagellm serve`` with ``vllm serve`` under guidellm
+(:mod:`sagellm.engine.bench.serve_peers`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,12 @@ _SECTIONS = ("offline", "server", "transformers", "llama.cpp")
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``sagellm bench``."""
     g = parser.add_argument_group("benchmark")
-    g.add_argument("--num-requests", type=int, default=32, help="offline batch size (N)")
+    g.add_argument(
+        "--num-requests",
+        type=int,
+        default=None,
+        help="offline batch size N (default 32; 64 with --peers, the issue's 64 x 64)",
+    )
     g.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
     g.add_argument("--output-len", type=int, default=64, help="tokens generated per request (M)")
     g.add_argument("--decode-len", type=int, default=64, help="batch-1 decode tokens")
@@ -55,6 +65,54 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--workload",
         choices=["prefix", "tiers", "goodput", "eviction"],
         help="run one KV-management comparison instead (sagellm.engine.bench.kv_workloads)",
+    )
+    p = parser.add_argument_group("peers (sagellm.engine.bench.peers, serve_peers)")
+    p.add_argument(
+        "--peers",
+        metavar="LIST",
+        help="compare with these peers instead: comma list of vllm, llama.cpp, transformers "
+        "(offline N x M, batch-1 decode, prefill; absent peers are skipped; `nox -s peers` "
+        "prepares them)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="--peers: interleaved rounds per figure, A B A B (default 2; p < 0.05 needs 4)",
+    )
+    p.add_argument(
+        "--vllm-python",
+        metavar="PATH",
+        help="python of vLLM's venv (default: $SAGELLM_VLLM_PYTHON, else .nox/peers-vllm)",
+    )
+    p.add_argument(
+        "--server-peers",
+        metavar="LIST",
+        help="compare `sagellm serve` with these servers under guidellm: vllm, or none "
+        "(sageLLM alone)",
+    )
+    p.add_argument(
+        "--server-rounds", type=int, default=1, help="--server-peers: turns of each server"
+    )
+    p.add_argument(
+        "--guidellm",
+        metavar="PATH",
+        help="guidellm executable (default: $SAGELLM_GUIDELLM, .nox/peers-tools, PATH)",
+    )
+    p.add_argument(
+        "--guidellm-concurrency",
+        default="1,8,32",
+        metavar="LIST",
+        help="--server-peers: concurrency levels (default 1,8,32)",
+    )
+    p.add_argument(
+        "--guidellm-requests", type=int, default=48, help="requests per level (default 48)"
+    )
+    p.add_argument(
+        "--guidellm-prompt-tokens", type=int, default=256, help="prompt tokens (default 256)"
+    )
+    p.add_argument(
+        "--guidellm-output-tokens", type=int, default=64, help="output tokens (default 64)"
     )
 
 
@@ -200,9 +258,18 @@ def run_from_args(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
+    peers = _names(getattr(args, "peers", None))
+    server_peers = getattr(args, "server_peers", None)
+    report: dict[str, Any] = {}
+    if server_peers is not None:
+        report["servers"] = _run_server_peers(args, _names(server_peers), progress)
+        if not peers:
+            _write_json(args, report["servers"])
+            return 0
     config, options = engine_config_from_args(args)
+    num_requests = args.num_requests or (64 if peers else 32)
     w = Workload(
-        num_requests=args.num_requests,
+        num_requests=num_requests,
         prompt_len=args.prompt_len,
         output_len=args.output_len,
         decode_len=args.decode_len,
@@ -215,9 +282,88 @@ def run_from_args(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     llm = LLM(config=config, build_options=options)
     progress(f"engine ready in {time.perf_counter() - t0:.1f} s")
+    if peers:
+        from sagellm.engine.bench.peers import format_comparisons, run_peers
+
+        report["peers"] = run_peers(
+            llm,
+            peers,
+            w,
+            rounds=args.rounds,
+            vllm_python=args.vllm_python,
+            progress=progress,
+        )
+        print(format_comparisons(report["peers"]))
+        _write_json(args, report if "servers" in report else report["peers"])
+        return 0
     report = run(llm, w, skip=tuple(args.skip), progress=progress)
     print(format_table(report))
-    if args.json:
+    _write_json(args, report)
+    return 0
+
+
+def _names(raw: str | None) -> list[str]:
+    """A comma list of names; "none" and "" are the empty list."""
+    if raw is None:
+        return []
+    return [n.strip().lower() for n in raw.split(",") if n.strip() and n.strip() != "none"]
+
+
+def _write_json(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    if getattr(args, "json", None):
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, default=str)
-    return 0
+
+
+#: Engine flags of `sagellm serve` that the bench's own flags carry over.
+_SERVE_FLAGS = {"num_threads": "--threads"}
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    """The engine flags given to ``sagellm bench``, for ``sagellm serve``."""
+    from sagellm.engine.args import _ARG_KEYS
+
+    out: list[str] = []
+    if getattr(args, "config", None):
+        out += ["--config", str(args.config)]
+    for key in _ARG_KEYS:
+        value = getattr(args, key, None)
+        if value is None or key == "served_model_name":
+            continue
+        out += [_SERVE_FLAGS.get(key, "--" + key.replace("_", "-")), str(value)]
+    return out
+
+
+def _run_server_peers(args: argparse.Namespace, peers: list[str], progress: Any) -> dict[str, Any]:
+    import os
+
+    from sagellm.engine.bench.serve_peers import (
+        GuidellmLoad,
+        format_server_table,
+        run_server_peers,
+    )
+
+    load = GuidellmLoad(
+        concurrency=tuple(int(c) for c in args.guidellm_concurrency.split(",") if c.strip()),
+        requests=args.guidellm_requests,
+        prompt_tokens=args.guidellm_prompt_tokens,
+        output_tokens=args.guidellm_output_tokens,
+    )
+    try:
+        threads = args.num_threads or len(os.sched_getaffinity(0))
+    except AttributeError:
+        threads = args.num_threads or os.cpu_count() or 1
+    report = run_server_peers(
+        peers,
+        model=args.model,
+        engine_flags=engine_flags(args),
+        load=load,
+        rounds=args.server_rounds,
+        threads=threads,
+        guidellm=args.guidellm,
+        vllm_python=args.vllm_python,
+        served_name=args.served_model_name,
+        progress=progress,
+    )
+    print(format_server_table(report))
+    return report

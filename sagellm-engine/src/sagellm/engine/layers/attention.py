@@ -13,6 +13,12 @@ New keys and values are written into their slots of the pool's blocks first; the
 
 Everything that depends only on the plan (slot mapping, block tables, masks) is built
 once per step in :class:`AttentionMetadata` and shared by all layers.
+
+A quantized cache (int8 / float8 rows ending in their float16 scale, last dimension
+``head_dim + 2``; see :mod:`.kv_quant`) is written by quantizing each new token-head row
+and read by dequantizing what was gathered, before SDPA (which refuses float8). A chunk
+attends to the dequantized form of its own new keys and values too, so its result does
+not depend on whether a prefix came from the cache or was computed in the same step.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from sagellm.engine.layers.kv_quant import SCALE_ELEMENTS, dequantize_rows, quantize_rows
 
 __all__ = ["Attention", "AttentionMetadata", "ChunkMetadata"]
 
@@ -43,6 +51,7 @@ class AttentionMetadata:
     """Per-step attention inputs, shared by every layer."""
 
     slot_mapping: torch.Tensor  # [T] flat slot (block * block_size + offset) of each token
+    positions: torch.Tensor | None = None  # [T] int64 position of each token
     num_decodes: int = 0  # rows 0..num_decodes-1 are single-token chunks
     decode_slots: torch.Tensor | None = None  # [B * max_len] slots of every position, padded
     decode_mask: torch.Tensor | None = None  # additive [B, 1, 1, max_len]
@@ -75,17 +84,24 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:
         """``q`` ``[T, H, D]``, ``k``/``v`` ``[T, Hkv, D]``; caches ``[blocks, bs, Hkv, D]``.
 
-        Returns ``[T, H * D]``.
+        ``kv_written``: a fused kernel has already written ``k`` and ``v`` into their
+        slots. A quantized cache is ``[blocks, bs, Hkv, D + 2]`` of int8 or float8 (see
+        :meth:`_forward_quantized`). Returns ``[T, H * D]``.
         """
+        if k_cache.shape[-1] != self.head_dim:
+            assert not kv_written, "a fused KV write cannot store a quantized cache"
+            return self._forward_quantized(q, k, v, k_cache, v_cache, meta)
         num_tokens = q.shape[0]
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         k_flat = k_cache.view(-1, hkv, d)
         v_flat = v_cache.view(-1, hkv, d)
-        k_flat.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_flat.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        if not kv_written:
+            k_flat.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+            v_flat.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
         out = q.new_empty(num_tokens, h, d)
         b = meta.num_decodes
@@ -125,6 +141,75 @@ class Attention(nn.Module):
                 vc = v_flat.index_select(0, c.slots)
                 if kc.dtype != q.dtype:
                     kc, vc = kc.to(q.dtype), vc.to(q.dtype)
+            o = F.scaled_dot_product_attention(
+                qc,
+                kc.transpose(0, 1).unsqueeze(0),
+                vc.transpose(0, 1).unsqueeze(0),
+                attn_mask=c.mask,
+                is_causal=c.mask is None,
+                scale=self.scale,
+                enable_gqa=self.group > 1,
+            )
+            out[c.start : c.end] = o[0].transpose(0, 1)
+        return out.view(num_tokens, h * d)
+
+    def _forward_quantized(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """:meth:`forward` over int8 / float8 caches whose rows end in their scale."""
+        num_tokens = q.shape[0]
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        row = d + SCALE_ELEMENTS
+        assert k_cache.shape[-1] == row, f"cache rows of {k_cache.shape[-1]}, expected {row}"
+        kq = quantize_rows(k, k_cache.dtype)
+        vq = quantize_rows(v, v_cache.dtype)
+        k_flat = k_cache.view(-1, hkv, row)
+        v_flat = v_cache.view(-1, hkv, row)
+        # through a byte view: index_copy_ has no float8 kernel on the CPU
+        k_flat.view(torch.int8).index_copy_(0, meta.slot_mapping, kq.view(torch.int8))
+        v_flat.view(torch.int8).index_copy_(0, meta.slot_mapping, vq.view(torch.int8))
+
+        out = q.new_empty(num_tokens, h, d)
+        b = meta.num_decodes
+        if b and meta.decode_block_tables is not None:
+            # the runtime hands decodes to the kernel only for cache types it reads
+            assert self.decode_kernel is not None and meta.decode_context_lens is not None
+            out[:b] = self.decode_kernel(
+                q[:b].contiguous(),
+                k_cache,
+                v_cache,
+                meta.decode_block_tables,
+                meta.decode_context_lens,
+                self.scale,
+            )
+        elif b:
+            assert meta.decode_slots is not None and meta.decode_mask is not None
+            length = meta.decode_mask.shape[-1]
+            kb = dequantize_rows(k_flat.index_select(0, meta.decode_slots), d, q.dtype)
+            vb = dequantize_rows(v_flat.index_select(0, meta.decode_slots), d, q.dtype)
+            qd = q[:b].view(b, hkv, self.group, d)
+            o = F.scaled_dot_product_attention(
+                qd,
+                kb.view(b, length, hkv, d).transpose(1, 2),
+                vb.view(b, length, hkv, d).transpose(1, 2),
+                attn_mask=meta.decode_mask,
+                scale=self.scale,
+            )
+            out[:b] = o.reshape(b, h, d)
+        for c in meta.chunks:
+            qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)
+            if c.slots is None:
+                kc = dequantize_rows(kq[c.start : c.end], d, q.dtype)
+                vc = dequantize_rows(vq[c.start : c.end], d, q.dtype)
+            else:
+                kc = dequantize_rows(k_flat.index_select(0, c.slots), d, q.dtype)
+                vc = dequantize_rows(v_flat.index_select(0, c.slots), d, q.dtype)
             o = F.scaled_dot_product_attention(
                 qc,
                 kc.transpose(0, 1).unsqueeze(0),

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+#: Rows up to which the fused kernel is used: it saves per-op overhead on small steps,
+#: while torch's vectorised ops are faster on large ones (measured, bf16, 2 threads:
+#: add+RMSNorm 0.033 vs 0.031 ms at 64 rows, 0.236 vs 0.119 ms at 512; SiLU*mul 0.207 vs
+#: 0.030 ms at 64 rows).
+FUSED_MAX_ROWS = 16
 
 __all__ = ["RMSNorm"]
 
@@ -17,8 +25,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.hidden_size = hidden_size
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        # a kernel provider's fused ops (rms_norm, add_rms_norm); None: eager
+        self.kernels: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.kernels is not None
+            and x.dim() == 2
+            and x.shape[0] <= FUSED_MAX_ROWS
+            and x.is_contiguous()
+        ):
+            y: torch.Tensor = self.kernels.rms_norm(x, self.weight, self.eps)
+            return y
         if x.dtype == torch.float32:
             return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
         # Low-precision activations are normalised in float32 (as the reference models do);
@@ -30,5 +48,14 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(norm(x + residual), x + residual)``: the residual stream moves on."""
+        if (
+            self.kernels is not None
+            and x.dim() == 2
+            and x.shape[0] <= FUSED_MAX_ROWS
+            and x.is_contiguous()
+            and residual.is_contiguous()
+        ):
+            out, residual = self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
+            return out, residual
         residual = x.add_(residual)
         return self.forward(residual), residual

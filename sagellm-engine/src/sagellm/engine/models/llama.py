@@ -8,6 +8,7 @@ decodes; only attention looks at sequence boundaries (see :mod:`..layers.attenti
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from sagellm.engine.layers.rotary import RotaryEmbedding
 from sagellm.engine.models.config import ModelConfig
 
 __all__ = ["LlamaDecoderLayer", "LlamaForCausalLM"]
+
+#: KV cache dtypes the fused rotary + KV write kernel stores into.
+_FLOAT_CACHES = (torch.float32, torch.bfloat16, torch.float16)
 
 #: Progress callback: (stage, done, total).
 Progress = Callable[[str, int, int], None]
@@ -47,6 +51,8 @@ class LlamaDecoderLayer(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, (cfg.intermediate_size,) * 2)
         self.act = SiluAndMul()
         self.down_proj = Linear(cfg.intermediate_size, (cfg.hidden_size,))
+        # a kernel provider's fused rotary + KV write; None: eager rotary and index_copy_
+        self.rotary_kv_kernel: Callable[..., None] | None = None
 
     def forward(
         self,
@@ -64,13 +70,35 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = self.input_layernorm.add_forward(hidden, residual)
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        # q and k rotate together: one rotary application for both
-        qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, -1)
-        qk = RotaryEmbedding.rotate(qk, cos, sin)
-        q = qk[:, : self.num_heads]
-        k = qk[:, self.num_heads :]
+        fused = self.rotary_kv_kernel is not None and kv_cache[0].dtype in _FLOAT_CACHES
+        if fused:
+            # cos/sin are the float32 tables: rotate q and k in place, write k and v
+            assert self.rotary_kv_kernel is not None and meta.positions is not None
+            self.rotary_kv_kernel(
+                qkv,
+                meta.positions,
+                cos,
+                sin,
+                self.num_heads,
+                self.num_kv_heads,
+                kv_cache[0],
+                kv_cache[1],
+                meta.slot_mapping,
+            )
+            q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(
+                t, self.num_kv_heads, self.head_dim
+            )
+        else:
+            # q and k rotate together: one rotary application for both
+            qk = qkv[:, : self.q_size + self.kv_size].view(
+                t, self.num_heads + self.num_kv_heads, -1
+            )
+            qk = RotaryEmbedding.rotate(qk, cos, sin)
+            q = qk[:, : self.num_heads]
+            k = qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        attn = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta)
+        attn = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta, kv_written=fused)
         hidden = self.o_proj(attn)
         x, residual = self.post_attention_layernorm.add_forward(hidden, residual)
         hidden = self.down_proj(self.act(self.gate_up_proj(x)))
@@ -95,6 +123,17 @@ class LlamaForCausalLM(nn.Module):
             cfg.rope_theta,
             cfg.rope_scaling,
         )
+        self.fused_rotary = False  # layers rotate through a fused kernel (see use_kernels)
+
+    def use_kernels(self, ops: Any) -> None:
+        """Route norms, SwiGLU and rotary + KV write through ``ops`` (a kernel module with
+        ``rms_norm``, ``add_rms_norm``, ``silu_and_mul``, ``rotary_write_kv``)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, SiluAndMul)):
+                module.kernels = ops
+            elif isinstance(module, LlamaDecoderLayer):
+                module.rotary_kv_kernel = ops.rotary_write_kv
+        self.fused_rotary = True
 
     @torch.inference_mode()
     def forward(
@@ -107,7 +146,11 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Run ``[T]`` tokens; return float32 logits of ``logit_rows`` (all rows if None)."""
         hidden = self.embed_tokens(token_ids)
-        cos, sin = self.rotary.tables(positions, hidden.dtype)
+        if self.fused_rotary and kv_caches[0][0].dtype in _FLOAT_CACHES:
+            # the layers' fused rotary + KV write (not for a quantized cache)
+            cos, sin = self.rotary.cos, self.rotary.sin  # whole float32 tables
+        else:
+            cos, sin = self.rotary.tables(positions, hidden.dtype)
         residual: torch.Tensor | None = None
         for layer, cache in zip(self.layers, kv_caches):
             hidden, residual = layer(hidden, residual, cos, sin, cache, meta)

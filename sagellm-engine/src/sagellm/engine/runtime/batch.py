@@ -140,10 +140,12 @@ def build_step_batch(
         last_row[i] = row + n - 1
 
     meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
+    position_ids = torch.tensor(positions, dtype=torch.long, device=device)
+    meta.positions = position_ids
     sampled = [i for i, c in enumerate(chunks) if c.sample]
     return StepBatch(
         token_ids=torch.tensor(tokens, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        positions=position_ids,
         meta=meta,
         logit_rows=torch.tensor([last_row[i] for i in sampled], dtype=torch.long, device=device),
         request_ids=tuple(chunks[i].request_id for i in sampled),

@@ -28,6 +28,10 @@ class NativeRuntimeConfig(BaseModel):
     # float weights
     quantization: str | None = None
     quantization_options: dict[str, Any] = Field(default_factory=dict)  # the quantizer's
+    # KV cache element type: "auto" stores the compute dtype; "int8" (rounded, clamped
+    # to +-127), "fp8_e4m3" and "fp8_e5m2" store 1-byte values with a float16 scale per
+    # token and KV head, about half the bytes (twice the blocks in the same memory)
+    kv_cache_dtype: Literal["auto", "int8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     # kernel provider in sagellm.kernels; None: eager PyTorch
     kernels: str | None = None
     kernel_options: dict[str, Any] = Field(default_factory=dict)  # the provider's

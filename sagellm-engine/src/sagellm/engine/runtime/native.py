@@ -14,6 +14,7 @@ from sagellm.core import registry
 from sagellm.core.errors import CapabilityMismatchError, ConfigError, SageLLMError
 from sagellm.core.protocols import KernelProvider, KVPool, Quantizer
 from sagellm.core.types import (
+    KV_CACHE_DTYPES,
     CapabilityDescriptor,
     ExecutionPlan,
     KVCacheSchema,
@@ -35,6 +36,22 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _KV_DTYPES = {"float32", "bfloat16", "float16"}
+#: Quantized KV cache types (rows of head_dim values, then a float16 scale in 2 bytes).
+_QUANTIZED_KV_DTYPES = {"int8", "float8_e4m3fn", "float8_e5m2"}
+#: Cache types a kernel provider's paged_decode_attention reads (float, and int8 with its
+#: scales in place); decodes over float8 caches gather and dequantize instead.
+_PAGED_DECODE_KV_DTYPES = {"float32", "bfloat16", "float16", "int8"}
+_KV_SCALE_BYTES = 2
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by loading back to the OS (glibc keeps freed heap pages)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -122,9 +139,13 @@ class NativeRuntime:
         self.model = model.eval()
         self._pool: KVPool | None = None
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # a kernel provider's paged decode attention is installed in the layers; decodes
+        # use it when it reads the bound cache's dtype
+        self._has_decode_kernel = False
         self._paged_decode = False  # decodes attend through a kernel provider's paged kernel
         self.quantization = self._quantize(progress)
         self.kernels = self._use_kernels()
+        _release_freed_memory()  # the float copies loading went through
         self.load_seconds = time.perf_counter() - t0
         logger.info(
             "loaded %s (%s, %s, quantization %s, kernels %s) in %.1f s",
@@ -194,12 +215,14 @@ class NativeRuntime:
                 "sagellm.core.protocols.KernelProvider"
             )
         ops = set(provider.available_ops())
+        if "fused_layer_ops" in ops:
+            self.model.use_kernels(provider.get("fused_layer_ops"))
         if "paged_decode_attention" in ops:
             kernel = provider.get("paged_decode_attention")
             for module in self.model.modules():
                 if isinstance(module, Attention):
                     module.decode_kernel = kernel
-            self._paged_decode = True
+            self._has_decode_kernel = True
         if "dense_linear" in ops:
             make = provider.get("dense_linear")
             for layer_name, layer in self.model.projections().items():
@@ -255,18 +278,28 @@ class NativeRuntime:
             name=f"native:{self.source.name}",
             devices=("cpu", "cuda"),
             dtypes=("float32", "bfloat16"),
+            kv_dtypes=tuple(sorted(_KV_DTYPES | _QUANTIZED_KV_DTYPES)),  # type: ignore[arg-type]
             kv_schema=self.kv_cache_schema(16),
             max_model_len=self.model_config.max_position_embeddings,
             features=("paged_attention", "chunked_prefill", "prefix_caching", "mixed_batch"),
         )
 
     def kv_cache_schema(self, block_size: int, dtype: str | None = None) -> KVCacheSchema:
-        """The KV layout this model needs at ``block_size`` tokens per block."""
-        name = dtype or str(self.dtype).removeprefix("torch.")
-        if name not in _KV_DTYPES:
+        """The KV layout this model needs at ``block_size`` tokens per block.
+
+        ``dtype``: a KV element type (``"bfloat16"``, ``"int8"``, ``"float8_e4m3fn"``, ...)
+        or a ``kv_cache_dtype`` choice (``"auto"``, ``"fp8_e4m3"``, ...); None: the
+        configured ``kv_cache_dtype``. A quantized type gets 2 scale bytes per row.
+        """
+        choice = dtype or self.config.kv_cache_dtype
+        name = KV_CACHE_DTYPES.get(choice, choice)
+        if name == "auto":
+            name = str(self.dtype).removeprefix("torch.")
+        if name not in _KV_DTYPES | _QUANTIZED_KV_DTYPES:
             raise ConfigError(
-                f"KV cache dtype {name!r} is not supported by the native runtime; "
-                f"use one of {', '.join(sorted(_KV_DTYPES))}"
+                f"KV cache dtype {choice!r} is not supported by the native runtime; use one "
+                f"of {', '.join(sorted(_KV_DTYPES | _QUANTIZED_KV_DTYPES))} (or a "
+                f"kv_cache_dtype choice: auto, {', '.join(KV_CACHE_DTYPES)})"
             )
         mc = self.model_config
         return KVCacheSchema(
@@ -275,6 +308,7 @@ class NativeRuntime:
             head_dim=mc.head_dim,
             block_size=block_size,
             dtype=name,  # type: ignore[arg-type]
+            scale_bytes=_KV_SCALE_BYTES if name in _QUANTIZED_KV_DTYPES else 0,
         )
 
     def bind_kv_pool(self, pool: KVPool) -> None:
@@ -289,10 +323,17 @@ class NativeRuntime:
                 f"{self.source.name!r} needs {want}; build the pool from "
                 "runtime.kv_cache_schema(block_size)"
             )
-        if s.dtype not in _KV_DTYPES:
+        if s.dtype not in _KV_DTYPES | _QUANTIZED_KV_DTYPES:
             raise CapabilityMismatchError(
                 f"KV pool dtype {s.dtype!r} is not one the native runtime reads; use one of "
-                f"{', '.join(sorted(_KV_DTYPES))}"
+                f"{', '.join(sorted(_KV_DTYPES | _QUANTIZED_KV_DTYPES))}"
+            )
+        scale_bytes = _KV_SCALE_BYTES if s.dtype in _QUANTIZED_KV_DTYPES else 0
+        if s.scale_bytes != scale_bytes:
+            raise CapabilityMismatchError(
+                f"KV pool schema of dtype {s.dtype!r} has scale_bytes={s.scale_bytes}; the "
+                f"native runtime reads {scale_bytes} (a float16 scale per token-head row of "
+                "a quantized cache); build the pool from runtime.kv_cache_schema(block_size)"
             )
         caches = [pool.layer_cache(i) for i in range(mc.num_layers)]
         if caches[0][0].device != self.device:
@@ -302,6 +343,7 @@ class NativeRuntime:
             )
         self._pool = pool
         self._caches = caches
+        self._paged_decode = self._has_decode_kernel and s.dtype in _PAGED_DECODE_KV_DTYPES
 
     def execute(self, plan: ExecutionPlan) -> ModelOutput:
         """Run the plan's compute nodes; fp32 logits of every sampled chunk, in plan order.

@@ -6,6 +6,11 @@
 // Layouts: q [B, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D] (any strides
 // for the first two dims, the last two contiguous); block_tables int32 [B, max_blocks];
 // context_lens int32 [B]; out [B, H, D] in q's dtype. Scores and sums are float32.
+//
+// Quantized caches: an int8 cache whose last dim is D + 2 holds per token-head row D int8
+// values and then the row's float16 scale (bit-cast into the 2 trailing bytes); a row is
+// read as value * scale, the scale applied once per row (to the dot product of a key, to
+// the softmax weight of a value), so values are never dequantized into a copy.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -29,6 +34,20 @@ inline float to_float(at::BFloat16 x) {
   return f;
 }
 inline float to_float(at::Half x) { return static_cast<float>(x); }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+
+// the scale a row's values are multiplied by: 1 for float caches; for int8 rows the
+// float16 stored after the D values
+template <typename C>
+inline float row_scale(const C*, int64_t) {
+  return 1.f;
+}
+template <>
+inline float row_scale<int8_t>(const int8_t* row, int64_t d) {
+  at::Half h;
+  std::memcpy(&h.x, row + d, sizeof(h.x));
+  return static_cast<float>(h);
+}
 
 template <typename T>
 inline void load_row(const T* src, float* dst, int64_t d) {
@@ -44,6 +63,10 @@ inline __m512 load16(const at::BFloat16* p) {
 }
 inline __m512 load16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const int8_t* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
 }
 constexpr int64_t kMaxLanes = 16;  // D up to 256 stays in registers (16 x 16 floats)
 #endif
@@ -69,7 +92,8 @@ void attend_one(const float* qf, const C* kp, const C* vp, const int32_t* table,
         const __m512 k = load16(kr + 16 * l);
         for (int64_t g = 0; g < G; ++g) s[g] = _mm512_fmadd_ps(qv[g][l], k, s[g]);
       }
-      for (int64_t g = 0; g < G; ++g) scores[g * len + t] = _mm512_reduce_add_ps(s[g]);
+      const float ks = row_scale(kr, D);
+      for (int64_t g = 0; g < G; ++g) scores[g * len + t] = _mm512_reduce_add_ps(s[g]) * ks;
     }
     for (int64_t g = 0; g < G; ++g) {
       float* sg = scores + g * len;
@@ -88,10 +112,12 @@ void attend_one(const float* qf, const C* kp, const C* vp, const int32_t* table,
       for (int64_t l = 0; l < L; ++l) a[g][l] = _mm512_setzero_ps();
     for (int64_t t = 0; t < len; ++t) {
       const C* vr = vp + table[t / block_size] * vb_stride + (t % block_size) * vt_stride;
+      const float vs = row_scale(vr, D);
+      __m512 p[8];
+      for (int64_t g = 0; g < G; ++g) p[g] = _mm512_set1_ps(scores[g * len + t] * vs);
       for (int64_t l = 0; l < L; ++l) {
         const __m512 v = load16(vr + 16 * l);
-        for (int64_t g = 0; g < G; ++g)
-          a[g][l] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t]), v, a[g][l]);
+        for (int64_t g = 0; g < G; ++g) a[g][l] = _mm512_fmadd_ps(p[g], v, a[g][l]);
       }
     }
     for (int64_t g = 0; g < G; ++g)
@@ -100,12 +126,14 @@ void attend_one(const float* qf, const C* kp, const C* vp, const int32_t* table,
   }
 #endif
   for (int64_t t = 0; t < len; ++t) {
-    load_row(kp + table[t / block_size] * kb_stride + (t % block_size) * kt_stride, row, D);
+    const C* kr = kp + table[t / block_size] * kb_stride + (t % block_size) * kt_stride;
+    load_row(kr, row, D);
+    const float ks = row_scale(kr, D);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qf + g * D;
       float s = 0.f;
       for (int64_t i = 0; i < D; ++i) s += qg[i] * row[i];
-      scores[g * len + t] = s;
+      scores[g * len + t] = s * ks;
     }
   }
   for (int64_t g = 0; g < G; ++g) {
@@ -122,9 +150,11 @@ void attend_one(const float* qf, const C* kp, const C* vp, const int32_t* table,
   }
   std::fill(acc, acc + G * D, 0.f);
   for (int64_t t = 0; t < len; ++t) {
-    load_row(vp + table[t / block_size] * vb_stride + (t % block_size) * vt_stride, row, D);
+    const C* vr = vp + table[t / block_size] * vb_stride + (t % block_size) * vt_stride;
+    load_row(vr, row, D);
+    const float vs = row_scale(vr, D);
     for (int64_t g = 0; g < G; ++g) {
-      const float p = scores[g * len + t];
+      const float p = scores[g * len + t] * vs;
       float* ag = acc + g * D;
       for (int64_t i = 0; i < D; ++i) ag[i] += p * row[i];
     }
@@ -137,6 +167,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
                       double scale, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t Hkv = k_cache.size(2), block_size = k_cache.size(1);
+  const int64_t row_len = k_cache.size(3);  // D, or D + 2 for an int8 row with its scale
   const int64_t G = H / Hkv;
   const int64_t max_blocks = block_tables.size(1);
   const int64_t kb_stride = k_cache.stride(0), kt_stride = k_cache.stride(1);
@@ -161,7 +192,8 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
         load_row(qp + (b * H + kh * G + g) * D, qf.data() + g * D, D);
         for (int64_t i = 0; i < D; ++i) qf[g * D + i] *= fscale;
       }
-      attend_one<C>(qf.data(), kp + kh * D, vp + kh * D, bt + b * max_blocks, len, block_size,
+      attend_one<C>(qf.data(), kp + kh * row_len, vp + kh * row_len, bt + b * max_blocks, len,
+                    block_size,
                     kb_stride, kt_stride, vb_stride, vt_stride, G, D, scores.data(),
                     acc.data(), row.data());
       for (int64_t g = 0; g < G; ++g) {
@@ -183,7 +215,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
               "the caches' last two dims must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "the caches must have one dtype");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(q.size(2) == k_cache.size(3), "head_dim of q and the caches differ");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "the caches must have one shape");
+  // an int8 cache is quantized: each row's D values end in its float16 scale
+  const int64_t want_row = q.size(2) + (k_cache.scalar_type() == at::kChar ? 2 : 0);
+  TORCH_CHECK(k_cache.size(3) == want_row, "head_dim of q and the caches differ (q ",
+              q.size(2), ", cache rows ", k_cache.size(3), "; an int8 cache holds D + 2)");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "block_tables and context_lens must be int32");
   TORCH_CHECK(block_tables.is_contiguous() && context_lens.is_contiguous(),
@@ -202,16 +238,22 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   SAGELLM_CASE(at::kHalf, at::kHalf, at::Half, at::Half)
   SAGELLM_CASE(at::kFloat, at::kBFloat16, float, at::BFloat16)
   SAGELLM_CASE(at::kFloat, at::kHalf, float, at::Half)
+  SAGELLM_CASE(at::kFloat, at::kChar, float, int8_t)
+  SAGELLM_CASE(at::kBFloat16, at::kChar, at::BFloat16, int8_t)
+  SAGELLM_CASE(at::kHalf, at::kChar, at::Half, int8_t)
 #undef SAGELLM_CASE
   TORCH_CHECK(false, "paged_decode_attention: q ", qt, " with caches ", ct,
               " is not supported (float32, bfloat16 or float16; a float32 q may read "
-              "bfloat16 or float16 caches)");
+              "bfloat16 or float16 caches; any of them an int8 cache with row scales)");
   return out;
 }
 
 }  // namespace
 
+void register_fused_ops(pybind11::module& m);  // fused_ops.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over a paged KV cache, read in place");
+  register_fused_ops(m);
 }

@@ -1,0 +1,209 @@
+// Fused element-wise ops of a Llama decoder layer, one pass over memory each:
+// RMSNorm (optionally after the residual addition), rotary embedding of q and k written
+// straight into the paged KV cache, and SiLU(gate) * up. Arithmetic in float32; results
+// rounded to the activation dtype once where the eager ops round after every op, so they
+// agree with eager within that dtype's rounding.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline float f32(float x) { return x; }
+inline float f32(at::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float f32(at::Half x) { return static_cast<float>(x); }
+
+// rounding as the eager bf16 path does: norm -> dtype, then * weight -> dtype
+template <typename T>
+inline T round_to(float x) { return static_cast<T>(x); }
+
+template <typename T>
+void rms_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, float eps,
+              T* residual_out, const T* residual_in) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(n);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * n;
+      float ss = 0.f;
+      if (residual_in != nullptr) {
+        const T* rr = residual_in + r * n;
+        T* ro = residual_out + r * n;
+        for (int64_t i = 0; i < n; ++i) {
+          // the residual stream is kept in the activation dtype, as eager's add_ does
+          const T s = round_to<T>(f32(xr[i]) + f32(rr[i]));
+          ro[i] = s;
+          buf[i] = f32(s);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) buf[i] = f32(xr[i]);
+      }
+      for (int64_t i = 0; i < n; ++i) ss += buf[i] * buf[i];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+      T* o = out + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        o[i] = round_to<T>(f32(round_to<T>(buf[i] * inv)) * f32(w[i]));
+      }
+    }
+  });
+}
+
+void check_rows(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [rows, hidden] tensor");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(),
+              "weight must be [hidden]");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "x and weight must have one dtype");
+}
+
+#define SAGELLM_DISPATCH(DT, NAME, ...)                                               \
+  switch (DT) {                                                                       \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }                \
+    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; }      \
+    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }              \
+    default: TORCH_CHECK(false, NAME " supports float32, bfloat16 and float16");     \
+  }
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, weight);
+  auto out = at::empty_like(x);
+  SAGELLM_DISPATCH(x.scalar_type(), "rms_norm", [&] {
+    rms_rows<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                       out.data_ptr<scalar_t>(), x.size(0), x.size(1), static_cast<float>(eps),
+                       nullptr, nullptr);
+  });
+  return out;
+}
+
+// returns (norm(x + residual), x + residual); x + residual is written into residual
+std::vector<at::Tensor> add_rms_norm(const at::Tensor& x, at::Tensor& residual,
+                                     const at::Tensor& weight, double eps) {
+  check_rows(x, weight);
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.is_contiguous() &&
+                  residual.scalar_type() == x.scalar_type(),
+              "residual must be contiguous, with x's shape and dtype");
+  auto out = at::empty_like(x);
+  SAGELLM_DISPATCH(x.scalar_type(), "add_rms_norm", [&] {
+    rms_rows<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                       out.data_ptr<scalar_t>(), x.size(0), x.size(1), static_cast<float>(eps),
+                       residual.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>());
+  });
+  return {out, residual};
+}
+
+// qkv [T, (H + 2 Hkv) D]: rotates q and k heads in place (half-split layout) with the
+// float32 cos/sin tables [max_pos, D/2] at `positions`, then copies k and v rows into the
+// caches [blocks, block_size, Hkv, D] at `slots` (flat block * block_size + offset).
+template <typename T, typename C>
+void rotary_kv(T* qkv, int64_t T_, int64_t H, int64_t Hkv, int64_t D, const int64_t* pos,
+               const float* cos, const float* sin, C* kc, C* vc, const int64_t* slots,
+               int64_t kslot_stride, int64_t vslot_stride) {
+  const int64_t half = D / 2, row = (H + 2 * Hkv) * D;
+  at::parallel_for(0, T_, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      T* r = qkv + t * row;
+      const float* c = cos + pos[t] * half;
+      const float* s = sin + pos[t] * half;
+      for (int64_t h = 0; h < H + Hkv; ++h) {
+        T* x = r + h * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = f32(x[i]), x2 = f32(x[i + half]);
+          x[i] = static_cast<T>(x1 * c[i] - x2 * s[i]);
+          x[i + half] = static_cast<T>(x2 * c[i] + x1 * s[i]);
+        }
+      }
+      if (kc != nullptr) {
+        const T* k = r + H * D;
+        const T* v = r + (H + Hkv) * D;
+        C* kd = kc + slots[t] * kslot_stride;
+        C* vd = vc + slots[t] * vslot_stride;
+        for (int64_t i = 0; i < Hkv * D; ++i) {
+          kd[i] = static_cast<C>(f32(k[i]));
+          vd[i] = static_cast<C>(f32(v[i]));
+        }
+      }
+    }
+  });
+}
+
+void rotary_write_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                     const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
+                     at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "qkv must be a contiguous [T, width] tensor");
+  const int64_t D = k_cache.size(3);
+  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * D, "qkv width != (H + 2 Hkv) D");
+  TORCH_CHECK(D % 2 == 0, "head_dim must be even");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
+                  positions.is_contiguous() && slots.is_contiguous() &&
+                  positions.size(0) == qkv.size(0) && slots.size(0) == qkv.size(0),
+              "positions and slots must be contiguous int64 [T]");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
+                  cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == D / 2,
+              "cos and sin must be contiguous float32 [max_pos, head_dim / 2]");
+  TORCH_CHECK(k_cache.size(2) == num_kv_heads && k_cache.stride(3) == 1 &&
+                  k_cache.stride(2) == D && k_cache.stride(0) == k_cache.size(1) * k_cache.stride(1) &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.strides() == k_cache.strides() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "caches must be [blocks, block_size, Hkv, D] with contiguous blocks");
+  const int64_t max_pos = cos.size(0);
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < positions.size(0); ++t)
+    TORCH_CHECK(pp[t] >= 0 && pp[t] < max_pos, "position ", pp[t], " outside the rotary table");
+  const int64_t slot_stride = k_cache.stride(1);
+  const auto qt = qkv.scalar_type(), ct = k_cache.scalar_type();
+#define SAGELLM_ROT(QT, CT, TQ, TC)                                                          \
+  if (qt == QT && ct == CT) {                                                                \
+    rotary_kv<TQ, TC>(qkv.data_ptr<TQ>(), qkv.size(0), num_heads, num_kv_heads, D, pp,       \
+                      cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr<TC>(), \
+                      v_cache.data_ptr<TC>(), slots.data_ptr<int64_t>(), slot_stride,        \
+                      slot_stride);                                                          \
+    return;                                                                                  \
+  }
+  SAGELLM_ROT(at::kFloat, at::kFloat, float, float)
+  SAGELLM_ROT(at::kBFloat16, at::kBFloat16, at::BFloat16, at::BFloat16)
+  SAGELLM_ROT(at::kHalf, at::kHalf, at::Half, at::Half)
+  SAGELLM_ROT(at::kFloat, at::kBFloat16, float, at::BFloat16)
+  SAGELLM_ROT(at::kFloat, at::kHalf, float, at::Half)
+#undef SAGELLM_ROT
+  TORCH_CHECK(false, "rotary_write_kv: activations ", qt, " with caches ", ct, " not supported");
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0,
+              "x must be a contiguous [rows, 2 * width] tensor (gate then up)");
+  const int64_t rows = x.size(0), w = x.size(1) / 2;
+  auto out = at::empty({rows, w}, x.options());
+  SAGELLM_DISPATCH(x.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* g = xp + r * 2 * w;
+        const scalar_t* u = g + w;
+        scalar_t* o = op + r * w;
+        for (int64_t i = 0; i < w; ++i) {
+          const float gv = f32(g[i]);
+          // eager rounds silu(gate) to the dtype before the multiplication
+          const float sv = f32(round_to<scalar_t>(gv / (1.f + std::exp(-gv))));
+          o[i] = static_cast<scalar_t>(sv * f32(u[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+void register_fused_ops(pybind11::module& m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim");
+  m.def("add_rms_norm", &add_rms_norm, "residual += x, then RMSNorm of it");
+  m.def("rotary_write_kv", &rotary_write_kv, "rotate q and k in place, write k and v to the cache");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+}
