@@ -43,6 +43,7 @@ def test_kv_budget_gives_smollm2_1_94x_the_blocks() -> None:
     assert round(blocks[1] / blocks[0], 3) == 1.940
 
 
+@pytest.mark.integration  # needs sagellm-prefix-cache
 @pytest.mark.parametrize("dtype", ["int8", "fp8_e4m3"])
 def test_prefix_cache_hits_on_a_quantized_cache_and_repeats_the_first_run(
     tiny_model, dtype

@@ -24,7 +24,16 @@ import sagellm_repo as repo  # noqa: E402
 PACKAGES = repo.discover()
 FOLDERS = list(PACKAGES)
 #: Local packages the engine may depend on (DESIGN 2).
-ENGINE_DEPS = {repo.CORE, "sagellm-kv-pool", "sagellm-scheduler-ir"}
+# memory management and scheduling (an engine cannot run without them), and the
+# quantizers and kernels the default engine computes with (it loads every one of them
+# through entry points by name, so a third-party package can replace any)
+ENGINE_DEPS = {
+    repo.CORE,
+    "sagellm-kv-pool",
+    "sagellm-scheduler-ir",
+    "sagellm-quantization",
+    "sagellm-kernel-fusion",
+}
 
 
 def _pyproject(folder: str) -> dict:

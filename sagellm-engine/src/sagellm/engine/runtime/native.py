@@ -143,6 +143,7 @@ class NativeRuntime:
         # use it when it reads the bound cache's dtype
         self._has_decode_kernel = False
         self._paged_decode = False  # decodes attend through a kernel provider's paged kernel
+        self._tokenizer: Any = None  # loaded by tokenize() when a quantizer calibrates
         self.quantization = self._quantize(progress)
         self.kernels = self._use_kernels()
         _release_freed_memory()  # the float copies loading went through
@@ -173,7 +174,9 @@ class NativeRuntime:
         layers = self.model.projections()
         name = self._quantization_name(layers)
         if name != "none":
-            quantizer = registry.load("quantization", name, self.config.quantization_options)
+            quantizer = registry.load(
+                "quantization", name, self.config.quantization_options, tokenize=self.tokenize
+            )
             if not isinstance(quantizer, Quantizer):
                 raise CapabilityMismatchError(
                     f"quantizer {name!r} ({type(quantizer).__name__}) does not implement "
@@ -237,6 +240,16 @@ class NativeRuntime:
                     break
                 layer.set_dense(method)
         return name
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` by the model's own tokenizer (loaded on first use; for
+        calibrating quantizers and evaluation)."""
+        if self._tokenizer is None:
+            from sagellm.engine.models.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.source)
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
+        return ids
 
     def run_sequence(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Float32 logits of every position of one sequence, on a scratch KV cache.
