@@ -453,7 +453,7 @@ def compare(
     for figure in figures:
         if not can_measure(peer, figure, w):
             continue
-        progress(f"{peer.name}: {figure}, warm-up then {rounds} rounds interleaved")
+        progress(f"{ours.name} vs {peer.name}: {figure}, warm-up then {rounds} rounds interleaved")
         measure(ours, figure, w, vocab, _WARM_ROUND)
         measure(peer, figure, w, vocab, _WARM_ROUND)
         c = Comparison(peer.name, figure)
