@@ -353,3 +353,60 @@ def test_fused_rotary_writes_rotated_keys_and_values_into_their_slots(
         ops.rotary_write_kv(
             qkv, torch.tensor([0, 1, 2, 3, 16]), cos, sin, h, hkv, k_cache, v_cache, slots
         )
+
+
+#: Largest magnitude of each quantized cache type.
+QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def quantize_reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``[..., D]`` as D quantized values and a float16 scale (amax / qmax)."""
+    tiny, big = torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
+    scale = (x.abs().amax(-1, keepdim=True) / QMAX[dtype]).clamp(tiny, big).half()
+    y = (x / scale.float()).clamp(-QMAX[dtype], QMAX[dtype])
+    values = y.round().to(dtype) if dtype == torch.int8 else y.to(dtype)
+    return torch.cat([values, scale.view(dtype)], -1)
+
+
+@needs_compiler
+@pytest.mark.parametrize("adt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cdt", list(QMAX))
+def test_fused_rotary_quantizes_keys_and_values_into_a_quantized_cache(
+    adt: torch.dtype, cdt: torch.dtype
+) -> None:
+    ops = FusedKernels().get("fused_layer_ops")
+    h, hkv, d, bs, t = 6, 2, 16, 4, 5
+    g = torch.Generator().manual_seed(4)
+    qkv = (torch.randn(t, (h + 2 * hkv) * d, generator=g) * 3).to(adt)
+    positions = torch.tensor([0, 1, 2, 9, 10])
+    slots = torch.tensor([4, 5, 6, 13, 2])
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.outer(torch.arange(16).float(), inv)
+    cos, sin = freqs.cos(), freqs.sin()
+    # the float reference: the same rotation into a float cache of the activation dtype
+    ref_qkv = qkv.clone()
+    k_ref = torch.zeros(4, bs, hkv, d, dtype=adt)
+    v_ref = torch.zeros(4, bs, hkv, d, dtype=adt)
+    ops.rotary_write_kv(ref_qkv, positions, cos, sin, h, hkv, k_ref, v_ref, slots)
+    k_cache = torch.zeros(4, bs, hkv, d + 2, dtype=cdt)
+    v_cache = torch.zeros(4, bs, hkv, d + 2, dtype=cdt)
+    ops.rotary_write_kv(qkv, positions, cos, sin, h, hkv, k_cache, v_cache, slots)
+    assert torch.equal(qkv, ref_qkv)  # q and k rotated alike
+    for cache, ref in ((k_cache, k_ref), (v_cache, v_ref)):
+        got = cache.view(-1, hkv, d + 2)[slots]
+        want = quantize_reference(ref.view(-1, hkv, d)[slots].float(), cdt)
+        # the scales exactly; values exactly but for an x / scale on a rounding boundary
+        # (the kernel is built with -ffast-math)
+        assert torch.equal(got[..., d:].view(torch.int8), want[..., d:].view(torch.int8))
+        steps = (got[..., :d].float() - want[..., :d].float()).abs()
+        if cdt == torch.int8:
+            assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01
+        else:
+            rel = steps / want[..., :d].float().abs().clamp_min(1e-6)
+            assert rel.max() <= 2.0 ** -(2 if cdt == torch.float8_e4m3fn else 1)
+            assert (steps > 0).float().mean() < 0.01
+        untouched = sorted(set(range(16)) - set(slots.tolist()))
+        assert torch.all(cache.view(-1, hkv, d + 2)[untouched].view(torch.int8) == 0)
+    with pytest.raises(RuntimeError, match="a quantized cache's rows hold D \\+ 2"):
+        bad = torch.zeros(4, bs, hkv, d, dtype=torch.int8)
+        ops.rotary_write_kv(qkv, positions, cos, sin, h, hkv, bad, bad.clone(), slots)

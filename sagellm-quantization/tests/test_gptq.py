@@ -130,3 +130,27 @@ def test_the_head_stays_round_to_nearest_and_profile_says_gptq() -> None:
     assert quantizer.linear_method("lm_head", head).name == "int8"
     p = quantizer.profile()
     assert (p.method, p.weight_bits, p.group_size, p.symmetric) == ("gptq", 3, 128, False)
+
+
+def test_sequential_calibrates_each_block_on_quantized_inputs() -> None:
+    a, b = make_linear(128, 128, seed=4), make_linear(64, 128, seed=5)
+    layers = {"layers.0.o_proj": a, "layers.1.o_proj": b}
+    computed: list[str] = []
+
+    def run(token_ids: list[int]) -> None:
+        h = a(activations(128, len(token_ids), seed=sum(token_ids)))
+        computed.append("a")
+        b(h)
+        computed.append("b")
+
+    cfg = GPTQConfig(group_size=32, calibration_tokens=600, calibration_seq_len=300)
+    seq = GPTQQuantizer(cfg.model_copy(update={"sequential": True}), tokenize=_tokenize)
+    seq.prepare(layers, run)
+    # block 0's runs stop at a's input (2 sequences); block 1's go through a, stop at b
+    assert computed == ["a", "a"]
+    assert not a._forward_hooks and not a._forward_pre_hooks and not b._forward_hooks
+    one_pass = GPTQQuantizer(cfg, tokenize=_tokenize)
+    one_pass.prepare(layers, run)
+    q_seq, q_one = seq._codes["layers.1.o_proj"][0], one_pass._codes["layers.1.o_proj"][0]
+    assert not torch.equal(q_seq, q_one)  # b saw a's quantized outputs
+    assert torch.equal(seq._codes["layers.0.o_proj"][0], one_pass._codes["layers.0.o_proj"][0])

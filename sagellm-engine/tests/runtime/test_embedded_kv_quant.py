@@ -1,7 +1,12 @@
-"""SmolLM2-135M with a quantized KV cache against the bfloat16 cache, teacher-forced (~40 s).
+"""SmolLM2-135M with a quantized KV cache against a bfloat16 cache, teacher-forced (~60 s).
 
 Every KV dtype sees the same tokens (the bfloat16 cache's greedy continuation), so each
 step's logits are compared on equal inputs: top-1 agreement and mean KL(P_bf16 || P_q).
+The model computes in float32 so that only the cache's element type differs: with
+bfloat16 compute the logits themselves are rounded to steps of 0.125 around 20, and half
+of the flips measured there (4 of 128 for int8, 96.9%) were exact ties of the reference.
+Measured here (float32 compute): int8 99.2% / KL 6.9e-4, fp8_e4m3 97.7% / 4.6e-3,
+fp8_e5m2 96.9% / 1.4e-2; a float32 cache against the bfloat16 one: 100% / 1.9e-5.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ def test_quantized_kv_keeps_the_greedy_choice_of_the_bfloat16_cache() -> None:
     from sagellm.engine.runtime.native import NativeRuntime
 
     rt = NativeRuntime(
-        NativeRuntimeConfig(model="SmolLM2-135M-Instruct", dtype="bfloat16", num_threads=2)
+        NativeRuntimeConfig(model="SmolLM2-135M-Instruct", dtype="float32", num_threads=2)
     )
     tok = load_tokenizer(rt.source)
     prompts = [
@@ -76,8 +81,7 @@ def test_quantized_kv_keeps_the_greedy_choice_of_the_bfloat16_cache() -> None:
     ]
     # the bfloat16 cache's greedy continuation is what every cache is fed
     forced: list[list[int]] = [[] for _ in prompts]
-    ref = _teacher_forced(rt, "auto", prompts, forced)
-    assert rt._pool is not None and rt._pool.schema.dtype == "bfloat16"
+    ref = _teacher_forced(rt, "bfloat16", prompts, forced)
     figures = {}
     for kv_dtype in ("int8", "fp8_e4m3", "fp8_e5m2"):
         got = _teacher_forced(rt, kv_dtype, prompts, forced)
@@ -87,6 +91,7 @@ def test_quantized_kv_keeps_the_greedy_choice_of_the_bfloat16_cache() -> None:
         figures[kv_dtype] = (agree, kl)
         print(f"{kv_dtype}: top-1 agreement {agree:.4f}, mean KL {kl:.2e} nats/token")
     assert figures["int8"][0] >= 0.98
-    assert figures["int8"][1] < 0.01
+    assert figures["int8"][1] < 2e-3
     # float8 keeps 3 (e4m3) or 2 (e5m2) mantissa bits: reported, loosely bounded
-    assert figures["fp8_e4m3"][0] >= 0.9 and figures["fp8_e5m2"][0] >= 0.8
+    assert figures["fp8_e4m3"][0] >= 0.95 and figures["fp8_e4m3"][1] < 0.01
+    assert figures["fp8_e5m2"][0] >= 0.9 and figures["fp8_e5m2"][1] < 0.03

@@ -97,12 +97,14 @@ def _attention_pair(dtype: torch.dtype, kernel: bool):
     """Attention over a quantized cache and over a float32 cache of the same content."""
     attn = Attention(num_heads=6, num_kv_heads=2, head_dim=16)
     if kernel:
-        from sagellm.kernel_fusion.extension import load_kernels
+        from sagellm.core import registry
 
-        module = load_kernels()
-        if module is None:
+        if not any(p.name == "fused" for p in registry.available("kernels")):
+            pytest.skip("sagellm-kernel-fusion is not installed (pip install 'sagellm[accel]')")
+        provider = registry.load("kernels", "fused", {})
+        if "paged_decode_attention" not in provider.available_ops():
             pytest.skip("no C++ compiler: the paged decode kernel is unavailable")
-        attn.decode_kernel = module.paged_decode_attention
+        attn.decode_kernel = provider.get("paged_decode_attention")
     qcache = [torch.zeros(12, 4, 2, 18, dtype=dtype) for _ in range(2)]
     fcache = [torch.zeros(12, 4, 2, 16) for _ in range(2)]
     return attn, qcache, fcache
@@ -225,10 +227,24 @@ def test_binding_checks_the_scale_bytes_and_picks_the_decode_path(tiny_rt) -> No
     assert tiny_rt._paged_decode is kernel
 
 
+@pytest.fixture(scope="module")
+def eager_rt(tiny_dir):
+    """The tiny model without a kernel provider: quantizing writes and gathers in torch."""
+    from sagellm.engine.runtime.config import NativeRuntimeConfig
+    from sagellm.engine.runtime.native import NativeRuntime
+
+    config = NativeRuntimeConfig(model=str(tiny_dir), dtype="float32", kernels="eager")
+    return NativeRuntime(config)
+
+
+@pytest.mark.parametrize("kernels", ["default", "eager"])
 @pytest.mark.parametrize("dtype", ["int8", "fp8_e4m3", "fp8_e5m2"])
 def test_quantized_cache_follows_the_reference_and_ignores_chunking(
-    tiny_dir, tiny_rt, dtype
+    tiny_dir, tiny_rt, eager_rt, dtype, kernels
 ) -> None:
+    # default: the fused provider where installed (rotary + quantized KV write, and the
+    # paged decode kernel for int8)
+    tiny_rt = tiny_rt if kernels == "default" else eager_rt
     tokens = random_tokens(30, 320, seed=11)
     ref = reference_logits(tiny_dir, tokens)
     logits = []

@@ -97,6 +97,10 @@ class LayerStats:
         return self.abs_sum / max(self.num_rows, 1)
 
 
+class _StopRun(Exception):
+    """Raised by a hook to end a calibration run whose remaining layers are not needed."""
+
+
 def _require_run(run: object, who: str) -> None:
     if run is None:
         raise ValueError(
@@ -111,17 +115,22 @@ def collect_stats(
     sequences: Sequence[Sequence[int]],
     *,
     xtx: bool = True,
+    stop_early: bool = False,
     who: str = "calibration",
 ) -> dict[str, LayerStats]:
     """Run ``run`` over ``sequences`` with a pre-hook on each layer; each layer's stats.
 
-    The hooks are removed afterwards, also when ``run`` raises. Raises ValueError when
-    ``run`` is missing or a layer saw no input (the run does not call it).
+    ``stop_early`` ends each run (by raising through the model's forward, caught here)
+    once every layer has seen that sequence's input: the rest of the model is not
+    needed, which makes calibrating the first blocks of a deep model cheap. The hooks
+    are removed afterwards, also when ``run`` raises. Raises ValueError when ``run`` is
+    missing or a layer saw no input (the run does not call it).
     """
     _require_run(run, who)
     assert run is not None
     stats: dict[str, LayerStats] = {}
     handles = []
+    seen: set[str] = set()  # layers called in the current run
     for name, layer in layers.items():
         k = input_size(layer)
         s = LayerStats(
@@ -132,16 +141,25 @@ def collect_stats(
         )
         stats[name] = s
 
-        def hook(_module: nn.Module, args: tuple[object, ...], s: LayerStats = s) -> None:
+        def hook(
+            _module: nn.Module, args: tuple[object, ...], s: LayerStats = s, name: str = name
+        ) -> None:
             x = args[0]
             assert isinstance(x, torch.Tensor)
             s.add(x)
+            seen.add(name)
+            if stop_early and len(seen) == len(stats):
+                raise _StopRun
 
         handles.append(layer.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             for seq in sequences:
-                run(list(seq))
+                seen.clear()
+                try:
+                    run(list(seq))
+                except _StopRun:
+                    pass
     finally:
         for h in handles:
             h.remove()
@@ -163,7 +181,7 @@ def calibrate(
     xtx: bool = True,
     who: str = "calibration",
 ) -> dict[str, LayerStats]:
-    """Each layer's input statistics over the shipped calibration text.
+    """Each layer's input statistics over the shipped calibration text (one pass).
 
     Raises ValueError, before running anything, when ``run`` or ``tokenize`` is missing.
     """

@@ -74,6 +74,10 @@ class GPTQConfig(Int4Config, CalibrationOptions):
     # quantize columns in order of decreasing Hessian diagonal (the paper's "act-order");
     # groups stay contiguous column ranges for the kernel, their scales taken up front
     act_order: bool = False
+    # calibrate block by block ("layers.<i>." names), each on the inputs it gets with the
+    # blocks before it already quantized (the paper's order); False: every projection on
+    # the float model's inputs, all in one pass
+    sequential: bool = False
 
 
 class AWQConfig(Int4Config, CalibrationOptions):

@@ -20,24 +20,34 @@ Hessians at once (576^2 and 1536^2 floats each here).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from pydantic import BaseModel
 from torch import nn
+from torch.nn import functional as F
 
 from sagellm.core.protocols import LinearMethod
-from sagellm.quantization.calibration import Tokenize, calibrate
+from sagellm.quantization.calibration import (
+    LayerStats,
+    Tokenize,
+    calibrate,
+    calibration_sequences,
+    collect_stats,
+)
 from sagellm.quantization.config import GPTQConfig
-from sagellm.quantization.formats import int4_levels, int4_params
+from sagellm.quantization.formats import int4_levels, int4_params, unpack_int4
 from sagellm.quantization.methods import Int4Method, buffer
 from sagellm.quantization.rtn import Int4Quantizer, head_method
 
 __all__ = ["GPTQQuantizer", "gptq_quantize"]
 
 logger = logging.getLogger(__name__)
+
+_BLOCK = re.compile(r"^layers\.(\d+)\.")  # "layers.3.qkv_proj": block 3
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -167,30 +177,86 @@ class GPTQQuantizer(Int4Quantizer):
         if not targets:
             return
         t0 = time.perf_counter()
-        stats = calibrate(targets, run, self.tokenize, cfg, who="gptq")
-        num_rows = next(iter(stats.values())).num_rows
-        t1 = time.perf_counter()
-        for name, layer in targets.items():
-            st = stats.pop(name)
-            assert st.xtx is not None
-            q, scale, zero = gptq_quantize(
-                buffer(layer, "weight"),
-                st.xtx,
-                groups[name],
-                bits=cfg.bits,
-                symmetric=cfg.symmetric,
-                damp=cfg.damp,
-                block_size=cfg.block_size,
-                act_order=cfg.act_order,
-            )
-            self._codes[name] = (q.to(torch.uint8), scale, zero)
+        if not cfg.sequential:
+            stats = calibrate(targets, run, self.tokenize, cfg, who="gptq")
+            num_rows = next(iter(stats.values())).num_rows
+            for name, layer in targets.items():
+                self._quantize(name, layer, stats.pop(name), groups[name])
+        else:
+            num_rows = self._prepare_sequential(targets, run, groups)
         logger.info(
-            "gptq: %d projections on %d calibration tokens (inputs %.1f s, GPTQ %.1f s)",
+            "gptq: %d projections on %d calibration tokens in %.1f s%s",
             len(targets),
             num_rows,
-            t1 - t0,
-            time.perf_counter() - t1,
+            time.perf_counter() - t0,
+            " (block by block)" if cfg.sequential else "",
         )
+
+    def _quantize(self, name: str, layer: nn.Module, st: LayerStats, group: int) -> torch.Tensor:
+        cfg = self.config
+        assert st.xtx is not None
+        q, scale, zero = gptq_quantize(
+            buffer(layer, "weight"),
+            st.xtx,
+            group,
+            bits=cfg.bits,
+            symmetric=cfg.symmetric,
+            damp=cfg.damp,
+            block_size=cfg.block_size,
+            act_order=cfg.act_order,
+        )
+        self._codes[name] = (q.to(torch.uint8), scale, zero)
+        return unpack_int4(q, scale, zero)
+
+    def _prepare_sequential(
+        self,
+        targets: Mapping[str, nn.Module],
+        run: Callable[[Sequence[int]], object] | None,
+        groups: Mapping[str, int],
+    ) -> int:
+        """Block by block: a block's inputs come through the blocks already quantized,
+        whose outputs forward hooks replace by their quantized products meanwhile."""
+        cfg = self.config
+        seqs = calibration_sequences(
+            self.tokenize,
+            num_tokens=cfg.calibration_tokens,
+            seq_len=cfg.calibration_seq_len,
+            who="gptq",
+        )
+        blocks: dict[int, list[str]] = {}
+        for name in targets:
+            m = _BLOCK.match(name)
+            blocks.setdefault(int(m.group(1)) if m else 1 << 30, []).append(name)
+        handles = []
+        num_rows = 0
+        try:
+            for index in sorted(blocks):
+                names = blocks[index]
+                stats = collect_stats(
+                    {n: targets[n] for n in names}, run, seqs, stop_early=True, who="gptq"
+                )
+                num_rows = stats[names[0]].num_rows
+                for name in names:
+                    layer = targets[name]
+                    deq = self._quantize(name, layer, stats.pop(name), groups[name])
+                    deq = deq.to(buffer(layer, "weight").dtype)
+
+                    def quantized_output(
+                        module: nn.Module,
+                        args: tuple[object, ...],
+                        _out: object,
+                        deq: torch.Tensor = deq,
+                    ) -> torch.Tensor:
+                        x = args[0]
+                        assert isinstance(x, torch.Tensor)
+                        bias = cast("torch.Tensor | None", module.bias)
+                        return F.linear(x, deq, bias)
+
+                    handles.append(layer.register_forward_hook(quantized_output))
+        finally:
+            for h in handles:
+                h.remove()
+        return num_rows
 
     def linear_method(self, name: str, layer: nn.Module) -> LinearMethod | None:
         """The GPTQ codes of ``name`` on the int4 kernel; the head by ``config.head``."""

@@ -93,8 +93,7 @@ class Attention(nn.Module):
         :meth:`_forward_quantized`). Returns ``[T, H * D]``.
         """
         if k_cache.shape[-1] != self.head_dim:
-            assert not kv_written, "a fused KV write cannot store a quantized cache"
-            return self._forward_quantized(q, k, v, k_cache, v_cache, meta)
+            return self._forward_quantized(q, k, v, k_cache, v_cache, meta, kv_written)
         num_tokens = q.shape[0]
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         k_flat = k_cache.view(-1, hkv, d)
@@ -161,19 +160,27 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:
-        """:meth:`forward` over int8 / float8 caches whose rows end in their scale."""
+        """:meth:`forward` over int8 / float8 caches whose rows end in their scale.
+
+        ``kv_written``: a fused kernel has already quantized ``k`` and ``v`` into their
+        slots (the same rows :func:`.kv_quant.quantize_rows` makes).
+        """
         num_tokens = q.shape[0]
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         row = d + SCALE_ELEMENTS
         assert k_cache.shape[-1] == row, f"cache rows of {k_cache.shape[-1]}, expected {row}"
-        kq = quantize_rows(k, k_cache.dtype)
-        vq = quantize_rows(v, v_cache.dtype)
         k_flat = k_cache.view(-1, hkv, row)
         v_flat = v_cache.view(-1, hkv, row)
-        # through a byte view: index_copy_ has no float8 kernel on the CPU
-        k_flat.view(torch.int8).index_copy_(0, meta.slot_mapping, kq.view(torch.int8))
-        v_flat.view(torch.int8).index_copy_(0, meta.slot_mapping, vq.view(torch.int8))
+        kq: torch.Tensor | None = None
+        vq: torch.Tensor | None = None
+        if not kv_written:
+            kq = quantize_rows(k, k_cache.dtype)
+            vq = quantize_rows(v, v_cache.dtype)
+            # through a byte view: index_copy_ has no float8 kernel on the CPU
+            k_flat.view(torch.int8).index_copy_(0, meta.slot_mapping, kq.view(torch.int8))
+            v_flat.view(torch.int8).index_copy_(0, meta.slot_mapping, vq.view(torch.int8))
 
         out = q.new_empty(num_tokens, h, d)
         b = meta.num_decodes
@@ -205,8 +212,13 @@ class Attention(nn.Module):
         for c in meta.chunks:
             qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)
             if c.slots is None:
-                kc = dequantize_rows(kq[c.start : c.end], d, q.dtype)
-                vc = dequantize_rows(vq[c.start : c.end], d, q.dtype)
+                if kq is None or vq is None:  # written by the fused kernel: read them back
+                    own = meta.slot_mapping[c.start : c.end]
+                    kc = dequantize_rows(k_flat.index_select(0, own), d, q.dtype)
+                    vc = dequantize_rows(v_flat.index_select(0, own), d, q.dtype)
+                else:
+                    kc = dequantize_rows(kq[c.start : c.end], d, q.dtype)
+                    vc = dequantize_rows(vq[c.start : c.end], d, q.dtype)
             else:
                 kc = dequantize_rows(k_flat.index_select(0, c.slots), d, q.dtype)
                 vc = dequantize_rows(v_flat.index_select(0, c.slots), d, q.dtype)

@@ -24,8 +24,16 @@ from sagellm.engine.models.config import ModelConfig
 
 __all__ = ["LlamaDecoderLayer", "LlamaForCausalLM"]
 
-#: KV cache dtypes the fused rotary + KV write kernel stores into.
-_FLOAT_CACHES = (torch.float32, torch.bfloat16, torch.float16)
+#: KV cache dtypes the fused rotary + KV write kernel stores into (the 1-byte ones as
+#: quantized rows with their scales).
+_FUSED_KV_CACHES = (
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.int8,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+)
 
 #: Progress callback: (stage, done, total).
 Progress = Callable[[str, int, int], None]
@@ -70,7 +78,7 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = self.input_layernorm.add_forward(hidden, residual)
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        fused = self.rotary_kv_kernel is not None and kv_cache[0].dtype in _FLOAT_CACHES
+        fused = self.rotary_kv_kernel is not None and kv_cache[0].dtype in _FUSED_KV_CACHES
         if fused:
             # cos/sin are the float32 tables: rotate q and k in place, write k and v
             assert self.rotary_kv_kernel is not None and meta.positions is not None
@@ -146,8 +154,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Run ``[T]`` tokens; return float32 logits of ``logit_rows`` (all rows if None)."""
         hidden = self.embed_tokens(token_ids)
-        if self.fused_rotary and kv_caches[0][0].dtype in _FLOAT_CACHES:
-            # the layers' fused rotary + KV write (not for a quantized cache)
+        if self.fused_rotary and kv_caches[0][0].dtype in _FUSED_KV_CACHES:
+            # the layers' fused rotary + KV write
             cos, sin = self.rotary.cos, self.rotary.sin  # whole float32 tables
         else:
             cos, sin = self.rotary.tables(positions, hidden.dtype)

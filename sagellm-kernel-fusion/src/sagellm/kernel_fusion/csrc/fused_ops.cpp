@@ -3,9 +3,16 @@
 // straight into the paged KV cache, and SiLU(gate) * up. Arithmetic in float32; results
 // rounded to the activation dtype once where the eager ops round after every op, so they
 // agree with eager within that dtype's rounding.
+//
+// The KV write also stores quantized caches (int8, float8_e4m3fn, float8_e5m2; last dim
+// D + 2): each token-head row becomes D values of x / scale and then its float16 scale
+// amax(|x|) / qmax, bit-cast into the 2 trailing bytes (sagellm.engine.layers.kv_quant).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -97,6 +104,47 @@ std::vector<at::Tensor> add_rms_norm(const at::Tensor& x, at::Tensor& residual,
   return {out, residual};
 }
 
+// a quantized cache element type: its largest magnitude and how a scaled value is stored
+template <typename C>
+struct KVQuant {
+  static constexpr bool enabled = false;
+};
+template <>
+struct KVQuant<int8_t> {
+  static constexpr bool enabled = true;
+  static constexpr float qmax = 127.f;
+  // nearbyint rounds half to even, as torch.round does
+  static int8_t encode(float y) { return static_cast<int8_t>(std::nearbyint(y)); }
+};
+template <>
+struct KVQuant<c10::Float8_e4m3fn> {
+  static constexpr bool enabled = true;
+  static constexpr float qmax = 448.f;
+  static c10::Float8_e4m3fn encode(float y) { return c10::Float8_e4m3fn(y); }
+};
+template <>
+struct KVQuant<c10::Float8_e5m2> {
+  static constexpr bool enabled = true;
+  static constexpr float qmax = 57344.f;
+  static c10::Float8_e5m2 encode(float y) { return c10::Float8_e5m2(y); }
+};
+
+// one token-head row of D values into D quantized elements and its float16 scale; the
+// scale is at least float16's smallest normal, at most its largest
+template <typename T, typename C>
+inline void write_quantized_row(const T* x, C* dst, int64_t D) {
+  using Q = KVQuant<C>;
+  float amax = 0.f;
+  for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(f32(x[i])));
+  const at::Half hs(std::min(std::max(amax / Q::qmax, 6.103515625e-05f), 65504.f));
+  const float scale = static_cast<float>(hs);  // divide by the scale as stored
+  for (int64_t i = 0; i < D; ++i) {
+    const float y = std::min(std::max(f32(x[i]) / scale, -Q::qmax), Q::qmax);
+    dst[i] = Q::encode(y);
+  }
+  std::memcpy(dst + D, &hs.x, sizeof(hs.x));
+}
+
 // qkv [T, (H + 2 Hkv) D]: rotates q and k heads in place (half-split layout) with the
 // float32 cos/sin tables [max_pos, D/2] at `positions`, then copies k and v rows into the
 // caches [blocks, block_size, Hkv, D] at `slots` (flat block * block_size + offset).
@@ -123,9 +171,16 @@ void rotary_kv(T* qkv, int64_t T_, int64_t H, int64_t Hkv, int64_t D, const int6
         const T* v = r + (H + Hkv) * D;
         C* kd = kc + slots[t] * kslot_stride;
         C* vd = vc + slots[t] * vslot_stride;
-        for (int64_t i = 0; i < Hkv * D; ++i) {
-          kd[i] = static_cast<C>(f32(k[i]));
-          vd[i] = static_cast<C>(f32(v[i]));
+        if constexpr (KVQuant<C>::enabled) {
+          for (int64_t h = 0; h < Hkv; ++h) {
+            write_quantized_row(k + h * D, kd + h * (D + 2), D);
+            write_quantized_row(v + h * D, vd + h * (D + 2), D);
+          }
+        } else {
+          for (int64_t i = 0; i < Hkv * D; ++i) {
+            kd[i] = static_cast<C>(f32(k[i]));
+            vd[i] = static_cast<C>(f32(v[i]));
+          }
         }
       }
     }
@@ -136,8 +191,13 @@ void rotary_write_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Ten
                      const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "qkv must be a contiguous [T, width] tensor");
-  const int64_t D = k_cache.size(3);
-  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * D, "qkv width != (H + 2 Hkv) D");
+  const auto ct = k_cache.scalar_type();
+  const bool quantized =
+      ct == at::kChar || ct == at::kFloat8_e4m3fn || ct == at::kFloat8_e5m2;
+  const int64_t row_len = k_cache.size(3);  // D, or D + 2 for a quantized row and its scale
+  const int64_t D = quantized ? row_len - 2 : row_len;
+  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * D,
+              "qkv width != (H + 2 Hkv) D (a quantized cache's rows hold D + 2)");
   TORCH_CHECK(D % 2 == 0, "head_dim must be even");
   TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
                   positions.is_contiguous() && slots.is_contiguous() &&
@@ -147,7 +207,8 @@ void rotary_write_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Ten
                   cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == D / 2,
               "cos and sin must be contiguous float32 [max_pos, head_dim / 2]");
   TORCH_CHECK(k_cache.size(2) == num_kv_heads && k_cache.stride(3) == 1 &&
-                  k_cache.stride(2) == D && k_cache.stride(0) == k_cache.size(1) * k_cache.stride(1) &&
+                  k_cache.stride(2) == row_len &&
+                  k_cache.stride(0) == k_cache.size(1) * k_cache.stride(1) &&
                   v_cache.sizes() == k_cache.sizes() && v_cache.strides() == k_cache.strides() &&
                   v_cache.scalar_type() == k_cache.scalar_type(),
               "caches must be [blocks, block_size, Hkv, D] with contiguous blocks");
@@ -156,7 +217,7 @@ void rotary_write_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Ten
   for (int64_t t = 0; t < positions.size(0); ++t)
     TORCH_CHECK(pp[t] >= 0 && pp[t] < max_pos, "position ", pp[t], " outside the rotary table");
   const int64_t slot_stride = k_cache.stride(1);
-  const auto qt = qkv.scalar_type(), ct = k_cache.scalar_type();
+  const auto qt = qkv.scalar_type();
 #define SAGELLM_ROT(QT, CT, TQ, TC)                                                          \
   if (qt == QT && ct == CT) {                                                                \
     rotary_kv<TQ, TC>(qkv.data_ptr<TQ>(), qkv.size(0), num_heads, num_kv_heads, D, pp,       \
@@ -170,6 +231,15 @@ void rotary_write_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Ten
   SAGELLM_ROT(at::kHalf, at::kHalf, at::Half, at::Half)
   SAGELLM_ROT(at::kFloat, at::kBFloat16, float, at::BFloat16)
   SAGELLM_ROT(at::kFloat, at::kHalf, float, at::Half)
+  SAGELLM_ROT(at::kFloat, at::kChar, float, int8_t)
+  SAGELLM_ROT(at::kBFloat16, at::kChar, at::BFloat16, int8_t)
+  SAGELLM_ROT(at::kHalf, at::kChar, at::Half, int8_t)
+  SAGELLM_ROT(at::kFloat, at::kFloat8_e4m3fn, float, c10::Float8_e4m3fn)
+  SAGELLM_ROT(at::kBFloat16, at::kFloat8_e4m3fn, at::BFloat16, c10::Float8_e4m3fn)
+  SAGELLM_ROT(at::kHalf, at::kFloat8_e4m3fn, at::Half, c10::Float8_e4m3fn)
+  SAGELLM_ROT(at::kFloat, at::kFloat8_e5m2, float, c10::Float8_e5m2)
+  SAGELLM_ROT(at::kBFloat16, at::kFloat8_e5m2, at::BFloat16, c10::Float8_e5m2)
+  SAGELLM_ROT(at::kHalf, at::kFloat8_e5m2, at::Half, c10::Float8_e5m2)
 #undef SAGELLM_ROT
   TORCH_CHECK(false, "rotary_write_kv: activations ", qt, " with caches ", ct, " not supported");
 }
