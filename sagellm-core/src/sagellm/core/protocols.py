@@ -22,6 +22,7 @@ from sagellm.core.types import (
     AllocationResult,
     CapabilityDescriptor,
     CoTStep,
+    CoTVote,
     EvictionDecision,
     ExecutionPlan,
     FinishReason,
@@ -758,10 +759,60 @@ class KernelProvider(Protocol):
 
 @runtime_checkable
 class CoTController(Protocol):
-    """Accelerates chain-of-thought generation (group ``sagellm.cot``)."""
+    """Steers chain-of-thought generation (group ``sagellm.cot``).
+
+    Two hooks, one per granularity. Token level (thinking budgets, DEER's early exit): the
+    engine calls :meth:`start` when a request (each of its ``n`` samples) enters, then
+    :meth:`step` after every step that appended a token, and :meth:`finish` when it
+    ends. Sample level (self-consistency: ESC, Adaptive-Consistency): the engine draws a
+    request's samples in windows and calls :meth:`vote` after each window. A controller
+    that only works at one level answers the other with the neutral value (``None``; a
+    plain majority vote that stops when every planned sample is in).
+    Anchors: vLLM's ``thinking_token_budget`` (v1 ``thinking_budget_state``), DEER
+    (arXiv 2504.15895), ESC (ICLR'24), Adaptive-Consistency (EMNLP'23).
+    """
 
     config_class: ClassVar[type[BaseModel]]
 
+    def start(self, request_id: str, prompt_token_ids: Sequence[int]) -> CoTStep | None:
+        """Called once per request (sample) before its first token.
+
+        May already force tokens (a budget of 0 inside a prompt that opens the reasoning).
+        Raises ValueError when ``request_id`` is already started.
+        """
+        ...
+
     def step(self, request_id: str, token_ids: Sequence[int]) -> CoTStep | None:
-        """Called after each decode step; may propose, verify or cut reasoning steps."""
+        """Called after each step that appended a token to a started request.
+
+        ``token_ids`` are every token generated so far, forced ones included. Not called
+        while tokens an earlier :class:`CoTStep` forced are still pending. Returns
+        ``None`` to let sampling go on, or a step that forces tokens, stops the request
+        or starts a trial branch (``probe_token_ids``). Raises KeyError for a request
+        that was not started.
+        """
+        ...
+
+    def observe_probe(
+        self, request_id: str, token_ids: Sequence[int], logprobs: Sequence[float]
+    ) -> CoTStep | None:
+        """Called when a trial branch this controller asked for has finished.
+
+        ``token_ids`` is the branch's greedy continuation after ``probe_token_ids`` and
+        ``logprobs`` the log-probability of each of those tokens. Returns as :meth:`step`.
+        An unknown or finished request returns ``None``.
+        """
+        ...
+
+    def finish(self, request_id: str) -> None:
+        """Drop the request's state; an unknown id is ignored."""
+        ...
+
+    def vote(self, answers: Sequence[str | None], num_planned: int) -> CoTVote:
+        """Called after each window of samples with the answers of all samples so far.
+
+        ``answers[i]`` is the answer extracted from sample ``i`` (``None``: it had none);
+        ``num_planned`` is the most samples the request may draw. Must stop once
+        ``len(answers) >= num_planned``. Raises ValueError when ``num_planned < 1``.
+        """
         ...

@@ -25,6 +25,7 @@ __all__ = [
     "AllocationResult",
     "CapabilityDescriptor",
     "CoTStep",
+    "CoTVote",
     "CommConfig",
     "DType",
     "DTYPE_BYTES",
@@ -54,6 +55,7 @@ __all__ = [
     "RequestKind",
     "RequestStatus",
     "SamplingParams",
+    "SelfConsistency",
     "ScheduledChunk",
     "SchedulerOutput",
     "SequenceChunk",
@@ -142,6 +144,7 @@ class SamplingParams(BaseModel):
     include_stop_str_in_output: bool = False  # return the stop string that matched
     logprobs: int | None = Field(None, ge=0, le=20)  # top-k logprobs per sampled token
     skip_special_tokens: bool = True  # drop special tokens when detokenizing
+    thinking_token_budget: int | None = Field(None, ge=0)  # most tokens between think markers
 
     @property
     def greedy(self) -> bool:
@@ -555,11 +558,40 @@ class SpeculativeDraft:
 
 @dataclass(frozen=True, slots=True)
 class CoTStep:
-    """One reasoning step handled by a chain-of-thought controller."""
+    """What a chain-of-thought controller asks of the engine for one request.
 
-    draft_tokens: tuple[int, ...]
-    verification_result: bool  # the step was accepted
-    corrections: tuple[int, ...] = ()  # tokens that replaced rejected ones
+    Forced tokens go through the same path as sampled ones (KV, stop checks,
+    detokenization): each of the next ``len(forced_token_ids)`` steps emits one of them
+    in place of the sampled token.
+    """
+
+    forced_token_ids: tuple[int, ...] = ()  # emitted next, in order, instead of sampling
+    stop: bool = False  # finish the request once the forced tokens are out
+    probe_token_ids: tuple[int, ...] = ()  # start a trial branch: tokens so far + these
+    probe_max_tokens: int = 0  # trial-answer length; the branch is greedy
+    reason: str = ""  # why, for stats and logs ("budget", "early_exit", ...)
+
+
+@dataclass(frozen=True, slots=True)
+class CoTVote:
+    """A self-consistency decision taken after a window of samples."""
+
+    stop: bool  # no further samples are needed
+    answer: str | None  # the voted answer so far (None: no sample had one)
+    num_samples: int  # samples the decision saw
+    num_votes: int = 0  # samples that voted for ``answer``
+    confidence: float = 0.0  # the rule's own measure (vote share, posterior probability)
+
+
+class SelfConsistency(BaseModel):
+    """Per-request self-consistency: sample ``n`` times in windows, vote, stop early."""
+
+    model_config = _FROZEN
+
+    n: int = Field(16, ge=1, le=128)  # most samples drawn
+    method: str = "esc"  # stopping rule: a name in the sagellm.cot group (esc, adaptive, majority)
+    window: int = Field(4, ge=1, le=128)  # samples drawn together before each decision
+    options: Mapping[str, Any] = Field(default_factory=dict)  # the rule's config fields
 
 
 # --------------------------------------------------------------------------- communication
@@ -672,3 +704,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    consistency: CoTVote | None = None  # self-consistency's vote over ``outputs``

@@ -17,6 +17,7 @@ pytest then runs every inherited ``test_*`` method against that implementation::
 | :class:`LifetimePredictorConformance` | ``make_predictor()`` |
 | :class:`SchedulerConformance` | ``make_pool(num_blocks, block_size)`` and ``make_scheduler(pool, max_model_len, max_num_seqs, max_num_batched_tokens)`` |
 | :class:`PlatformConformance` | ``make_platform()`` |
+| :class:`CoTControllerConformance` | ``make_controller()`` (marker ids below ``vocab_size``) |
 | :class:`QuantizerConformance` | ``make_quantizer()``; optionally ``make_layers()``, ``make_unfit_layers()`` and ``calibration_run(layers)`` (needs torch) |
 
 The suite classes are not collected by pytest themselves (their names do not start with
@@ -38,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'sagellm-core[testing]'"
     ) from exc
 
+from sagellm.core.testing.cot import CoTControllerConformance
 from sagellm.core.testing.eviction import EvictionPolicyConformance
 from sagellm.core.testing.kv_pool import KVPoolConformance
 from sagellm.core.testing.lifetime import LifetimePredictorConformance
@@ -52,6 +54,7 @@ from sagellm.core.testing.scheduler import (
 )
 
 __all__ = [
+    "CoTControllerConformance",
     "EvictionPolicyConformance",
     "KVPoolConformance",
     "LifetimePredictorConformance",
