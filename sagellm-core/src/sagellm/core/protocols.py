@@ -732,15 +732,36 @@ class Sparsifier(Protocol):
 class Proposer(Protocol):
     """Proposes draft tokens for speculative decoding (group ``sagellm.speculative``).
 
-    Anchor: vLLM v1 ``NgramProposer``/``EagleProposer`` and gpt-fast's ``speculative_decode``.
+    Anchor: vLLM v1 ``NgramProposer``/``EagleProposer`` (one ``propose`` per step over the
+    running requests) and gpt-fast's ``speculative_decode``. Differences: a proposer sees
+    each request's prompt and output apart (suffix trees treat them differently), is told
+    when a request finishes (so it can learn from finished outputs and drop per-request
+    state), and the engine verifies its drafts; a proposer never touches the KV pool.
+
+    Context at construction: optionally ``runtime=`` (the target's Runtime) for proposers
+    that run a model through the engine's runtime; others ignore it.
     """
 
     config_class: ClassVar[type[BaseModel]]
 
-    def propose(
-        self, token_ids: Mapping[str, Sequence[int]], num_tokens: int
-    ) -> list[SpeculativeDraft]:
-        """Up to ``num_tokens`` drafts for each request given its tokens so far."""
+    @property
+    def num_speculative_tokens(self) -> int:
+        """Most draft tokens it proposes for one request per step (k)."""
+        ...
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[SpeculativeDraft]:
+        """One draft per request, in the order given, called before each step is scheduled.
+
+        A draft has at most ``min(request.num_tokens, num_speculative_tokens)`` tokens and
+        may be empty (nothing worth proposing). Raises nothing for any token sequence.
+        """
+        ...
+
+    def observe_finished(
+        self, request_id: str, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int]
+    ) -> None:
+        """Called once when a request finishes or is aborted; per-request state is dropped
+        and learning proposers keep the output for later requests. Unknown ids are fine."""
         ...
 
 

@@ -14,7 +14,7 @@ Nothing here holds a tensor or an internal handle of a component.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ __all__ = [
     "MigrationResult",
     "PolicyContext",
     "CompletionOutput",
+    "DraftRequest",
     "ModelOutput",
     "RequestMetrics",
     "RequestOutput",
@@ -427,6 +428,7 @@ class SequenceChunk:
     start_position: int  # position of token_ids[0]
     block_ids: tuple[int, ...]  # block table covering start_position + len(token_ids)
     sample: bool  # return logits of the last position
+    num_logits: int = 1  # with sample: logit rows of the last positions (1 + drafts to verify)
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,10 +552,32 @@ class AccelConfig(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class SpeculativeDraft:
-    """Draft tokens a proposer suggests for one request."""
+    """Draft tokens a proposer suggests for one request.
+
+    ``draft_probs`` is None for a deterministic proposer (n-gram lookup, suffix trees):
+    the verifier then treats each draft token as drawn from a point mass, which keeps
+    rejection sampling exact. A model-based proposer that samples its drafts gives the
+    distribution it drew each one from, so the verifier can accept with min(1, p/q).
+    """
 
     request_id: str
-    token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]  # proposed continuation, possibly empty
+    draft_probs: Any = None  # float torch.Tensor [len(token_ids), vocab] or None (point mass)
+
+
+@dataclass(frozen=True, slots=True)
+class DraftRequest:
+    """What a proposer sees of one request before a step."""
+
+    request_id: str
+    prompt_token_ids: Sequence[int]  # the request's prompt
+    output_token_ids: Sequence[int]  # tokens generated so far (the last one has no KV yet)
+    num_tokens: int  # most drafts the step can take for this request (0: propose none)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt followed by the output: the context a continuation extends."""
+        return [*self.prompt_token_ids, *self.output_token_ids]
 
 
 @dataclass(frozen=True, slots=True)

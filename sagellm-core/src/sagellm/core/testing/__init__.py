@@ -18,6 +18,7 @@ pytest then runs every inherited ``test_*`` method against that implementation::
 | :class:`SchedulerConformance` | ``make_pool(num_blocks, block_size)`` and ``make_scheduler(pool, max_model_len, max_num_seqs, max_num_batched_tokens)`` |
 | :class:`PlatformConformance` | ``make_platform()`` |
 | :class:`CoTControllerConformance` | ``make_controller()`` (marker ids below ``vocab_size``) |
+| :class:`ProposerConformance` | ``make_proposer(num_speculative_tokens)`` |
 | :class:`QuantizerConformance` | ``make_quantizer()``; optionally ``make_layers()``, ``make_unfit_layers()`` and ``calibration_run(layers)`` (needs torch) |
 
 The suite classes are not collected by pytest themselves (their names do not start with
@@ -45,6 +46,7 @@ from sagellm.core.testing.kv_pool import KVPoolConformance
 from sagellm.core.testing.lifetime import LifetimePredictorConformance
 from sagellm.core.testing.platform import PlatformConformance
 from sagellm.core.testing.prefix_index import PrefixIndexConformance
+from sagellm.core.testing.proposer import ProposerConformance
 from sagellm.core.testing.quantizer import QuantizerConformance
 from sagellm.core.testing.scheduler import (
     SchedulerConformance,
@@ -60,6 +62,7 @@ __all__ = [
     "LifetimePredictorConformance",
     "PlatformConformance",
     "PrefixIndexConformance",
+    "ProposerConformance",
     "QuantizerConformance",
     "SchedulerConformance",
     "SchedulerRun",
