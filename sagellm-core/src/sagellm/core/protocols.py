@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from sagellm.core.types import (
     AllocationResult,
+    BlockShape,
     CapabilityDescriptor,
     CoTStep,
     CoTVote,
@@ -40,6 +41,7 @@ from sagellm.core.types import (
     RequestOutput,
     SamplingParams,
     SchedulerOutput,
+    SparsityProfile,
     SpeculativeDraft,
     TopologyInfo,
     TransferPlan,
@@ -719,12 +721,56 @@ class Quantizer(Protocol):
 
 @runtime_checkable
 class Sparsifier(Protocol):
-    """Skips work on unimportant weights, heads or tokens (group ``sagellm.sparsity``)."""
+    """Removes unimportant weights, channels or heads of a model (group ``sagellm.sparsity``).
+
+    Anchors: Wanda (Sun et al. 2023) and SparseGPT (Frantar and Alistarh 2023) for
+    unstructured and N:M masks, FLAP and SliceGPT for structured pruning that shrinks the
+    dense matrices. The runtime calls, once after loading and before quantization (so a
+    pruned model can then be quantized): :meth:`prepare` with the model's projections,
+    :meth:`apply`, which prunes them in place and returns the new shapes of the blocks
+    it shrank (the model resizes those blocks' attention), then :meth:`linear_method`
+    for each projection that no quantizer takes. Projections are named and shaped as for
+    :class:`Quantizer` (``"layers.3.qkv_proj"`` stacks q, k, v in ``output_sizes``;
+    ``"layers.3.gate_up_proj"`` stacks gate and up). Context given to the constructor:
+    ``tokenize=`` (str -> token ids, for calibration on shipped text) and ``head_dim=``
+    (for head pruning).
+    """
 
     config_class: ClassVar[type[BaseModel]]
 
-    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Return the sparsified model (in place where possible)."""
+    def profile(self) -> SparsityProfile:
+        """What this sparsifier produces."""
+        ...
+
+    def prepare(
+        self,
+        layers: Mapping[str, torch.nn.Module],
+        run: Callable[[Sequence[int]], object] | None = None,
+    ) -> None:
+        """Called once, after loading and before :meth:`apply`.
+
+        ``run(token_ids)`` runs the dense model forward over one sequence. Calibrating
+        sparsifiers (Wanda, SparseGPT, structured) hook the layers and call ``run`` over
+        their calibration text; magnitude pruning does nothing. Raises ValueError when a
+        calibrating sparsifier is given no ``run``.
+        """
+        ...
+
+    def apply(self, layers: Mapping[str, torch.nn.Module]) -> dict[int, BlockShape]:
+        """Prune ``layers`` in place; the new shape of each block whose shape changed.
+
+        Masking sparsifiers zero weights and return ``{}``. Structured ones replace the
+        layers' ``weight`` (and ``bias``, ``input_size``, ``output_size``,
+        ``output_sizes``) with smaller ones and return ``{block index: BlockShape}``.
+        Every layer it changes has its ``packed`` checkpoint blocks set to None (they no
+        longer hold its weight). Raises ValueError when a layer's shape does not suit
+        the pattern (the message says which shapes do).
+        """
+        ...
+
+    def linear_method(self, name: str, layer: torch.nn.Module) -> LinearMethod | None:
+        """A method that computes on the pruned weight (torch's 2:4 semi-structured
+        kernels on CUDA) for projection ``name``; None keeps the layer's float method."""
         ...
 
 

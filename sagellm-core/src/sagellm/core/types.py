@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 __all__ = [
     "AccelConfig",
     "AllocationResult",
+    "BlockShape",
     "CapabilityDescriptor",
     "CoTStep",
     "CoTVote",
@@ -61,6 +62,7 @@ __all__ = [
     "SchedulerOutput",
     "SequenceChunk",
     "SLO",
+    "SparsityProfile",
     "SpeculativeDraft",
     "TopologyInfo",
     "TransferPlan",
@@ -535,6 +537,31 @@ class PackedWeight:
     format: str  # "q4_0", "q4_1", "q8_0", ... (GGML type name, lower case)
     data: Any  # uint8 torch.Tensor [rows, bytes_per_row]: the raw blocks of each row
     shape: tuple[int, int]  # (rows, columns) of the decoded weight, torch order
+
+
+class SparsityProfile(BaseModel):
+    """What a sparsifier removes."""
+
+    model_config = _FROZEN
+
+    method: str = "none"  # sparsifier name: "magnitude", "wanda", "sparsegpt", "structured"
+    # "unstructured" (any weight), "n:m" (at most n non-zeros in every m consecutive
+    # input weights of a row), or "structured" (whole FFN channels and attention heads
+    # removed, the matrices shrunk)
+    pattern: Literal["unstructured", "n:m", "structured"] = "unstructured"
+    sparsity: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of the pruned weights removed
+    n: int | None = Field(None, ge=1)  # non-zeros kept per group of an n:m pattern
+    m: int | None = Field(None, ge=2)  # group length of an n:m pattern
+    calibrated: bool = False  # uses the model's activations on calibration text
+
+
+@dataclass(frozen=True, slots=True)
+class BlockShape:
+    """The shapes of one decoder block after structured pruning (per-block sizes)."""
+
+    intermediate_size: int  # SwiGLU channels kept
+    num_heads: int  # query heads kept (a multiple of num_kv_heads)
+    num_kv_heads: int  # key/value heads (the KV cache's layout, unchanged by pruning)
 
 
 class AccelConfig(BaseModel):

@@ -20,6 +20,7 @@ pytest then runs every inherited ``test_*`` method against that implementation::
 | :class:`CoTControllerConformance` | ``make_controller()`` (marker ids below ``vocab_size``) |
 | :class:`ProposerConformance` | ``make_proposer(num_speculative_tokens)`` |
 | :class:`QuantizerConformance` | ``make_quantizer()``; optionally ``make_layers()``, ``make_unfit_layers()`` and ``calibration_run(layers)`` (needs torch) |
+| :class:`SparsifierConformance` | ``make_sparsifier()``; optionally ``make_layers()`` and ``calibration_run(layers)`` (needs torch) |
 
 The suite classes are not collected by pytest themselves (their names do not start with
 ``Test``). Property-based tests use hypothesis; a subclass may set the class attribute
@@ -48,6 +49,7 @@ from sagellm.core.testing.platform import PlatformConformance
 from sagellm.core.testing.prefix_index import PrefixIndexConformance
 from sagellm.core.testing.proposer import ProposerConformance
 from sagellm.core.testing.quantizer import QuantizerConformance
+from sagellm.core.testing.sparsifier import SparsifierConformance
 from sagellm.core.testing.scheduler import (
     SchedulerConformance,
     SchedulerRun,
@@ -66,6 +68,7 @@ __all__ = [
     "QuantizerConformance",
     "SchedulerConformance",
     "SchedulerRun",
+    "SparsifierConformance",
     "WorkloadRequest",
     "drive_to_completion",
 ]
