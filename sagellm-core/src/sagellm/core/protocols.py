@@ -582,7 +582,14 @@ class TopologyDetector(Protocol):
     """
 
     def detect(self) -> TopologyInfo:
-        """Inspect the machine."""
+        """Inspect the machine; called once when a launcher places ranks.
+
+        Returns the devices, their NUMA nodes and one entry per link with its alpha-beta
+        cost. Deterministic: the same machine (or the same sysfs tree) gives an equal
+        result. Files the kernel does not provide are reported as unknown (``-1``, no
+        link), never guessed; a root that is not a sysfs tree at all raises
+        ``ValueError`` naming the path.
+        """
         ...
 
 

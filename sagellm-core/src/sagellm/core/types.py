@@ -649,15 +649,25 @@ class SelfConsistency(BaseModel):
 
 
 class TopologyInfo(BaseModel):
-    """Devices and links seen by a topology detector (the seeds' ``TopologyInfo``)."""
+    """Devices and links seen by a topology detector (the seeds' ``TopologyInfo``).
+
+    With accelerators, devices are the accelerators of ``device_type`` in PCI address
+    order and a link joins two of them. On a machine without accelerators
+    (``device_type`` ``"cpu"``), devices are the online logical CPUs and a link joins
+    two NUMA nodes (``shm`` inside one node, ``numa`` between two). Every link carries
+    an alpha-beta cost: a message of ``n`` bytes takes ``alpha + n / beta``.
+    """
 
     model_config = _FROZEN
 
     num_devices: int = Field(ge=0)
-    device_type: str = "cpu"
+    device_type: str = "cpu"  # platform name: cpu, cuda, rocm, ascend, cambricon, hygon, kunlun, metax
     numa_nodes: tuple[tuple[int, ...], ...] = ()  # device (or core) ids per NUMA node
     links: tuple[tuple[int, int, str, float], ...] = ()  # (a, b, kind, GB/s): nvlink, pcie, hccs
     nvlink: bool = False  # any direct high-speed device link
+    numa_distances: tuple[tuple[int, ...], ...] = ()  # SLIT row per NUMA node (10 = local)
+    device_numa: tuple[int, ...] = ()  # NUMA node of each device (-1: the firmware says none)
+    link_latency_us: tuple[float, ...] = ()  # alpha of each entry of links, microseconds
 
 
 class CommConfig(BaseModel):

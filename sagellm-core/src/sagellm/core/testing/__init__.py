@@ -17,6 +17,7 @@ pytest then runs every inherited ``test_*`` method against that implementation::
 | :class:`LifetimePredictorConformance` | ``make_predictor()`` |
 | :class:`SchedulerConformance` | ``make_pool(num_blocks, block_size)`` and ``make_scheduler(pool, max_model_len, max_num_seqs, max_num_batched_tokens)`` |
 | :class:`PlatformConformance` | ``make_platform()`` |
+| :class:`TopologyDetectorConformance` | ``make_detector()`` |
 | :class:`CoTControllerConformance` | ``make_controller()`` (marker ids below ``vocab_size``) |
 | :class:`ProposerConformance` | ``make_proposer(num_speculative_tokens)`` |
 | :class:`QuantizerConformance` | ``make_quantizer()``; optionally ``make_layers()``, ``make_unfit_layers()`` and ``calibration_run(layers)`` (needs torch) |
@@ -56,6 +57,7 @@ from sagellm.core.testing.scheduler import (
     WorkloadRequest,
     drive_to_completion,
 )
+from sagellm.core.testing.topology import TopologyDetectorConformance
 
 __all__ = [
     "CoTControllerConformance",
@@ -69,6 +71,7 @@ __all__ = [
     "SchedulerConformance",
     "SchedulerRun",
     "SparsifierConformance",
+    "TopologyDetectorConformance",
     "WorkloadRequest",
     "drive_to_completion",
 ]
