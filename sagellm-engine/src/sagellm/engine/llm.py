@@ -15,6 +15,7 @@ from sagellm.core.errors import InvalidRequestError
 from sagellm.core.types import RequestKind, RequestOutput, SamplingParams
 from sagellm.engine.args import make_engine_config
 from sagellm.engine.config import BuildOptions
+from sagellm.engine.cot import CoTOptions
 from sagellm.engine.llm_engine import LLMEngine, Prompt
 
 __all__ = ["LLM", "Message", "apply_chat_template"]
@@ -173,8 +174,14 @@ class LLM:
         add_special_tokens: bool = True,
         tenant: str = "",
         cache_salt: str = "",
+        cot: CoTOptions | Mapping[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt; outputs in input order.
+
+        ``cot`` (:class:`~sagellm.engine.cot.CoTOptions` or its dict) applies to every
+        prompt: ``{"self_consistency": {"n": 16, "method": "esc", "window": 4}}`` draws up to
+        16 samples in windows of 4 and stops once a window agrees (the vote is in
+        ``RequestOutput.consistency``); ``{"early_exit": {...}}`` ends reasoning early.
 
         A prompt is text, token ids, or one of vLLM's prompt dicts: ``{"prompt": text}``
         or ``{"prompt_token_ids": [...]}``, either optionally with its own
@@ -191,7 +198,8 @@ class LLM:
             params = list(sampling)
         else:
             params = [sampling or SamplingParams()] * len(batch)
-        return self._run(batch, params, use_tqdm, kind, add_special_tokens, tenant, salts)
+        options = cot if cot is None or isinstance(cot, CoTOptions) else CoTOptions(**cot)
+        return self._run(batch, params, use_tqdm, kind, add_special_tokens, tenant, salts, options)
 
     def chat(
         self,
@@ -204,10 +212,11 @@ class LLM:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         tenant: str = "",
         cache_salt: str = "",
+        cot: CoTOptions | Mapping[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Answer one conversation or a list of them with the tokenizer's chat template.
 
-        ``tenant`` and ``cache_salt``: as in :meth:`generate`.
+        ``tenant``, ``cache_salt`` and ``cot``: as in :meth:`generate`.
         """
         if not messages:
             raise InvalidRequestError(
@@ -237,6 +246,7 @@ class LLM:
             add_special_tokens=False,
             tenant=tenant,
             cache_salt=cache_salt,
+            cot=cot,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -250,6 +260,7 @@ class LLM:
         add_special_tokens: bool,
         tenant: str,
         cache_salts: list[str],
+        cot: CoTOptions | None = None,
     ) -> list[RequestOutput]:
         engine = self.engine
         ids = []
@@ -265,6 +276,7 @@ class LLM:
                     add_special_tokens=add_special_tokens,
                     tenant=tenant,
                     cache_salt=cache_salt,
+                    cot=cot,
                 )
                 ids.append(rid)
         except Exception:

@@ -37,6 +37,7 @@ from sagellm.core.types import (
 )
 from sagellm.engine.builder import EngineBuilder, EngineParts
 from sagellm.engine.config import BuildOptions
+from sagellm.engine.cot import CoTHooks, CoTOptions
 from sagellm.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from sagellm.engine.metrics import EngineStats
 from sagellm.engine.sampler import Sampler, SamplingRow, mix_seed
@@ -100,6 +101,7 @@ class _Request:
     sampling: SamplingParams
     arrival_time: float
     sequences: list[_Sequence] = field(default_factory=list)
+    consistency: Any = None  # CoTVote of a self-consistent request
 
     @property
     def finished(self) -> bool:
@@ -128,6 +130,7 @@ class _Request:
             outputs=[s.completion() for s in seqs],
             finished=self.finished,
             metrics=metrics,
+            consistency=self.consistency,
         )
 
 
@@ -163,6 +166,7 @@ class LLMEngine:
         self._stats = EngineStats()
         self._auto_ids = itertools.count()
         self.last_step_num_tokens = 0  # tokens the latest step computed (0: it was idle)
+        self.cot = CoTHooks(self)  # forced tokens, trial branches, self-consistency
 
     @classmethod
     def from_config(
@@ -217,8 +221,12 @@ class LLMEngine:
         kind: RequestKind = RequestKind.COMPLETION,
         add_special_tokens: bool = True,
         slo: SLO | None = None,
+        cot: CoTOptions | None = None,
     ) -> str:
         """Queue a request (text or token ids); returns its id.
+
+        ``cot`` asks for self-consistency or DEER's early exit (see :mod:`sagellm.engine.cot`);
+        ``sampling.thinking_token_budget`` caps the reasoning between the engine's markers.
 
         ``slo`` (TTFT/TPOT objectives) reaches the scheduler with the request; SLO-aware
         policies (``slo``, ``adaptive``) order and size their steps by it.
@@ -226,7 +234,7 @@ class LLMEngine:
         Raises InvalidRequestError for an empty prompt, one that leaves no room in the
         context, token ids outside the vocabulary or an id already in use.
         """
-        sampling = sampling or SamplingParams()
+        sampling = self.cot.prepare(sampling or SamplingParams(), cot)
         if request_id is None:
             request_id = f"req-{next(self._auto_ids)}"
         if request_id in self._requests:
@@ -272,27 +280,31 @@ class LLMEngine:
             req.sequences.append(seq)
         added: list[str] = []
         try:
+            self.cot.register(req, cot)
             for seq in req.sequences:
-                self.scheduler.add_request(
-                    GenerationRequest(
-                        request_id=seq.request_id,
-                        prompt_token_ids=tuple(token_ids),
-                        sampling=seq.sampling,
-                        arrival_time=arrival,
-                        priority=priority,
-                        tenant=tenant,
-                        cache_salt=cache_salt,
-                        kind=kind,
-                        eos_token_ids=self.eos_token_ids,
-                        slo=slo if slo is not None else SLO(),
-                    )
+                gen = GenerationRequest(
+                    request_id=seq.request_id,
+                    prompt_token_ids=tuple(token_ids),
+                    sampling=seq.sampling,
+                    arrival_time=arrival,
+                    priority=priority,
+                    tenant=tenant,
+                    cache_salt=cache_salt,
+                    kind=kind,
+                    eos_token_ids=self.eos_token_ids,
+                    slo=slo if slo is not None else SLO(),
                 )
+                if self.cot.defer(seq, gen):  # a later self-consistency window
+                    continue
+                self.scheduler.add_request(gen)
                 added.append(seq.request_id)
                 self._sequences[seq.request_id] = seq
+                self.cot.start(seq)
         except Exception:
             for sub_id in added:
                 self._sequences.pop(sub_id, None)
             self.scheduler.finish_requests(added, FinishReason.ABORT)
+            self.cot.drop(request_id)
             raise
         self._requests[request_id] = req
         self._stats.num_requests_added += 1
@@ -319,6 +331,7 @@ class LLMEngine:
                 seq.metrics.finished_time = now
             for seq in req.sequences:
                 self._sequences.pop(seq.request_id, None)
+            self.cot.aborted(req)
             self._stats.num_requests_aborted += 1
             outputs.append(req.output())
         return outputs
@@ -387,7 +400,7 @@ class LLMEngine:
                         output_token_ids=seq.output_token_ids,
                     )
                 )
-            sampled = self.sampler(model_out.logits, rows)
+            sampled = self.sampler(self.cot.forced_logits(row_ids, model_out.logits), rows)
             sampled_map = {rid: [tok] for rid, tok in zip(row_ids, sampled.token_ids)}
             self.scheduler.update_from_output(out, sampled_map)
             if self._observe_step is not None:  # cost-model policies (slo, adaptive) learn here
@@ -398,9 +411,11 @@ class LLMEngine:
                 stop = self._append_token(
                     seq, sampled.token_ids[i], sampled.sampled_logprobs[i], sampled.top_logprobs[i]
                 )
+                stop = self.cot.after_token(seq, stop)
                 if seq.metrics.first_token_time is None:
                     seq.metrics.first_token_time = now
-                touched[seq.parent.request_id] = seq.parent
+                if seq.index >= 0:  # a trial branch (index -1) has no caller
+                    touched[seq.parent.request_id] = seq.parent
                 if stop is not None:
                     finished.setdefault(stop[0], []).append(rid)
                     self._finish(seq, stop[0], stop[1], now)
@@ -509,6 +524,7 @@ class LLMEngine:
         seq.metrics.finished_time = now
         seq.metrics.num_output_tokens = len(seq.output_token_ids)
         self._sequences.pop(seq.request_id, None)
+        self.cot.finished(seq)
 
     def _retire(self, req: _Request) -> None:
         self._requests.pop(req.request_id, None)
