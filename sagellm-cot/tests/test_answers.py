@@ -45,3 +45,11 @@ def test_numbers_normalize_whatever_their_spelling(n: int) -> None:
     assert normalize_number(f"{n}.000") == str(n)
     text = f"+{n}" if n >= 0 else str(n)
     assert AnswerExtractor()(f"the total is {text}.") == str(n)
+
+
+def test_rules_extract_as_configured() -> None:
+    from sagellm.cot import EarlyStoppingConsistency, EscConfig
+
+    assert EarlyStoppingConsistency().extract_answer("2 and 3 make 5") == "5"
+    rule = EarlyStoppingConsistency(EscConfig(answer=AnswerConfig(method="boxed")))
+    assert rule.extract_answer(r"2 and 3 make \boxed{5} not 6") == "5"

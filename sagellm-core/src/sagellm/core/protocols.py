@@ -852,7 +852,8 @@ class CoTController(Protocol):
         """Called once per request (sample) before its first token.
 
         May already force tokens (a budget of 0 inside a prompt that opens the reasoning).
-        Raises ValueError when ``request_id`` is already started.
+        A controller that keeps per-request state raises ValueError when ``request_id``
+        is already started.
         """
         ...
 
@@ -862,8 +863,9 @@ class CoTController(Protocol):
         ``token_ids`` are every token generated so far, forced ones included. Not called
         while tokens an earlier :class:`CoTStep` forced are still pending. Returns
         ``None`` to let sampling go on, or a step that forces tokens, stops the request
-        or starts a trial branch (``probe_token_ids``). Raises KeyError for a request
-        that was not started.
+        or starts a trial branch (``probe_token_ids``); forced tokens and ``stop`` take
+        precedence over a trial. A controller that keeps per-request state raises
+        KeyError for a request that was not started.
         """
         ...
 
@@ -880,6 +882,10 @@ class CoTController(Protocol):
 
     def finish(self, request_id: str) -> None:
         """Drop the request's state; an unknown id is ignored."""
+        ...
+
+    def extract_answer(self, text: str) -> str | None:
+        """The answer a finished sample's ``text`` votes for (``None``: it has none)."""
         ...
 
     def vote(self, answers: Sequence[str | None], num_planned: int) -> CoTVote:

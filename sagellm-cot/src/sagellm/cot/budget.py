@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from sagellm.core.types import CoTStep, CoTVote
+from sagellm.cot.answers import AnswerExtractor
 from sagellm.cot._tokens import ReasoningSpan
 from sagellm.cot.config import ThinkingBudgetConfig
 from sagellm.cot.vote import majority_vote
@@ -37,6 +38,7 @@ class ThinkingBudgetController:
 
     def __init__(self, config: ThinkingBudgetConfig) -> None:
         self.config = config
+        self._extract = AnswerExtractor(config.answer)
         self._spans: dict[str, ReasoningSpan] = {}
         self.num_forced = 0  # requests whose end marker was forced
 
@@ -70,6 +72,10 @@ class ThinkingBudgetController:
     def vote(self, answers: Sequence[str | None], num_planned: int) -> CoTVote:
         """Plain majority once every planned sample is in."""
         return majority_vote(answers, num_planned)
+
+    def extract_answer(self, text: str) -> str | None:
+        """The answer ``text`` votes for, read as ``config.answer`` says."""
+        return self._extract(text)
 
     def make_stats(self) -> dict[str, int]:
         """Requests whose end marker was forced since the last call (counter reset)."""

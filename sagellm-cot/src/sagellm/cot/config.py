@@ -45,6 +45,8 @@ class _Markers(BaseModel):
 
     model_config = _STRICT
 
+    answer: AnswerConfig = AnswerConfig()  # how a sample's answer is read (for votes)
+
     # tokens that open the reasoning; empty: the reasoning is open from the first token
     start_token_ids: tuple[int, ...] = ()
     end_token_ids: tuple[int, ...] = Field(min_length=1)  # tokens that close the reasoning
@@ -78,6 +80,8 @@ class MajorityVoteConfig(BaseModel):
 
     model_config = _STRICT
 
+    answer: AnswerConfig = AnswerConfig()  # how a sample's answer is read
+
 
 class EscConfig(BaseModel):
     """Early-stopping self-consistency: stop once a whole window agrees."""
@@ -85,6 +89,7 @@ class EscConfig(BaseModel):
     model_config = _STRICT
 
     window: int = Field(4, ge=1, le=128)  # the latest samples that must agree
+    answer: AnswerConfig = AnswerConfig()  # how a sample's answer is read
 
 
 class AdaptiveConsistencyConfig(BaseModel):
@@ -94,3 +99,4 @@ class AdaptiveConsistencyConfig(BaseModel):
 
     threshold: float = Field(0.95, gt=0.5, lt=1.0)  # P(p_leader > p_runner_up) that stops
     min_samples: int = Field(1, ge=1)  # never stop before this many samples
+    answer: AnswerConfig = AnswerConfig()  # how a sample's answer is read

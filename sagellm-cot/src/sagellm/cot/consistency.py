@@ -18,6 +18,7 @@ from math import comb
 from typing import ClassVar
 
 from sagellm.core.types import CoTStep, CoTVote
+from sagellm.cot.answers import AnswerExtractor
 from sagellm.cot.config import AdaptiveConsistencyConfig, EscConfig
 from sagellm.cot.vote import check_planned, tally
 
@@ -40,6 +41,12 @@ def beta_leader_probability(leader: int, runner_up: int) -> float:
 
 class _SampleLevel:
     """Shared no-op token hooks of the sample-level rules."""
+
+    _extract: AnswerExtractor
+
+    def extract_answer(self, text: str) -> str | None:
+        """The answer ``text`` votes for, read as ``config.answer`` says."""
+        return self._extract(text)
 
     def start(self, request_id: str, prompt_token_ids: Sequence[int]) -> CoTStep | None:
         """No token-level control."""
@@ -73,6 +80,7 @@ class EarlyStoppingConsistency(_SampleLevel):
 
     def __init__(self, config: EscConfig | None = None) -> None:
         self.config = config or EscConfig()
+        self._extract = AnswerExtractor(self.config.answer)
 
     def vote(self, answers: Sequence[str | None], num_planned: int) -> CoTVote:
         """Majority so far; ``stop`` when the latest window agrees or all are in."""
@@ -106,6 +114,7 @@ class AdaptiveConsistency(_SampleLevel):
 
     def __init__(self, config: AdaptiveConsistencyConfig | None = None) -> None:
         self.config = config or AdaptiveConsistencyConfig()
+        self._extract = AnswerExtractor(self.config.answer)
 
     def vote(self, answers: Sequence[str | None], num_planned: int) -> CoTVote:
         """Majority so far; ``stop`` once the leader's posterior passes the threshold."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from sagellm.core.types import CoTStep, CoTVote
+from sagellm.cot.answers import AnswerExtractor
 from sagellm.cot._tokens import ReasoningSpan, ends_with
 from sagellm.cot.config import DeerConfig
 from sagellm.cot.vote import majority_vote
@@ -62,6 +63,7 @@ class DeerController:
 
     def __init__(self, config: DeerConfig) -> None:
         self.config = config
+        self._extract = AnswerExtractor(config.answer)
         self._states: dict[str, _State] = {}
         self.num_probes = 0  # trial branches asked for (since the last make_stats)
         self.num_exits = 0  # reasonings ended early
@@ -136,6 +138,10 @@ class DeerController:
     def vote(self, answers: Sequence[str | None], num_planned: int) -> CoTVote:
         """Plain majority once every planned sample is in."""
         return majority_vote(answers, num_planned)
+
+    def extract_answer(self, text: str) -> str | None:
+        """The answer ``text`` votes for, read as ``config.answer`` says."""
+        return self._extract(text)
 
     def make_stats(self) -> dict[str, int]:
         """Trials asked for and early exits since the last call (counters reset)."""

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from sagellm.core.types import CoTStep, CoTVote
+from sagellm.cot.answers import AnswerExtractor
 from sagellm.cot.config import MajorityVoteConfig
 
 __all__ = ["MajorityVote", "check_planned", "majority_vote", "tally"]
@@ -52,6 +53,7 @@ class MajorityVote:
 
     def __init__(self, config: MajorityVoteConfig | None = None) -> None:
         self.config = config or MajorityVoteConfig()
+        self._extract = AnswerExtractor(self.config.answer)
 
     def start(self, request_id: str, prompt_token_ids: Sequence[int]) -> CoTStep | None:
         """No token-level control."""
@@ -69,6 +71,10 @@ class MajorityVote:
 
     def finish(self, request_id: str) -> None:
         """Nothing is kept per request."""
+
+    def extract_answer(self, text: str) -> str | None:
+        """The answer ``text`` votes for, read as ``config.answer`` says."""
+        return self._extract(text)
 
     def vote(self, answers: Sequence[str | None], num_planned: int) -> CoTVote:
         """Majority over all samples; stops when every planned one is in."""

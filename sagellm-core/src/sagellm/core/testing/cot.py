@@ -187,6 +187,13 @@ class CoTControllerConformance:
 
         run()
 
+    def test_extract_answer_returns_text_or_none(self) -> None:
+        ctl = self.make_controller()
+        for text in ("", "no answer here", "so the answer is 42.", "\\boxed{7}"):
+            got = ctl.extract_answer(text)
+            assert got is None or (isinstance(got, str) and got != ""), repr(got)
+            assert ctl.extract_answer(text) == got
+
     def test_vote_ties_go_to_the_answer_seen_first(self) -> None:
         vote = self.make_controller().vote(["2", "1", "1", "2", None], 5)
         assert vote.stop and vote.answer == "2" and vote.num_votes == 2
