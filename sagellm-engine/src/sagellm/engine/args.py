@@ -16,6 +16,7 @@ from typing import Any
 from sagellm.core.config import EngineConfig, load_engine_config
 from sagellm.core.errors import ConfigError
 from sagellm.engine.config import DEFAULT_KV_CACHE_MIB, BuildOptions
+from sagellm.engine.speculation import SpeculativeSettings
 
 __all__ = [
     "SLOT_SHORTHANDS",
@@ -56,6 +57,9 @@ def make_engine_config(
     """
     overrides: dict[str, Any] = {}
     kv_cache_mib = kwargs.pop("kv_cache_mib", None)
+    speculative_config = kwargs.pop("speculative_config", None)
+    if speculative_config is not None:
+        speculative_config = SpeculativeSettings.parse(speculative_config).model_dump()
     fields = set(EngineConfig.model_fields)
     for key, value in kwargs.items():
         if value is None:
@@ -80,7 +84,9 @@ def make_engine_config(
             valid = sorted(fields | set(SLOT_SHORTHANDS) | {"kv_cache_mib"})
             raise ConfigError(f"unknown engine option {key!r}; valid options: {', '.join(valid)}")
     config = load_engine_config(config_path, environ=environ, overrides=overrides)
-    options = BuildOptions(kv_cache_mib=kv_cache_mib or DEFAULT_KV_CACHE_MIB)
+    options = BuildOptions(
+        kv_cache_mib=kv_cache_mib or DEFAULT_KV_CACHE_MIB, speculative_config=speculative_config
+    )
     return config, options
 
 
@@ -120,6 +126,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "otherwise)",
     )
     g.add_argument(
+        "--speculative-config",
+        metavar="JSON",
+        help='speculative decoding as vLLM spells it, e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 5, "prompt_lookup_max": 3}\' (methods: ngram, suffix; '
+        "needs sagellm-speculative; default: none)",
+    )
+    g.add_argument(
         "--kv-cache-dtype",
         choices=["auto", "int8", "fp8_e4m3", "fp8_e5m2"],
         help="KV cache element type (default: auto, the compute dtype)",
@@ -151,6 +164,7 @@ _ARG_KEYS = (
     "quantization",
     "kv_cache_dtype",
     "kernels",
+    "speculative_config",
 )
 
 

@@ -61,6 +61,8 @@ class BuildOptions(BaseModel):
 
     kv_cache_mib: int = Field(DEFAULT_KV_CACHE_MIB, ge=1)  # KV budget when num_blocks is unset
     load_tokenizer: bool = True  # False: token ids in, token ids out (no text)
+    # vLLM's speculative_config ({"method": "ngram", ...}); None: no speculation
+    speculative_config: dict[str, Any] | None = None
 
 
 class APIKey(BaseModel):

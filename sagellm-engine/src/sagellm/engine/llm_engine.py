@@ -16,7 +16,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from sagellm.core.protocols import KVMigrator
 from sagellm.core.types import (
     SLO,
     CompletionOutput,
+    DraftRequest,
     ExecutionPlan,
     FinishReason,
     GenerationRequest,
@@ -41,6 +42,7 @@ from sagellm.engine.cot import CoTHooks, CoTOptions
 from sagellm.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from sagellm.engine.metrics import EngineStats
 from sagellm.engine.sampler import Sampler, SamplingRow, mix_seed
+from sagellm.engine.speculation import SpeculativeDecoder, SpeculativeSettings
 
 __all__ = ["LLMEngine", "Prompt"]
 
@@ -48,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 #: A prompt as callers give it: text, or token ids.
 Prompt = str | Sequence[int]
+
+#: Tokens a step emitted for one request, with their logprobs and top-logprob entries.
+_Emitted = tuple[list[int], list[float | None], list[dict[int, float] | None]]
 
 
 @dataclass
@@ -147,7 +152,12 @@ class LLMEngine:
                     print(out.outputs[0].text)
     """
 
-    def __init__(self, parts: EngineParts) -> None:
+    def __init__(
+        self,
+        parts: EngineParts,
+        *,
+        speculative_config: str | Mapping[str, Any] | SpeculativeSettings | None = None,
+    ) -> None:
         self.parts = parts
         self.config: EngineConfig = parts.config
         self.runtime = parts.runtime
@@ -166,6 +176,17 @@ class LLMEngine:
         self._stats = EngineStats()
         self._auto_ids = itertools.count()
         self.last_step_num_tokens = 0  # tokens the latest step computed (0: it was idle)
+        self.speculative: SpeculativeDecoder | None = None
+        if speculative_config is not None:
+            settings = SpeculativeSettings.parse(speculative_config)
+            if not callable(getattr(self.scheduler, "set_draft_tokens", None)):
+                raise CapabilityMismatchError(
+                    f"speculative decoding needs a scheduler that takes draft tokens "
+                    f"(set_draft_tokens); {type(self.scheduler).__name__} does not: use the "
+                    "fcfs scheduler family or drop speculative_config"
+                )
+            self.speculative = SpeculativeDecoder(settings, runtime=self.runtime)
+        self._draft_probs: dict[str, Any] = {}  # request id -> draft distributions this step
         self.cot = CoTHooks(self)  # forced tokens, trial branches, self-consistency
 
     @classmethod
@@ -173,7 +194,9 @@ class LLMEngine:
         cls, config: EngineConfig | None = None, options: BuildOptions | None = None, **kwargs: Any
     ) -> LLMEngine:
         """Build the components of ``config`` through the registry and wrap them."""
-        return cls(EngineBuilder(config or EngineConfig(), options, **kwargs).build())
+        speculative = options.speculative_config if options is not None else None
+        parts = EngineBuilder(config or EngineConfig(), options, **kwargs).build()
+        return cls(parts, speculative_config=speculative)
 
     # ------------------------------------------------------------------ requests
 
@@ -329,6 +352,10 @@ class LLMEngine:
             for seq in live:
                 seq.finish_reason = FinishReason.ABORT
                 seq.metrics.finished_time = now
+                if self.speculative is not None:
+                    self.speculative.observe_finished(
+                        seq.request_id, req.prompt_token_ids, seq.output_token_ids
+                    )
             for seq in req.sequences:
                 self._sequences.pop(seq.request_id, None)
             self.cot.aborted(req)
@@ -357,6 +384,8 @@ class LLMEngine:
         skip building outputs they would discard).
         """
         t0 = time.perf_counter()
+        if self.speculative is not None:
+            self._propose(self.speculative)
         out = self.scheduler.schedule()
         self.last_step_num_tokens = out.num_scheduled_tokens
         now = time.monotonic()
@@ -380,46 +409,38 @@ class LLMEngine:
                 if seq is not None and seq.metrics.first_scheduled_time is None:
                     seq.metrics.first_scheduled_time = now
                     seq.metrics.num_cached_tokens = chunk.num_computed_tokens
-                if chunk.num_draft_tokens:
+                if chunk.num_draft_tokens and self.speculative is None:
                     raise CapabilityMismatchError(
                         "the scheduler planned speculative tokens but this engine has no "
-                        "proposer to verify them; disable speculation in the scheduler options"
+                        "proposer to verify them; pass speculative_config to the engine"
                     )
             plan = self.scheduler.build_plan(out)
             self._run_kv_moves(plan)
             model_out = self.runtime.execute(plan)
             row_ids = list(model_out.request_ids)
-            rows = []
-            for rid in row_ids:
-                seq = self._sequences[rid]
-                rows.append(
-                    SamplingRow(
-                        params=seq.sampling,
-                        seed=seq.seed,
-                        prompt_token_ids=seq.parent.prompt_token_ids,
-                        output_token_ids=seq.output_token_ids,
-                    )
-                )
-            sampled = self.sampler(self.cot.forced_logits(row_ids, model_out.logits), rows)
-            sampled_map = {rid: [tok] for rid, tok in zip(row_ids, sampled.token_ids)}
-            self.scheduler.update_from_output(out, sampled_map)
+            logits = self.cot.forced_logits(row_ids, model_out.logits)
+            emitted = self._select_tokens(out, row_ids, logits)
+            self.scheduler.update_from_output(out, {rid: e[0] for rid, e in emitted.items()})
             if self._observe_step is not None:  # cost-model policies (slo, adaptive) learn here
                 self._observe_step(out.num_scheduled_tokens, time.perf_counter() - t0)
             now = time.monotonic()
-            for i, rid in enumerate(row_ids):
+            num_generated = 0
+            for rid, (toks, lps, tops) in emitted.items():
                 seq = self._sequences[rid]
-                stop = self._append_token(
-                    seq, sampled.token_ids[i], sampled.sampled_logprobs[i], sampled.top_logprobs[i]
-                )
-                stop = self.cot.after_token(seq, stop)
-                if seq.metrics.first_token_time is None:
-                    seq.metrics.first_token_time = now
-                if seq.index >= 0:  # a trial branch (index -1) has no caller
-                    touched[seq.parent.request_id] = seq.parent
-                if stop is not None:
-                    finished.setdefault(stop[0], []).append(rid)
-                    self._finish(seq, stop[0], stop[1], now)
-            self._stats.num_generation_tokens += len(row_ids)
+                # verified drafts arrive several per step; a stop drops the ones after it
+                for tok, lp, top in zip(toks, lps, tops):
+                    stop = self._append_token(seq, tok, lp, top)
+                    stop = self.cot.after_token(seq, stop)
+                    num_generated += 1
+                    if seq.metrics.first_token_time is None:
+                        seq.metrics.first_token_time = now
+                    if seq.index >= 0:  # a trial branch (index -1) has no caller
+                        touched[seq.parent.request_id] = seq.parent
+                    if stop is not None:
+                        finished.setdefault(stop[0], []).append(rid)
+                        self._finish(seq, stop[0], stop[1], now)
+                        break
+            self._stats.num_generation_tokens += num_generated
             self._stats.num_scheduled_tokens += out.num_scheduled_tokens
 
         for reason, ids in finished.items():
@@ -435,6 +456,90 @@ class LLMEngine:
         self._stats.num_steps += 1
         self._stats.step_seconds += time.perf_counter() - t0
         return outputs
+
+    # ------------------------------------------------------------------ speculation
+
+    def _propose(self, spec: SpeculativeDecoder) -> None:
+        """Draft tokens for the decoding requests and hand them to the scheduler."""
+        self._draft_probs.clear()
+        if not spec.active(self.scheduler.num_running):
+            return
+        get_state = getattr(self.scheduler, "get_request", None)
+        k = spec.settings.num_speculative_tokens
+        requests = []
+        for rid, seq in self._sequences.items():
+            out_ids = seq.output_token_ids
+            if not out_ids or seq.finished:
+                continue
+            if get_state is not None:
+                state = get_state(rid)
+                # only a request whose KV covers everything but its newest token decodes
+                if state is None or state.num_computed_tokens != len(state.token_ids) - 1:
+                    continue
+            room = self.max_model_len - len(seq.parent.prompt_token_ids) - len(out_ids) - 1
+            max_tokens = seq.sampling.max_tokens
+            if max_tokens is not None:
+                room = min(room, max_tokens - len(out_ids) - 1)
+            num = min(k, room)
+            if num > 0:
+                requests.append(DraftRequest(rid, seq.parent.prompt_token_ids, out_ids, num))
+        if not requests:
+            return
+        drafts = spec.propose(requests)
+        self.scheduler.set_draft_tokens(  # type: ignore[attr-defined]
+            {d.request_id: d.token_ids for d in drafts if d.token_ids}
+        )
+        for d in drafts:
+            if d.token_ids and d.draft_probs is not None:
+                self._draft_probs[d.request_id] = d.draft_probs
+
+    def _sampling_row(self, seq: _Sequence, extra: Sequence[int] = ()) -> SamplingRow:
+        outs = seq.output_token_ids
+        return SamplingRow(
+            params=seq.sampling,
+            seed=seq.seed,
+            prompt_token_ids=seq.parent.prompt_token_ids,
+            output_token_ids=[*outs, *extra] if extra else outs,
+        )
+
+    def _select_tokens(self, out: Any, row_ids: Sequence[str], logits: Any) -> dict[str, _Emitted]:
+        """Tokens (with logprobs) of every sampled chunk, in row order: one sampled token,
+        or what verifying the chunk's drafts emitted."""
+        drafted = {c.request_id: c.token_ids[1:] for c in out.chunks if c.num_draft_tokens}
+        plain_rows: list[int] = []
+        spans: list[tuple[str, int, int]] = []
+        i = 0
+        while i < len(row_ids):
+            m = 1 + len(drafted.get(row_ids[i], ()))
+            if m == 1:
+                plain_rows.append(i)
+            else:
+                spans.append((row_ids[i], i, m))
+            i += m
+        result: dict[str, _Emitted] = {}
+        if plain_rows:
+            plain_ids = [row_ids[r] for r in plain_rows]
+            rows = [self._sampling_row(self._sequences[rid]) for rid in plain_ids]
+            sampled = self.sampler(logits if not spans else logits[plain_rows], rows)
+            for rid, tok, lp, top in zip(
+                plain_ids, sampled.token_ids, sampled.sampled_logprobs, sampled.top_logprobs
+            ):
+                result[rid] = ([tok], [lp], [top])
+        for rid, start, m in spans:
+            spec = self.speculative
+            assert spec is not None
+            seq = self._sequences[rid]
+            block = logits[start : start + m]
+            drafts = [int(t) for t in drafted[rid]]
+            row = self._sampling_row(seq)
+            toks = spec.verify(self.sampler, block, row, drafts, self._draft_probs.get(rid))
+            if seq.sampling.logprobs is None:
+                result[rid] = (toks, [None] * len(toks), [None] * len(toks))
+                continue
+            pos_rows = [self._sampling_row(seq, toks[:j]) for j in range(len(toks))]
+            lp_out = self.sampler.logprobs(block[: len(toks)], toks, pos_rows)
+            result[rid] = (toks, lp_out.sampled_logprobs, lp_out.top_logprobs)
+        return {rid: result[rid] for rid in dict.fromkeys(row_ids)}
 
     # ------------------------------------------------------------------ stats
 
@@ -524,6 +629,10 @@ class LLMEngine:
         seq.metrics.finished_time = now
         seq.metrics.num_output_tokens = len(seq.output_token_ids)
         self._sequences.pop(seq.request_id, None)
+        if self.speculative is not None:
+            self.speculative.observe_finished(
+                seq.request_id, seq.parent.prompt_token_ids, seq.output_token_ids
+            )
         self.cot.finished(seq)
 
     def _retire(self, req: _Request) -> None:

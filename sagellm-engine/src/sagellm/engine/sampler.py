@@ -122,23 +122,61 @@ class Sampler:
         sampled_logprobs: list[float | None] = [None] * num_rows
         top: list[dict[int, float] | None] = [None] * num_rows
         if raw_logprobs is not None:
-            sampled_lp = raw_logprobs.gather(1, sampled.view(-1, 1)).view(-1).tolist()
-            max_k = max(p.logprobs or 0 for p in params)
-            top_vals = top_ids = None
-            if max_k > 0:
-                top_vals_t, top_ids_t = raw_logprobs.topk(max_k, dim=-1)
-                top_vals, top_ids = top_vals_t.tolist(), top_ids_t.tolist()
-            for i, p in enumerate(params):
-                if p.logprobs is None:
-                    continue
-                entry: dict[int, float] = {}
-                if top_ids is not None and top_vals is not None:
-                    for tid, val in zip(top_ids[i][: p.logprobs], top_vals[i][: p.logprobs]):
-                        entry[tid] = val
-                entry[token_ids[i]] = sampled_lp[i]
-                top[i] = entry
-                sampled_logprobs[i] = sampled_lp[i]
+            sampled_logprobs, top = self._logprobs(raw_logprobs, sampled, params)
         return SamplerOutput(token_ids, sampled_logprobs, top)
+
+    def logprobs(
+        self, logits: torch.Tensor, token_ids: Sequence[int], rows: Sequence[SamplingRow]
+    ) -> SamplerOutput:
+        """``token_ids`` (one per row, chosen elsewhere, e.g. by speculative verification)
+        with their logprobs under the raw distribution where the row asks for them."""
+        num_rows = len(rows)
+        params = [r.params for r in rows]
+        none: list[None] = [None] * num_rows
+        if not any(p.logprobs is not None for p in params):
+            return SamplerOutput(list(token_ids), list(none), list(none))
+        raw = torch.log_softmax(logits.float(), dim=-1)
+        ids = torch.tensor(list(token_ids), dtype=torch.long, device=logits.device)
+        lps, top = self._logprobs(raw, ids, params)
+        return SamplerOutput(list(token_ids), lps, top)
+
+    def probabilities(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """The distribution each row samples from: penalties, then temperature, min-p,
+        top-k and top-p; a greedy row is a point mass on its argmax. ``[rows, vocab]``."""
+        params = [r.params for r in rows]
+        logits = logits.float()
+        if any(_has_penalty(p) for p in params):
+            logits = self._apply_penalties(logits, rows)
+        greedy = torch.tensor([p.temperature < _GREEDY_EPS for p in params], device=logits.device)
+        probs = torch.softmax(self._filtered_logits(logits, params), dim=-1)
+        point = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        return torch.where(greedy.view(-1, 1), point, probs)
+
+    @staticmethod
+    def _logprobs(
+        raw_logprobs: torch.Tensor, sampled: torch.Tensor, params: Sequence[SamplingParams]
+    ) -> tuple[list[float | None], list[dict[int, float] | None]]:
+        num_rows = len(params)
+        token_ids = sampled.tolist()
+        sampled_logprobs: list[float | None] = [None] * num_rows
+        top: list[dict[int, float] | None] = [None] * num_rows
+        sampled_lp = raw_logprobs.gather(1, sampled.view(-1, 1)).view(-1).tolist()
+        max_k = max(p.logprobs or 0 for p in params)
+        top_vals = top_ids = None
+        if max_k > 0:
+            top_vals_t, top_ids_t = raw_logprobs.topk(max_k, dim=-1)
+            top_vals, top_ids = top_vals_t.tolist(), top_ids_t.tolist()
+        for i, p in enumerate(params):
+            if p.logprobs is None:
+                continue
+            entry: dict[int, float] = {}
+            if top_ids is not None and top_vals is not None:
+                for tid, val in zip(top_ids[i][: p.logprobs], top_vals[i][: p.logprobs]):
+                    entry[tid] = val
+            entry[token_ids[i]] = sampled_lp[i]
+            top[i] = entry
+            sampled_logprobs[i] = sampled_lp[i]
+        return sampled_logprobs, top
 
     # ------------------------------------------------------------------ steps
 
@@ -191,11 +229,27 @@ class Sampler:
         params: Sequence[SamplingParams],
         greedy: torch.Tensor,
     ) -> torch.Tensor:
-        num_rows, vocab = logits.shape
         device = logits.device
         greedy = greedy.to(device)
         greedy_ids = logits.argmax(dim=-1)
+        probs = torch.softmax(Sampler._filtered_logits(logits, params), dim=-1)
+        noise = torch.empty_like(probs)
+        gen = torch.Generator(device=device)
+        for i, r in enumerate(rows):
+            if r.params.temperature < _GREEDY_EPS:
+                noise[i].fill_(1.0)
+                continue
+            gen.manual_seed(mix_seed(r.seed, r.token_index))
+            noise[i].exponential_(generator=gen)
+        noise.clamp_(min=1e-30)  # an exact 0 draw would turn p / q into inf or nan
+        random_ids = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, greedy_ids, random_ids)
 
+    @staticmethod
+    def _filtered_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+        """Logits divided by the temperature with the min-p, top-k and top-p tails masked."""
+        num_rows, vocab = logits.shape
+        device = logits.device
         temps = torch.tensor([max(p.temperature, _GREEDY_EPS) for p in params], device=device)
         scaled = logits / temps.view(-1, 1)
 
@@ -224,16 +278,4 @@ class Sampler:
             kth = scaled.topk(int(top_k.max()), dim=-1).values
             threshold = kth.gather(1, (top_k.to(device) - 1).view(-1, 1))
             scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
-
-        probs = torch.softmax(scaled, dim=-1)
-        noise = torch.empty_like(probs)
-        gen = torch.Generator(device=device)
-        for i, r in enumerate(rows):
-            if r.params.temperature < _GREEDY_EPS:
-                noise[i].fill_(1.0)
-                continue
-            gen.manual_seed(mix_seed(r.seed, r.token_index))
-            noise[i].exponential_(generator=gen)
-        noise.clamp_(min=1e-30)  # an exact 0 draw would turn p / q into inf or nan
-        random_ids = (probs / noise).argmax(dim=-1)
-        return torch.where(greedy, greedy_ids, random_ids)
+        return scaled

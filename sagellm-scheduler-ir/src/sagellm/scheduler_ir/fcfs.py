@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class RequestState:
     prefix_match: PrefixMatch | None = None  # locked prefix-cache hit, released on finish/preempt
     num_indexed_blocks: int = 0  # leading full blocks already offered to the prefix index
     num_preemptions: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens to verify
 
     @property
     def request_id(self) -> str:
@@ -96,6 +98,20 @@ class FCFSScheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._waiting or self._running or self._overflow or self._rejected_ids)
+
+    def set_draft_tokens(self, drafts: Mapping[str, Sequence[int]]) -> None:
+        """Speculative tokens for the next ``schedule()`` (the engine's proposer made them).
+
+        A running request whose tokens are all computed but the last one gets its chunk
+        extended by as many drafts as the step's budget, its blocks and the context
+        allow; they count against the token budget like any other token. Drafts of
+        requests that are unknown, waiting or still prefilling are ignored, and drafts
+        not scheduled by the next step are dropped.
+        """
+        for rid, tokens in drafts.items():
+            state = self._requests.get(rid)
+            if state is not None and state.status is RequestStatus.RUNNING:
+                state.draft_token_ids = [int(t) for t in tokens]
 
     def get_request(self, request_id: str) -> RequestState | None:
         """The tracked state of a live request (None when unknown or finished)."""
@@ -264,6 +280,19 @@ class FCFSScheduler:
             n = cap
         return min(n, budget)
 
+    def _num_drafts(self, state: RequestState, num_new: int, budget: int) -> int:
+        """Drafts to verify with a chunk of ``num_new`` tokens: only a decode (the chunk is
+        the last token) takes them, within the budget and the context."""
+        if (
+            not state.draft_token_ids
+            or state.num_computed_tokens + num_new != len(state.token_ids)
+            or num_new != 1
+        ):
+            return 0
+        # the bonus token after the last draft must still fit in the context
+        room = self.max_model_len - len(state.token_ids) - 1
+        return max(0, min(len(state.draft_token_ids), budget - num_new, room))
+
     def _chunk(self, state: RequestState, num_new: int) -> ScheduledChunk:
         start = state.num_computed_tokens
         end = start + num_new
@@ -274,6 +303,18 @@ class FCFSScheduler:
             block_ids=tuple(state.block_ids),
             sample=end == len(state.token_ids),
             is_prefill=start < len(state.token_ids) - 1,
+        )
+
+    @staticmethod
+    def _with_drafts(state: RequestState, chunk: ScheduledChunk, num_drafts: int) -> ScheduledChunk:
+        if not num_drafts:
+            return chunk
+        drafts = tuple(state.draft_token_ids[:num_drafts])
+        return dataclasses.replace(
+            chunk,
+            token_ids=chunk.token_ids + drafts,
+            block_ids=tuple(state.block_ids),
+            num_draft_tokens=len(drafts),
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -293,6 +334,12 @@ class FCFSScheduler:
             if num_new <= 0:
                 i += 1
                 continue
+            num_drafts = self._num_drafts(state, num_new, budget)
+            # Drafts take blocks only when free ones exist: they never cause a preemption.
+            if num_drafts and not self._allocate(
+                state, state.num_computed_tokens + num_new + num_drafts
+            ):
+                num_drafts = 0
             scheduled = True
             while not self._allocate(state, state.num_computed_tokens + num_new):
                 victim = self._running.pop()  # the tail: not yet scheduled in this step
@@ -303,8 +350,8 @@ class FCFSScheduler:
                     break
             if not scheduled:
                 break
-            chunks.append(self._chunk(state, num_new))
-            budget -= num_new
+            chunks.append(self._with_drafts(state, self._chunk(state, num_new), num_drafts))
+            budget -= num_new + num_drafts
             i += 1
 
         # Admit waiting requests in the policy's order (no admission in a step whose running
@@ -347,6 +394,8 @@ class FCFSScheduler:
             chunks.append(self._chunk(state, num_new))
             budget -= num_new
 
+        for state in self._running:
+            state.draft_token_ids = []
         # Prefill chunks first, then decodes (stable), so the IR has one node of each kind.
         chunks.sort(key=lambda c: not c.is_prefill)
         num_tokens = total - budget
@@ -374,7 +423,7 @@ class FCFSScheduler:
         refund = 0
         for k, c in enumerate(chunks):
             if c.request_id == victim.request_id:
-                refund = len(c.token_ids)
+                refund = len(c.token_ids)  # drafts included
                 del chunks[k]
                 break
         self._running.remove(victim)
@@ -391,11 +440,42 @@ class FCFSScheduler:
             state = self._requests.get(chunk.request_id)
             if state is None or state.status is not RequestStatus.RUNNING:
                 continue  # finished or aborted while the step ran
-            state.num_computed_tokens = chunk.num_computed_tokens + len(chunk.token_ids)
-            if chunk.sample:
-                state.token_ids.extend(sampled_token_ids[chunk.request_id])
+            if chunk.num_draft_tokens:
+                self._accept_drafts(state, chunk, sampled_token_ids[chunk.request_id])
+            else:
+                state.num_computed_tokens = chunk.num_computed_tokens + len(chunk.token_ids)
+                if chunk.sample:
+                    state.token_ids.extend(sampled_token_ids[chunk.request_id])
             if self.prefix_index is not None:
                 self._index_full_blocks(state)
+
+    def _accept_drafts(
+        self, state: RequestState, chunk: ScheduledChunk, emitted: Sequence[int]
+    ) -> None:
+        """Keep the verified drafts and roll the rest back.
+
+        ``emitted`` is the accepted drafts followed by one token of the target's own. The
+        KV of the last token and of the accepted drafts is valid; what was written for
+        rejected drafts sits in slots past ``num_computed_tokens``, which the next step
+        overwrites, and blocks holding nothing but such slots go back to the pool. The
+        prefix index only ever sees blocks below ``num_computed_tokens``.
+        """
+        num_drafts = chunk.num_draft_tokens
+        accepted = len(emitted) - 1
+        if not 0 <= accepted <= num_drafts or list(emitted[:accepted]) != list(
+            chunk.token_ids[1 : 1 + accepted]
+        ):
+            raise ValueError(
+                f"request {chunk.request_id!r}: {list(emitted)} is not an accepted prefix of "
+                f"the drafts {list(chunk.token_ids[1:])} followed by one token"
+            )
+        state.num_computed_tokens = chunk.num_computed_tokens + 1 + accepted
+        state.token_ids.extend(emitted)
+        # blocks needed for the tokens now known (the newest one is computed next step)
+        keep = -(-len(state.token_ids) // self.block_size)
+        if len(state.block_ids) > keep:
+            self.pool.free(state.block_ids[keep:])
+            del state.block_ids[keep:]
 
     def _index_full_blocks(self, state: RequestState) -> None:
         num_full = state.num_computed_tokens // self.block_size

@@ -135,6 +135,7 @@ class IRBuilder:
                     start_position=c.num_computed_tokens,
                     block_ids=c.block_ids,
                     sample=c.sample,
+                    num_logits=1 + c.num_draft_tokens if c.sample else 1,
                 )
             )
             if c.sample:

@@ -142,11 +142,24 @@ def build_step_batch(
     meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
     position_ids = torch.tensor(positions, dtype=torch.long, device=device)
     meta.positions = position_ids
-    sampled = [i for i, c in enumerate(chunks) if c.sample]
+    # A chunk verifying k drafts returns its last k + 1 rows (one per verified position).
+    rows: list[int] = []
+    owners: list[str] = []
+    for i, c in enumerate(chunks):
+        if not c.sample:
+            continue
+        m = c.num_logits
+        if not 1 <= m <= len(c.token_ids):
+            raise ValueError(
+                f"request {c.request_id!r} asks for {m} logit rows from a chunk of "
+                f"{len(c.token_ids)} tokens; num_logits must lie in 1..len(token_ids)"
+            )
+        rows.extend(range(last_row[i] - m + 1, last_row[i] + 1))
+        owners.extend([c.request_id] * m)
     return StepBatch(
         token_ids=torch.tensor(tokens, dtype=torch.long, device=device),
         positions=position_ids,
         meta=meta,
-        logit_rows=torch.tensor([last_row[i] for i in sampled], dtype=torch.long, device=device),
-        request_ids=tuple(chunks[i].request_id for i in sampled),
+        logit_rows=torch.tensor(rows, dtype=torch.long, device=device),
+        request_ids=tuple(owners),
     )

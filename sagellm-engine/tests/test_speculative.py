@@ -1,0 +1,113 @@
+"""Speculative decoding in the engine: greedy outputs unchanged, KV rolled back, stats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sagellm.core.errors import ConfigError
+from sagellm.core.types import SamplingParams
+
+from .conftest import assert_no_leak, make_llm
+
+pytest.importorskip("sagellm.speculative")
+
+# prompts that repeat themselves, so lookup drafts are often right, and one that does not
+PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7],
+    [20, 21, 22, 23, 20, 21, 22, 23, 20, 21],
+    [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6],
+    [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 40, 41, 42],
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def _drain_index(llm) -> None:
+    """Evict every cached prefix so that only leaked blocks stay in use."""
+    index = llm.engine.parts.prefix_index
+    pool = llm.engine.kv_pool
+    while index is not None:
+        released = index.evict(pool.num_blocks)
+        if not released:
+            break
+        pool.free(released)
+
+
+def _run(model: Path, spec: dict | None, sampling=GREEDY, repeat: int = 1, **options):
+    llm = make_llm(model, speculative_config=spec, **options)
+    for _ in range(repeat):  # a repeat hits the prefix cache the first run filled
+        outs = llm.generate(PROMPTS, sampling)
+    _drain_index(llm)
+    assert_no_leak(llm)
+    return llm, [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model: Path) -> list[list[int]]:
+    return _run(tiny_model, None, num_blocks=256)[1]
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+@pytest.mark.parametrize("prefix", [False, True], ids=["no-prefix-cache", "prefix-cache"])
+def test_greedy_outputs_unchanged(tiny_model: Path, baseline, method: str, prefix: bool) -> None:
+    opts = {"num_blocks": 256}
+    if prefix:
+        opts["prefix_cache"] = "radix"
+    llm, got = _run(tiny_model, {"method": method, "num_speculative_tokens": 4}, repeat=2, **opts)
+    assert got == baseline
+    stats = llm.engine.speculative.total
+    assert stats.num_draft_tokens > 0
+    assert stats.num_emitted_tokens == stats.num_drafts + stats.num_accepted_tokens
+
+
+def test_greedy_unchanged_under_preemption_and_small_budget(tiny_model: Path, baseline) -> None:
+    llm, got = _run(
+        tiny_model,
+        {"method": "ngram", "num_speculative_tokens": 5},
+        num_blocks=14,
+        max_model_len=48,
+        max_num_batched_tokens=8,
+    )
+    assert got == baseline
+    assert llm.engine.make_stats().num_preemptions > 0
+
+
+def test_sampled_run_with_logprobs_and_n(tiny_model: Path) -> None:
+    sp = SamplingParams(temperature=0.8, max_tokens=12, seed=3, logprobs=2, n=2, ignore_eos=True)
+    llm = make_llm(tiny_model, num_blocks=256, speculative_config={"method": "ngram"})
+    outs = llm.generate(PROMPTS[:2], sp)
+    for o in outs:
+        assert len(o.outputs) == 2
+        for c in o.outputs:
+            assert len(c.token_ids) == 12
+            assert len(c.logprobs) == 12
+            for tok, entry in zip(c.token_ids, c.logprobs):
+                assert tok in entry and entry[tok] <= 0.0
+    assert_no_leak(llm)
+
+
+def test_disable_by_batch_size(tiny_model: Path, baseline) -> None:
+    llm, got = _run(tiny_model, {"method": "ngram", "disable_by_batch_size": 2}, num_blocks=256)
+    assert got == baseline
+    assert llm.engine.speculative.total.num_disabled_steps > 0
+
+
+def test_low_acceptance_switches_off(tiny_model: Path, baseline) -> None:
+    spec = {
+        "method": "ngram",
+        "min_acceptance_rate": 1.0,
+        "acceptance_window": 4,
+        "disabled_steps": 1000,
+    }
+    llm, got = _run(tiny_model, spec, num_blocks=256)
+    assert got == baseline
+    total = llm.engine.speculative.total
+    assert total.num_disabled_steps > 0
+
+
+def test_bad_config_says_what_to_do(tiny_model: Path) -> None:
+    with pytest.raises(ConfigError, match="needs a 'method'"):
+        make_llm(tiny_model, speculative_config={"num_speculative_tokens": 3})
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        make_llm(tiny_model, speculative_config="{method: ngram")
