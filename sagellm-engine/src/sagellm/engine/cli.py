@@ -115,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"max_model_len={parts.max_model_len}, {parts.kv_pool.num_blocks} KV blocks of "
         f"{parts.schema.block_size} tokens"
     )
-    engine = AsyncLLMEngine(LLMEngine(parts))
+    engine = AsyncLLMEngine(LLMEngine(parts, speculative_config=options.speculative_config))
     app = build_app(engine, server_config)
     num_keys = len(server_config.api_keys)
     num_tenants = len({k.tenant_name() for k in server_config.api_keys})

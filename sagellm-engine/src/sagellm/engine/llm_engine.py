@@ -557,6 +557,8 @@ class LLMEngine:
             make = getattr(comp, "make_stats", None)
             if callable(make):
                 out[name] = make()
+        if self.speculative is not None:
+            out["speculative"] = self.speculative.make_stats()
         return out
 
     # ------------------------------------------------------------------ helpers

@@ -66,6 +66,9 @@ GAUGE_FIELDS = frozenset(
         "host_blocks",
         "disk_used_blocks",
         "disk_blocks",
+        # speculative decoding (sagellm.engine.speculation): rates of the snapshot's drafts
+        "acceptance_rate",
+        "mean_accepted_length",
     }
 )
 
