@@ -111,3 +111,43 @@ def test_bad_config_says_what_to_do(tiny_model: Path) -> None:
         make_llm(tiny_model, speculative_config={"num_speculative_tokens": 3})
     with pytest.raises(ConfigError, match="not valid JSON"):
         make_llm(tiny_model, speculative_config="{method: ngram")
+
+
+def test_stop_strings_and_stats_are_published(tiny_model: Path) -> None:
+    plain = make_llm(tiny_model, num_blocks=256)
+    first = plain.generate(PROMPTS[:1], GREEDY)[0].outputs[0]
+    assert len(first.text) > 6
+    stop = first.text[3:6]  # a stop string that the greedy text reaches early
+    sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop])
+    want = plain.generate(PROMPTS, sp)
+    spec = make_llm(tiny_model, num_blocks=256, speculative_config={"method": "ngram"})
+    got = spec.generate(PROMPTS, sp)
+    assert [
+        (o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in got
+    ] == [(o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in want]
+    assert_no_leak(spec)
+    stats = spec.engine.component_stats()["speculative"]
+    assert stats.num_draft_tokens > 0
+    assert stats.acceptance_rate == stats.num_accepted_tokens / stats.num_draft_tokens
+    assert stats.mean_accepted_length == stats.num_emitted_tokens / stats.num_drafts
+    assert spec.engine.component_stats()["speculative"].num_draft_tokens == 0  # reset
+
+
+def test_draft_tokens_count_against_the_step_budget(tiny_model: Path) -> None:
+    llm = make_llm(
+        tiny_model,
+        num_blocks=256,
+        max_num_batched_tokens=3,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 8},
+    )
+    seen = []
+    real = llm.engine.runtime.execute
+
+    def spy(plan):
+        seen.append(sum(len(c.token_ids) for c in plan.compute_chunks))
+        return real(plan)
+
+    llm.engine.runtime.execute = spy
+    llm.generate(PROMPTS[:2], GREEDY)
+    assert max(seen) <= 3
+    assert llm.engine.speculative.total.num_draft_tokens > 0
