@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -88,6 +89,7 @@ def server_config_from_args(
             tenant_max_concurrent_requests=args.tenant_max_concurrent_requests,
             tenant_max_tokens_per_minute=args.tenant_max_tokens_per_minute,
             strict_request_fields=args.strict_request_fields,
+            reasoning_markers=reasoning_markers(args.reasoning_parser),
         )
     except ValidationError as exc:
         problems = "; ".join(
@@ -95,6 +97,25 @@ def server_config_from_args(
             for e in exc.errors()
         )
         raise ConfigError(f"invalid server options: {problems}") from None
+
+
+def reasoning_markers(value: str | None) -> tuple[str, str] | None:
+    """The (start, end) markers of ``--reasoning-parser``."""
+    if value is None:
+        return None
+    if value == "think":
+        return ("<think>", "</think>")
+    try:
+        data = json.loads(value)
+        start, end = str(data.get("reasoning_start_str", "")), str(data["reasoning_end_str"])
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise ConfigError(
+            f"--reasoning-parser {value!r}: give 'think' or JSON like "
+            '{"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"}'
+        ) from None
+    if not end:
+        raise ConfigError("--reasoning-parser: reasoning_end_str must not be empty")
+    return (start, end)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -320,6 +341,13 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--strict-request-fields",
         action="store_true",
         help="reject requests with unknown fields (400) instead of logging a warning",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        default=None,
+        help="split chat replies into reasoning_content and content: 'think' (<think>...</think>)"
+        ' or JSON {"reasoning_start_str": ..., "reasoning_end_str": ...}; also the markers '
+        "a per-request thinking_token_budget counts between",
     )
 
 

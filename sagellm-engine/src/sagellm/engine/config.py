@@ -117,6 +117,8 @@ class ServerConfig(BaseModel):
     tenant_max_concurrent_requests: int | None = Field(None, ge=1)
     tenant_max_tokens_per_minute: int | None = Field(None, ge=1)
     strict_request_fields: bool = False  # unknown request fields: 400 instead of a warning
+    # (start, end) reasoning markers: chat replies split reasoning_content from content
+    reasoning_markers: tuple[str, str] | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod

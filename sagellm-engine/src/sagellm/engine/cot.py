@@ -42,7 +42,7 @@ from sagellm.core.types import (
 if TYPE_CHECKING:
     from sagellm.engine.llm_engine import LLMEngine, _Request, _Sequence
 
-__all__ = ["CoTHooks", "CoTOptions", "EarlyExit", "ReasoningMarkers"]
+__all__ = ["CoTHooks", "CoTOptions", "EarlyExit", "ReasoningMarkers", "split_reasoning"]
 
 _GROUP = "sagellm.cot"
 
@@ -450,6 +450,25 @@ class CoTHooks:
         stats = {"num_forced_tokens": self.num_forced_tokens, "num_trials": self._num_probes}
         self.num_forced_tokens = 0
         return stats
+
+
+def split_reasoning(text: str, markers: ReasoningMarkers) -> tuple[str | None, str]:
+    """(reasoning, content) of a completion, as vLLM's reasoning parsers split them.
+
+    The reasoning is what precedes the end marker (after the start marker when there is
+    one); a reasoning opened by the start marker and never closed (``max_tokens`` cut
+    it) is all reasoning. Text with neither marker is all content.
+    """
+    start, end = markers.start, markers.end
+    pos = text.find(end)
+    if pos >= 0:
+        head = text[:pos]
+        if start and start in head:
+            head = head[head.index(start) + len(start) :]
+        return head.strip(), text[pos + len(end) :].lstrip()
+    if start and start in text:
+        return text[text.index(start) + len(start) :].strip(), ""
+    return None, text
 
 
 def options_from_mapping(data: Mapping[str, Any] | None) -> CoTOptions | None:

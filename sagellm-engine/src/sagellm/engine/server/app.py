@@ -40,6 +40,7 @@ from sagellm.core.types import CompletionOutput, FinishReason, RequestKind, Requ
 from sagellm.engine._version import __version__
 from sagellm.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from sagellm.engine.config import ServerConfig
+from sagellm.engine.cot import CoTOptions, ReasoningMarkers, split_reasoning
 from sagellm.engine.llm import apply_chat_template
 from sagellm.engine.metrics import PrometheusPublisher
 from sagellm.engine.server.protocol import (
@@ -229,6 +230,21 @@ def _finish_reason(reason: FinishReason | None) -> str | None:
     return reason.value
 
 
+def _consistency(out: Any) -> dict[str, Any]:
+    """The self-consistency vote of a reply, under its own key (nothing without one)."""
+    vote = getattr(out, "consistency", None)
+    if vote is None:
+        return {}
+    return {
+        "self_consistency": {
+            "answer": vote.answer,
+            "num_samples": vote.num_samples,
+            "num_votes": vote.num_votes,
+            "confidence": vote.confidence,
+        }
+    }
+
+
 class _Server:
     """The route handlers and what they share."""
 
@@ -242,6 +258,11 @@ class _Server:
         self.created = int(time.time())
         self.tenants = Tenants(config)
         self.limiter = RateLimiter()
+        self.reasoning: ReasoningMarkers | None = None
+        if config.reasoning_markers is not None:
+            start, end = config.reasoning_markers
+            self.reasoning = ReasoningMarkers(start=start, end=end)
+            engine.engine.cot.configure(self.reasoning)
 
     # ------------------------------------------------------------------ helpers
 
@@ -391,6 +412,9 @@ class _Server:
                         priority=priority,
                         tenant=tenant.name,
                         cache_salt=req.cache_salt or "",
+                        cot=CoTOptions(self_consistency=req.self_consistency)
+                        if req.self_consistency is not None
+                        else None,
                     )
                 )
         except BaseException:
@@ -579,10 +603,15 @@ class _Server:
         (out,) = await self.collect(request, flight)
         choices = []
         for c in out.outputs:
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            if self.reasoning is not None:
+                message["reasoning_content"], message["content"] = split_reasoning(
+                    c.text, self.reasoning
+                )
             choices.append(
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": {"content": self._chat_logprobs(c, req.top_logprobs or 0)}
                     if req.logprobs
                     else None,
@@ -598,6 +627,7 @@ class _Server:
                 "model": self.model_name,
                 "choices": choices,
                 "usage": _usage(flight),
+                **_consistency(out),
             }
         )
 

@@ -31,7 +31,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from sagellm.core.errors import InvalidRequestError
-from sagellm.core.types import SamplingParams
+from sagellm.core.types import SamplingParams, SelfConsistency
 
 __all__ = [
     "MAX_CACHE_SALT_CHARS",
@@ -83,6 +83,9 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: StrictBool = True
     priority: StrictInt = 0  # lower runs first; default: the API key's priority, else 0
     cache_salt: str | None = None  # prefix-cache isolation within the tenant (vLLM's field)
+    thinking_token_budget: StrictInt | None = Field(None, ge=0)  # vLLM's reasoning cap
+    # sagellm: {"n": 16, "method": "esc", "window": 4, "options": {...}}; returns the vote
+    self_consistency: SelfConsistency | None = None
 
     @field_validator("cache_salt", mode="before")
     @classmethod
@@ -128,6 +131,7 @@ class _SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            thinking_token_budget=self.thinking_token_budget,
         )
 
     @property

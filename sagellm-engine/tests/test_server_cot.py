@@ -1,0 +1,111 @@
+"""The server's reasoning split and per-request chain-of-thought options."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+pytest.importorskip("sagellm.cot")
+
+from sagellm.core.errors import ConfigError
+from sagellm.engine.async_engine import AsyncLLMEngine
+from sagellm.engine.cli import build_parser, reasoning_markers, server_config_from_args
+from sagellm.engine.config import ServerConfig
+from sagellm.engine.cot import ReasoningMarkers, split_reasoning
+from sagellm.engine.server import ServerThread, build_app
+
+from .conftest import assert_no_leak, make_llm
+
+END = "</think>"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    llm = make_llm(tiny_model, num_blocks=512, max_num_seqs=32, max_num_batched_tokens=512)
+    engine = AsyncLLMEngine(llm.engine)
+    config = ServerConfig(port=0, reasoning_markers=("", END))
+    with ServerThread(build_app(engine, config), config) as srv:
+        yield srv, llm
+    assert_no_leak(llm, timeout=10.0)
+
+
+def chat(srv, llm, **body) -> httpx.Response:
+    payload = {
+        "model": llm.engine.model_name,
+        "messages": [{"role": "user", "content": "What is the answer?"}],
+        "temperature": 0.0,
+        "max_tokens": 12,
+        "ignore_eos": True,
+        **body,
+    }
+    return httpx.post(srv.url + "/v1/chat/completions", json=payload, timeout=60)
+
+
+def test_a_budget_splits_reasoning_from_content_at_the_forced_marker(served) -> None:
+    srv, llm = served
+    resp = chat(srv, llm, thinking_token_budget=3, logprobs=True)
+    assert resp.status_code == 200, resp.text
+    (choice,) = resp.json()["choices"]
+    pieces = [t["token"] for t in choice["logprobs"]["content"]]
+    marker = llm.engine.tokenize(END, add_special_tokens=False)
+    text = "".join(pieces)
+    # the first 3 tokens are the reasoning, then the forced marker, then the answer
+    assert "".join(pieces[3 : 3 + len(marker)]) == END
+    assert choice["message"]["reasoning_content"] == "".join(pieces[:3]).strip()
+    assert choice["message"]["content"] == "".join(pieces[3 + len(marker) :]).lstrip()
+    assert text.startswith("".join(pieces[:3]) + END)
+
+
+def test_self_consistency_returns_the_samples_and_the_vote(served) -> None:
+    srv, llm = served
+    sc = {"n": 16, "method": "esc", "window": 4, "options": {"answer": {"method": "text"}}}
+    resp = chat(srv, llm, max_tokens=6, self_consistency=sc)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert len(body["choices"]) == 4  # greedy samples agree: one window
+    vote = body["self_consistency"]
+    assert vote["num_samples"] == 4 and vote["num_votes"] == 4
+    message = body["choices"][0]["message"]
+    # no marker in the text: all of it is content
+    assert message["reasoning_content"] is None
+    assert vote["answer"] == message["content"].strip().rstrip(".").strip().lower()
+    assert body["usage"]["completion_tokens"] == 4 * 6
+
+
+def test_bad_self_consistency_options_are_400(served) -> None:
+    srv, llm = served
+    resp = chat(srv, llm, self_consistency={"n": 4, "windoww": 2})
+    assert resp.status_code == 400 and "windoww" in resp.text
+    resp = chat(srv, llm, n=2, self_consistency={"n": 4})
+    assert resp.status_code == 400
+    assert "give the count as self_consistency.n only" in resp.json()["error"]["message"]
+    resp = chat(srv, llm, thinking_token_budget=-1)
+    assert resp.status_code == 400 and "thinking_token_budget" in resp.text
+
+
+def test_split_reasoning() -> None:
+    m = ReasoningMarkers()
+    assert split_reasoning("<think> a b </think>\n\nAnswer 7", m) == ("a b", "Answer 7")
+    assert split_reasoning("a b </think> 7", m) == ("a b", "7")
+    assert split_reasoning("<think> still going", m) == ("still going", "")
+    assert split_reasoning("just text", m) == (None, "just text")
+
+
+def test_reasoning_parser_flag() -> None:
+    assert reasoning_markers(None) is None
+    assert reasoning_markers("think") == ("<think>", "</think>")
+    assert reasoning_markers('{"reasoning_start_str": "<r>", "reasoning_end_str": "</r>"}') == (
+        "<r>",
+        "</r>",
+    )
+    with pytest.raises(ConfigError, match="give 'think' or JSON"):
+        reasoning_markers("deepseek")
+    with pytest.raises(ConfigError, match="must not be empty"):
+        reasoning_markers('{"reasoning_end_str": ""}')
+
+
+def test_serve_takes_the_reasoning_parser_into_its_config() -> None:
+    args = build_parser().parse_args(["serve", "--reasoning-parser", "think"])
+    assert server_config_from_args(args, environ={}).reasoning_markers == ("<think>", "</think>")
+    plain = build_parser().parse_args(["serve"])
+    assert server_config_from_args(plain, environ={}).reasoning_markers is None
