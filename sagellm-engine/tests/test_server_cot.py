@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("sagellm.cot")
 
@@ -11,7 +15,7 @@ from sagellm.core.errors import ConfigError
 from sagellm.engine.async_engine import AsyncLLMEngine
 from sagellm.engine.cli import build_parser, reasoning_markers, server_config_from_args
 from sagellm.engine.config import ServerConfig
-from sagellm.engine.cot import ReasoningMarkers, split_reasoning
+from sagellm.engine.cot import ReasoningMarkers, ReasoningStream, split_reasoning
 from sagellm.engine.server import ServerThread, build_app
 
 from .conftest import assert_no_leak, make_llm
@@ -56,6 +60,34 @@ def test_a_budget_splits_reasoning_from_content_at_the_forced_marker(served) -> 
     assert text.startswith("".join(pieces[:3]) + END)
 
 
+def test_streaming_sends_reasoning_then_content_deltas(served) -> None:
+    srv, llm = served
+    whole = chat(srv, llm, thinking_token_budget=3).json()["choices"][0]["message"]
+    with httpx.stream(
+        "POST",
+        srv.url + "/v1/chat/completions",
+        json={
+            "model": llm.engine.model_name,
+            "messages": [{"role": "user", "content": "What is the answer?"}],
+            "temperature": 0.0,
+            "max_tokens": 12,
+            "ignore_eos": True,
+            "thinking_token_budget": 3,
+            "stream": True,
+        },
+        timeout=60,
+    ) as resp:
+        lines = [ln[6:] for ln in resp.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    deltas = [json.loads(ln)["choices"][0]["delta"] for ln in lines[:-1]]
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    content = "".join(d.get("content", "") for d in deltas)
+    assert reasoning.strip() == whole["reasoning_content"]
+    assert content.lstrip() == whole["content"]
+    first_content = next(i for i, d in enumerate(deltas) if d.get("content"))
+    assert all("reasoning_content" not in d for d in deltas[first_content:])
+
+
 def test_self_consistency_returns_the_samples_and_the_vote(served) -> None:
     srv, llm = served
     sc = {"n": 16, "method": "esc", "window": 4, "options": {"answer": {"method": "text"}}}
@@ -66,9 +98,9 @@ def test_self_consistency_returns_the_samples_and_the_vote(served) -> None:
     vote = body["self_consistency"]
     assert vote["num_samples"] == 4 and vote["num_votes"] == 4
     message = body["choices"][0]["message"]
-    # no marker in the text: all of it is content
-    assert message["reasoning_content"] is None
-    assert vote["answer"] == message["content"].strip().rstrip(".").strip().lower()
+    # the reasoning opens at the first token (no start marker) and never closes
+    assert message["content"] == ""
+    assert vote["answer"] == message["reasoning_content"].rstrip(".").strip().lower()
     assert body["usage"]["completion_tokens"] == 4 * 6
 
 
@@ -86,9 +118,32 @@ def test_bad_self_consistency_options_are_400(served) -> None:
 def test_split_reasoning() -> None:
     m = ReasoningMarkers()
     assert split_reasoning("<think> a b </think>\n\nAnswer 7", m) == ("a b", "Answer 7")
-    assert split_reasoning("a b </think> 7", m) == ("a b", "7")
     assert split_reasoning("<think> still going", m) == ("still going", "")
     assert split_reasoning("just text", m) == (None, "just text")
+    assert split_reasoning("a b </think> 7", m) == (None, "a b </think> 7")
+    opened = ReasoningMarkers(start="")  # the prompt opens the reasoning
+    assert split_reasoning("a b </think> 7", opened) == ("a b", "7")
+    assert split_reasoning("a b", opened) == ("a b", "")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet="ab <>/thinkT", max_size=40),
+    cuts=st.lists(st.integers(0, 40), max_size=6),
+    start=st.sampled_from(["", "<think>"]),
+)
+def test_streamed_deltas_add_up_to_the_whole_split(text: str, cuts: list[int], start: str) -> None:
+    m = ReasoningMarkers(start=start)
+    stream = ReasoningStream(m)
+    reasoning = content = ""
+    last = 0
+    for cut in sorted(c for c in cuts if c <= len(text)) + [len(text)]:
+        r, c = stream.feed(text[last:cut])
+        reasoning, content, last = reasoning + r, content + c, cut
+    r, c = stream.feed("", final=True)
+    reasoning, content = reasoning + r, content + c
+    whole_r, whole_c = split_reasoning(text, m)
+    assert reasoning.strip() == (whole_r or "") and content.lstrip() == whole_c
 
 
 def test_reasoning_parser_flag() -> None:

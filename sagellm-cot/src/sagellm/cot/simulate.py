@@ -18,7 +18,7 @@ from typing import Protocol
 
 from sagellm.core.protocols import CoTController
 from sagellm.core.types import CoTStep, CoTVote
-from sagellm.cot._tokens import last_after
+from sagellm.cot._tokens import ends_with
 
 __all__ = ["ScriptedReasoner", "Trace", "generate", "self_consistency"]
 
@@ -158,10 +158,25 @@ class ScriptedReasoner:
         self.default_trial = default_trial
         self.logprob = logprob
         self.num_trials = 0
+        self._output: Sequence[int] | None = None
+        self._scanned = 0
+        self._closed: int | None = None
+
+    def _closed_at(self, output: Sequence[int]) -> int | None:
+        # incremental over one growing output; another (or a shorter) one starts afresh
+        if output is not self._output or len(output) < self._scanned:
+            self._output, self._scanned, self._closed = output, 0, None
+        if self._closed is None:
+            for end in range(max(self._scanned, len(self.end)), len(output) + 1):
+                if ends_with(output, end, self.end):
+                    self._closed = end
+                    break
+        self._scanned = len(output)
+        return self._closed
 
     def next_token(self, prompt: Sequence[int], output: Sequence[int]) -> tuple[int, float]:
         """The scripted next token."""
-        closed = last_after(output, self.end)
+        closed = self._closed_at(output)
         if closed is None:
             script = self.reasoning + self.end
             k = len(output)

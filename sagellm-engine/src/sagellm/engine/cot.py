@@ -42,7 +42,14 @@ from sagellm.core.types import (
 if TYPE_CHECKING:
     from sagellm.engine.llm_engine import LLMEngine, _Request, _Sequence
 
-__all__ = ["CoTHooks", "CoTOptions", "EarlyExit", "ReasoningMarkers", "split_reasoning"]
+__all__ = [
+    "CoTHooks",
+    "CoTOptions",
+    "EarlyExit",
+    "ReasoningMarkers",
+    "ReasoningStream",
+    "split_reasoning",
+]
 
 _GROUP = "sagellm.cot"
 
@@ -455,20 +462,64 @@ class CoTHooks:
 def split_reasoning(text: str, markers: ReasoningMarkers) -> tuple[str | None, str]:
     """(reasoning, content) of a completion, as vLLM's reasoning parsers split them.
 
-    The reasoning is what precedes the end marker (after the start marker when there is
-    one); a reasoning opened by the start marker and never closed (``max_tokens`` cut
-    it) is all reasoning. Text with neither marker is all content.
+    The reasoning is what precedes the end marker, after the start marker when one is
+    configured. A reasoning never closed (``max_tokens`` cut it) is all reasoning. With a
+    start marker configured, text that does not open with it is all content.
     """
+    reasoning, content, _ = _split(text, markers, final=True)
+    return (None if reasoning is None else reasoning.strip()), content.lstrip()
+
+
+def _split(text: str, markers: ReasoningMarkers, *, final: bool) -> tuple[str | None, str, int]:
+    """Raw (reasoning, content, held) of ``text``; ``held`` characters at its end may still
+    turn out to be a marker (only when not ``final``)."""
     start, end = markers.start, markers.end
-    pos = text.find(end)
+    body = text
+    if start:
+        stripped = text.lstrip()
+        if not stripped.startswith(start):
+            if not final and start.startswith(stripped):
+                return None, "", len(text)  # may still open with the start marker
+            return None, text, 0
+        body = stripped[len(start) :]
+    pos = body.find(end)
     if pos >= 0:
-        head = text[:pos]
-        if start and start in head:
-            head = head[head.index(start) + len(start) :]
-        return head.strip(), text[pos + len(end) :].lstrip()
-    if start and start in text:
-        return text[text.index(start) + len(start) :].strip(), ""
-    return None, text
+        return body[:pos], body[pos + len(end) :], 0
+    held = 0
+    if not final:  # a tail that begins the end marker is held back
+        for k in range(min(len(end) - 1, len(body)), 0, -1):
+            if body.endswith(end[:k]):
+                held = k
+                break
+    return body[: len(body) - held], "", held
+
+
+class ReasoningStream:
+    """Splits a streamed completion's text deltas into reasoning and content deltas.
+
+    Usage::
+
+        split = ReasoningStream(ReasoningMarkers())
+        split.feed("<think>so 3 + 4")   # ("so 3 + 4", "")
+        split.feed(" = 7</thi")         # (" = 7", "")   -- "</thi" held back
+        split.feed("nk>7")              # ("", "7")
+    """
+
+    def __init__(self, markers: ReasoningMarkers) -> None:
+        self.markers = markers
+        self.text = ""
+        self._reasoning = 0  # characters of reasoning already sent
+        self._content = 0
+
+    def feed(self, delta: str, *, final: bool = False) -> tuple[str, str]:
+        """(reasoning delta, content delta) after ``delta``; ``final`` flushes what is held."""
+        self.text += delta
+        reasoning, content, _ = _split(self.text, self.markers, final=final)
+        r = (reasoning or "")[self._reasoning :]
+        c = content[self._content :]
+        self._reasoning += len(r)
+        self._content += len(c)
+        return r, c
 
 
 def options_from_mapping(data: Mapping[str, Any] | None) -> CoTOptions | None:

@@ -40,7 +40,7 @@ from sagellm.core.types import CompletionOutput, FinishReason, RequestKind, Requ
 from sagellm.engine._version import __version__
 from sagellm.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from sagellm.engine.config import ServerConfig
-from sagellm.engine.cot import CoTOptions, ReasoningMarkers, split_reasoning
+from sagellm.engine.cot import CoTOptions, ReasoningMarkers, ReasoningStream, split_reasoning
 from sagellm.engine.llm import apply_chat_template
 from sagellm.engine.metrics import PrometheusPublisher
 from sagellm.engine.server.protocol import (
@@ -649,6 +649,7 @@ class _Server:
 
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""}, None, None)
+        splits: dict[int, ReasoningStream] = {}
         async for _, out in _merge(flight.streams):
             flight.observe(0, out, sum(len(c.token_ids) for c in out.outputs))
             for c in out.outputs:
@@ -658,6 +659,12 @@ class _Server:
                 if req.logprobs:
                     lp = {"content": self._chat_logprobs(c, req.top_logprobs or 0)}
                 delta = {"content": c.text} if c.text else {}
+                if self.reasoning is not None:
+                    split = splits.setdefault(c.index, ReasoningStream(self.reasoning))
+                    r, text = split.feed(c.text, final=c.finish_reason is not None)
+                    delta = {"reasoning_content": r} if r else {}
+                    if text:
+                        delta["content"] = text
                 yield chunk(c.index, delta, _finish_reason(c.finish_reason), lp)
         if req.include_usage:
             yield {
