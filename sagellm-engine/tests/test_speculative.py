@@ -151,3 +151,76 @@ def test_draft_tokens_count_against_the_step_budget(tiny_model: Path) -> None:
     llm.generate(PROMPTS[:2], GREEDY)
     assert max(seen) <= 3
     assert llm.engine.speculative.total.num_draft_tokens > 0
+
+
+def _chi2_two_sample(a: list[tuple], b: list[tuple]) -> tuple[float, float]:
+    """Two-sample chi-square statistic over the outcomes (cells seen fewer than 10 times in
+    both samples together are pooled) and its critical value at p = 0.001."""
+    from collections import Counter
+
+    ca, cb = Counter(a), Counter(b)
+    cells = set(ca) | set(cb)
+    rare = [c for c in cells if ca[c] + cb[c] < 10]
+    stat, k = 0.0, 0
+    groups = [[c] for c in cells if c not in rare] + ([rare] if rare else [])
+    for g in groups:
+        x, y = sum(ca[c] for c in g), sum(cb[c] for c in g)
+        stat += (x - y) ** 2 / (x + y)
+        k += 1
+    df = k - 1
+    z = 3.090  # one-sided normal quantile of 0.001 (Wilson-Hilferty approximation)
+    crit = df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+    return stat, crit
+
+
+def _samples(llm, n: int) -> list[tuple]:
+    prompt = list(range(320))  # every token occurs: a 1-gram lookup always proposes
+    sps = [
+        SamplingParams(temperature=1.0, top_k=3, max_tokens=3, seed=1000 + i, ignore_eos=True)
+        for i in range(n)
+    ]
+    outs = llm.generate([prompt] * n, sps)
+    return [tuple(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def plain_samples(tiny_model: Path) -> list[tuple]:
+    return _samples(
+        make_llm(tiny_model, num_blocks=512, max_model_len=512, prefix_cache="radix"), 600
+    )
+
+
+def test_sampled_outputs_keep_the_target_distribution(tiny_model: Path, plain_samples) -> None:
+    spec = make_llm(
+        tiny_model,
+        num_blocks=512,
+        max_model_len=512,
+        prefix_cache="radix",
+        speculative_config={"method": "ngram", "num_speculative_tokens": 2},
+    )
+    got = _samples(spec, 600)
+    assert spec.engine.speculative.total.num_draft_tokens > 300  # verification did run
+    stat, crit = _chi2_two_sample(plain_samples, got)
+    assert stat < crit, (stat, crit)
+
+
+def test_the_distribution_check_catches_a_wrong_verifier(
+    tiny_model: Path, plain_samples, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sagellm.engine.speculation import SpeculativeDecoder
+
+    # accepting every draft (no rejection step) changes what is sampled
+    monkeypatch.setattr(
+        SpeculativeDecoder,
+        "_rejection",
+        staticmethod(lambda probs, drafts, q, row: [*drafts, int(probs[len(drafts)].argmax())]),
+    )
+    spec = make_llm(
+        tiny_model,
+        num_blocks=512,
+        max_model_len=512,
+        prefix_cache="radix",
+        speculative_config={"method": "ngram", "num_speculative_tokens": 2},
+    )
+    stat, crit = _chi2_two_sample(plain_samples, _samples(spec, 600))
+    assert stat > crit, (stat, crit)
