@@ -59,6 +59,10 @@ class EngineConfig(BaseModel):
     # GGUF checkpoint computes on its own quantized blocks ("gguf") when that quantizer is
     # installed, any other checkpoint in float; "none": float weights always
     quantization: str | None = None
+    # pruning applied after loading, before quantization: "METHOD[,key=value...]" with
+    # METHOD a name in sagellm.sparsity (magnitude, wanda, sparsegpt, structured), e.g.
+    # "wanda,sparsity=0.5" or "structured,ffn_sparsity=0.3"; None: the dense model
+    sparsity: str | None = None
     # KV cache element type; "auto": the compute dtype
     kv_cache_dtype: Literal["auto", "int8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     # kernel provider (a name in sagellm.kernels: compile, ...); None: eager PyTorch

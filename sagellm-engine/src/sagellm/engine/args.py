@@ -126,6 +126,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "otherwise)",
     )
     g.add_argument(
+        "--sparsity",
+        metavar="METHOD[,key=value...]",
+        help="prune the model after loading, before quantization: magnitude, wanda, "
+        "sparsegpt (options sparsity=0.5 or pattern=2:4 / 4:8) or structured (options "
+        "ffn_sparsity=0.3, head_sparsity=0.25: FFN channels and query heads removed, the "
+        "matrices shrunk), e.g. --sparsity wanda,sparsity=0.5 (default: dense)",
+    )
+    g.add_argument(
         "--speculative-config",
         metavar="JSON",
         help='speculative decoding as vLLM spells it, e.g. \'{"method": "ngram", '
@@ -162,6 +170,7 @@ _ARG_KEYS = (
     "eviction",
     "seed",
     "quantization",
+    "sparsity",
     "kv_cache_dtype",
     "kernels",
     "speculative_config",

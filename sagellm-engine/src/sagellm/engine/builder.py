@@ -203,6 +203,7 @@ class EngineBuilder:
             "num_threads": cfg.num_threads,
             "max_model_len": cfg.max_model_len,
             "quantization": cfg.quantization,
+            "sparsity": cfg.sparsity,
             "kv_cache_dtype": cfg.kv_cache_dtype if cfg.kv_cache_dtype != "auto" else None,
             "kernels": cfg.kernels,
         }

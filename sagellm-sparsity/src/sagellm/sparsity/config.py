@@ -132,4 +132,8 @@ class StructuredConfig(SparsityConfig, CalibrationOptions):
     channel_multiple: int = Field(64, ge=1)
     # fewest FFN channels a block keeps, as a fraction of its width
     min_ffn_fraction: float = Field(0.1, ge=0.0, le=1.0)
-    damp: float = Field(0.01, gt=0.0, le=1.0)  # ridge of the least-squares refit (of mean diag)
+    # ridge of the least-squares refit towards the kept weights, as a fraction of the
+    # inputs' mean second moment: the calibration text has about as many tokens as an FFN
+    # has channels, so a weak ridge overfits it (measured on the embedded model at 30%:
+    # held-out KL 0.71 at 0.01, 0.53 at 0.1, 0.46 at 1.0; FLAP's bias-only refit 0.53)
+    damp: float = Field(1.0, gt=0.0, le=100.0)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sagellm.core.types import PackedWeight
+from sagellm.core.types import BlockShape, PackedWeight
 from sagellm.engine.layers.activation import SiluAndMul
 from sagellm.engine.layers.attention import Attention, AttentionMetadata
 from sagellm.engine.layers.embedding import LMHead, VocabEmbedding
@@ -168,6 +168,37 @@ class LlamaForCausalLM(nn.Module):
             residual = residual.index_select(0, logit_rows)
         x, _ = self.norm.add_forward(hidden, residual)
         return self.lm_head(x)
+
+    def resize_blocks(self, shapes: Mapping[int, BlockShape]) -> None:
+        """Take the per-block shapes a structured sparsifier left (its projections already
+        shrunk): those blocks attend with fewer query heads. KV heads cannot change (the
+        KV cache has one layout for every layer). Raises ValueError naming the first
+        projection whose size does not match its block's shape."""
+        hd = self.config.head_dim
+        for index, shape in shapes.items():
+            if not 0 <= index < len(self.layers):
+                raise ValueError(f"block {index} does not exist ({len(self.layers)} blocks)")
+            layer: LlamaDecoderLayer = self.layers[index]  # type: ignore[assignment]
+            if shape.num_kv_heads != layer.num_kv_heads or shape.num_heads % shape.num_kv_heads:
+                raise ValueError(
+                    f"block {index}: {shape.num_heads} query heads over {shape.num_kv_heads} "
+                    f"KV heads do not fit the model's {layer.num_kv_heads} KV heads"
+                )
+            q, kv, inter = shape.num_heads * hd, layer.kv_size, shape.intermediate_size
+            want: dict[str, tuple[object, object]] = {
+                "qkv_proj": (tuple(layer.qkv_proj.output_sizes), (q, kv, kv)),
+                "o_proj": (layer.o_proj.input_size, q),
+                "gate_up_proj": (tuple(layer.gate_up_proj.output_sizes), (inter, inter)),
+                "down_proj": (layer.down_proj.input_size, inter),
+            }
+            for name, (got, expected) in want.items():
+                if got != expected:
+                    raise ValueError(
+                        f"layers.{index}.{name} has size {got}; the block's shape needs {expected}"
+                    )
+            layer.num_heads = layer.attn.num_heads = shape.num_heads
+            layer.q_size = q
+            layer.attn.group = shape.num_heads // shape.num_kv_heads
 
     # ------------------------------------------------------------------ weights
 

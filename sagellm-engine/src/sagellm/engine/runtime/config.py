@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["NativeRuntimeConfig"]
+__all__ = ["NativeRuntimeConfig", "parse_spec"]
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"wanda,sparsity=0.5,pattern=2:4"`` -> ``("wanda", {"sparsity": 0.5, "pattern": "2:4"})``.
+
+    Values are read as JSON where they parse (numbers, true/false, null), else as text.
+    Raises ValueError naming the part that is not ``key=value``.
+    """
+    name, *pairs = [part.strip() for part in spec.split(",")]
+    if not name:
+        raise ValueError(f"{spec!r} names no method; write METHOD[,key=value...]")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"option {pair!r} of {spec!r} is not key=value")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return name, options
 
 
 class NativeRuntimeConfig(BaseModel):
@@ -28,6 +50,10 @@ class NativeRuntimeConfig(BaseModel):
     # float weights
     quantization: str | None = None
     quantization_options: dict[str, Any] = Field(default_factory=dict)  # the quantizer's
+    # pruning applied after loading and before quantization: "METHOD[,key=value...]"
+    # (METHOD in sagellm.sparsity: magnitude, wanda, sparsegpt, structured); None: dense
+    sparsity: str | None = None
+    sparsity_options: dict[str, Any] = Field(default_factory=dict)  # merged over the spec's
     # KV cache element type: "auto" stores the compute dtype; "int8" (rounded, clamped
     # to +-127), "fp8_e4m3" and "fp8_e5m2" store 1-byte values with a float16 scale per
     # token and KV head, about half the bytes (twice the blocks in the same memory)

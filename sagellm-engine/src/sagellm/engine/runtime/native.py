@@ -12,9 +12,10 @@ from pydantic import BaseModel
 
 from sagellm.core import registry
 from sagellm.core.errors import CapabilityMismatchError, ConfigError, SageLLMError
-from sagellm.core.protocols import KernelProvider, KVPool, Quantizer
+from sagellm.core.protocols import KernelProvider, KVPool, Quantizer, Sparsifier
 from sagellm.core.types import (
     KV_CACHE_DTYPES,
+    BlockShape,
     CapabilityDescriptor,
     ExecutionPlan,
     KVCacheSchema,
@@ -28,9 +29,9 @@ from sagellm.engine.models.llama import LlamaForCausalLM
 from sagellm.engine.models.loader import load_weights
 from sagellm.engine.models.source import resolve_model
 from sagellm.engine.runtime.batch import build_step_batch
-from sagellm.engine.runtime.config import NativeRuntimeConfig
+from sagellm.engine.runtime.config import NativeRuntimeConfig, parse_spec
 
-__all__ = ["NativeRuntime", "resolve_dtype"]
+__all__ = ["NativeRuntime", "apply_sparsifier", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,38 @@ def _cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def _block_weights(layers: dict[str, Linear]) -> int:
+    """Non-zero weights of the decoder blocks' projections."""
+    return sum(
+        int(torch.count_nonzero(layer.weight))
+        for name, layer in layers.items()
+        if name.startswith("layers.") and isinstance(layer.weight, torch.Tensor)
+    )
+
+
+def apply_sparsifier(
+    model: LlamaForCausalLM,
+    sparsifier: Sparsifier,
+    run: Callable[[Sequence[int]], object],
+) -> dict[int, BlockShape]:
+    """Prune ``model`` in place: calibrate with ``run``, prune, resize the shrunk blocks,
+    and give each projection the sparsifier's method where it has one (a quantizer set
+    later replaces it). The new block shapes; ConfigError for a pattern the model's
+    shapes do not take."""
+    layers = model.projections()
+    try:
+        sparsifier.prepare(layers, run)
+        shapes = sparsifier.apply(layers)
+        model.resize_blocks(shapes)
+    except ValueError as exc:
+        raise ConfigError(f"sparsity {sparsifier.profile().method!r}: {exc}") from exc
+    for layer_name, layer in layers.items():
+        method = sparsifier.linear_method(layer_name, layer)
+        if method is not None:
+            layer.set_method(method)
+    return shapes
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -144,19 +177,57 @@ class NativeRuntime:
         self._has_decode_kernel = False
         self._paged_decode = False  # decodes attend through a kernel provider's paged kernel
         self._tokenizer: Any = None  # loaded by tokenize() when a quantizer calibrates
+        self.block_shapes: dict[int, BlockShape] = {}  # blocks a sparsifier shrank
+        self.pruned_fraction = 0.0  # of the blocks' projection weights (zeros or removed)
+        self.sparsity = self._sparsify(progress)
         self.quantization = self._quantize(progress)
         self.kernels = self._use_kernels()
         _release_freed_memory()  # the float copies loading went through
         self.load_seconds = time.perf_counter() - t0
         logger.info(
-            "loaded %s (%s, %s, quantization %s, kernels %s) in %.1f s",
+            "loaded %s (%s, %s, sparsity %s, quantization %s, kernels %s) in %.1f s",
             self.source.name,
             self.source.kind,
             str(self.dtype).removeprefix("torch."),
+            self.sparsity,
             self.quantization,
             self.kernels,
             self.load_seconds,
         )
+
+    # ------------------------------------------------------------------ sparsity
+
+    def _sparsify(self, progress: Callable[[str, int, int], None] | None) -> str:
+        """Prune the projections with the configured sparsifier (before quantization, so
+        a pruned model can then be quantized); its name, or "none"."""
+        spec = self.config.sparsity
+        if spec is None or spec.strip() in ("", "none"):
+            return "none"
+        try:
+            name, options = parse_spec(spec)
+        except ValueError as exc:
+            raise ConfigError(f"sparsity {spec!r}: {exc}") from exc
+        options = {**options, **self.config.sparsity_options}
+        sparsifier = registry.load(
+            "sparsity",
+            name,
+            options,
+            tokenize=self.tokenize,
+            head_dim=self.model_config.head_dim,
+        )
+        if not isinstance(sparsifier, Sparsifier):
+            raise CapabilityMismatchError(
+                f"sparsifier {name!r} ({type(sparsifier).__name__}) does not implement "
+                "sagellm.core.protocols.Sparsifier"
+            )
+        before = _block_weights(self.model.projections())
+        self.block_shapes = apply_sparsifier(
+            self.model, sparsifier, lambda ids: self.run_sequence(ids, last_only=True)
+        )
+        self.pruned_fraction = 1.0 - _block_weights(self.model.projections()) / before
+        if progress is not None:
+            progress("sparsify", 1, 1)
+        return spec
 
     # ------------------------------------------------------------------ quantization
 
@@ -251,10 +322,12 @@ class NativeRuntime:
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
         return ids
 
-    def run_sequence(self, token_ids: Sequence[int]) -> torch.Tensor:
+    def run_sequence(self, token_ids: Sequence[int], *, last_only: bool = False) -> torch.Tensor:
         """Float32 logits of every position of one sequence, on a scratch KV cache.
 
-        For calibration and evaluation: nothing touches the bound pool.
+        For calibration and evaluation: nothing touches the bound pool. ``last_only``:
+        only the last position's logits (calibration hooks need the layers, not the
+        head's ``[n, vocab]`` product).
         """
         n = len(token_ids)
         if not 0 < n <= self.max_model_len:
@@ -280,7 +353,7 @@ class NativeRuntime:
             mask_dtype=self.dtype,
             device=self.device,
         )
-        rows = torch.arange(n, device=self.device)
+        rows = torch.arange(n - 1 if last_only else 0, n, device=self.device)
         return self.model(batch.token_ids, batch.positions, caches, batch.meta, rows).cpu()
 
     # ------------------------------------------------------------------ protocol
