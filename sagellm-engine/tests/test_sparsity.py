@@ -51,7 +51,9 @@ def test_parse_spec() -> None:
 
 def test_llm_generates_with_a_structured_model(tiny_model: Path) -> None:
     pytest.importorskip("sagellm.sparsity")
-    spec = "structured,ffn_sparsity=0.5,head_sparsity=0.5,channel_multiple=32,calibration_tokens=128"
+    spec = (
+        "structured,ffn_sparsity=0.5,head_sparsity=0.5,channel_multiple=32,calibration_tokens=128"
+    )
     llm = make_llm(tiny_model, sparsity=spec, quantization="none", num_blocks=64)
     rt = llm.engine.runtime
     assert rt.sparsity == spec and rt.block_shapes

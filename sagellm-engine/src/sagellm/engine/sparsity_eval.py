@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -31,8 +30,9 @@ __all__ = ["load_model", "main"]
 _BLOCK = 16
 
 
-def _decode_seconds(rt: Any, prompt: Sequence[int], steps: int) -> float:
-    """Greedy batch-1 decode of ``steps`` tokens after ``prompt``; seconds of the steps."""
+def _start_decode(rt: Any, prompt: Sequence[int], steps: int) -> Callable[[], object]:
+    """Prefill ``prompt`` on a scratch cache; a step() that decodes one token (greedy,
+    batch 1, the engine's decode path) per call, ``steps`` calls at most."""
     from sagellm.engine.runtime.batch import build_step_batch
 
     mc = rt.model_config
@@ -47,7 +47,7 @@ def _decode_seconds(rt: Any, prompt: Sequence[int], steps: int) -> float:
     ]
     blocks = tuple(range(num_blocks))
 
-    def step(chunk: SequenceChunk, paged: bool) -> int:
+    def forward(chunk: SequenceChunk, paged: bool) -> int:
         batch = build_step_batch(
             [chunk],
             block_size=_BLOCK,
@@ -60,12 +60,23 @@ def _decode_seconds(rt: Any, prompt: Sequence[int], steps: int) -> float:
         logits = rt.model(batch.token_ids, batch.positions, caches, batch.meta, batch.logit_rows)
         return int(logits[-1].argmax())
 
-    token = step(SequenceChunk("eval", tuple(int(t) for t in prompt), 0, blocks, True), False)
+    state = {
+        "token": forward(
+            SequenceChunk("eval", tuple(int(t) for t in prompt), 0, blocks, True), False
+        ),
+        "position": len(prompt),
+    }
     paged = bool(rt._has_decode_kernel)  # the engine's decode path on a float cache
-    t0 = time.perf_counter()
-    for i in range(steps):
-        token = step(SequenceChunk("eval", (token,), len(prompt) + i, blocks, True), paged)
-    return time.perf_counter() - t0
+
+    def step() -> object:
+        if state["position"] >= n:
+            raise ValueError(f"this decode was started for {steps} steps")
+        chunk = SequenceChunk("eval", (state["token"],), state["position"], blocks, True)
+        state["token"] = forward(chunk, paged)
+        state["position"] += 1
+        return state["token"]
+
+    return step
 
 
 def _tensor_bytes(module: torch.nn.Module) -> int:
@@ -114,7 +125,7 @@ def load_model(model: str, dtype: str, sparsity: str | None) -> Any:
         run=rt.run_sequence,
         tokenize=rt.tokenize,
         prefill=prefill,
-        decode_seconds=lambda prompt, steps: _decode_seconds(rt, prompt, steps),
+        start_decode=lambda prompt, steps: _start_decode(rt, prompt, steps),
         weight_bytes=_tensor_bytes(rt.model),
         pruned_fraction=rt.pruned_fraction,
         description=description + f" (quantization {rt.quantization})",

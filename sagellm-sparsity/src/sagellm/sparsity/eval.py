@@ -7,9 +7,9 @@ For each sparsifier spec (``"wanda,sparsity=0.5"``, ``"structured,ffn_sparsity=0
   top-1 agreement with the dense model, and next-token accuracy of each (the "top-1
   loss" is the dense accuracy minus the pruned one);
 * speed against the dense model in the same process, interleaved (dense, pruned,
-  dense, pruned, ...): a prefill of ``prefill_tokens`` and ``decode_steps`` batch-1
-  decode steps, each the median of ``repeats``, reported as dense time / pruned time
-  (above 1: the pruned model is faster);
+  dense, pruned, ...: prefills alternate each repeat, decode steps alternate one by
+  one): a prefill of ``prefill_tokens`` and batch-1 decode steps, medians, reported as
+  dense time / pruned time (above 1: the pruned model is faster);
 * memory: bytes of the model's tensors, pruned over dense, and the fraction of the
   blocks' projection weights removed (zeros, or rows and columns gone).
 
@@ -61,8 +61,9 @@ class LoadedModel:
     run: Run  # logits of every position of one sequence
     tokenize: Tokenize
     prefill: Callable[[Sequence[int]], object]  # one forward over a prompt (timed here)
-    decode_seconds: Callable[[Sequence[int], int], float]  # (prompt, steps) -> seconds of
-    # the steps alone (the prompt's prefill not counted), batch 1, greedy
+    # (prompt, steps) -> step(): prefills the prompt (not timed), then each step() call
+    # decodes one more token greedily at batch 1, up to ``steps`` calls (timed here)
+    start_decode: Callable[[Sequence[int], int], Callable[[], object]]
     weight_bytes: int  # bytes of the model's tensors
     pruned_fraction: float  # fraction of the blocks' projection weights removed
     description: str  # per-block shapes or "dense"
@@ -203,26 +204,35 @@ def compare_speed(
     decode_steps: int = 32,
     repeats: int = 5,
 ) -> SpeedReport:
-    """Time both models on the same prompt, alternating dense and pruned each repeat
-    (a warm-up of each first), and take medians."""
+    """Time both models on the same prompt and take medians.
+
+    The two sides alternate at the finest grain there is, so that the load of a shared
+    machine hits both alike: prefills alternate dense, pruned (then pruned, dense) each
+    repeat; decode steps alternate one step of each, over ``repeats`` decodes of
+    ``decode_steps`` tokens. A warm-up of each side runs first.
+    """
     if repeats < 1 or decode_steps < 1:
         raise ValueError("repeats and decode_steps must be at least 1")
-    for m in (dense, pruned):  # warm-up: first calls allocate and pick kernels
+    sides = {"dense": dense, "pruned": pruned}
+    for m in sides.values():  # warm-up: first calls allocate and pick kernels
         m.prefill(prompt)
-        m.decode_seconds(prompt, 2)
+        step = m.start_decode(prompt, 2)
+        step()
+        step()
     pre: dict[str, list[float]] = {"dense": [], "pruned": []}
     dec: dict[str, list[float]] = {"dense": [], "pruned": []}
     for r in range(repeats):
-        # alternate which side goes first, so drifts in machine load hit both alike
-        order = [("dense", dense), ("pruned", pruned)]
-        if r % 2:
-            order.reverse()
-        for side, m in order:
+        order = ["dense", "pruned"] if r % 2 == 0 else ["pruned", "dense"]
+        for side in order:
             t0 = time.perf_counter()
-            m.prefill(prompt)
+            sides[side].prefill(prompt)
             pre[side].append(time.perf_counter() - t0)
-        for side, m in order:
-            dec[side].append(m.decode_seconds(prompt, decode_steps))
+        steps = {side: sides[side].start_decode(prompt, decode_steps) for side in order}
+        for i in range(decode_steps):
+            for side in order if i % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                steps[side]()
+                dec[side].append(time.perf_counter() - t0)
     p_d, p_p = statistics.median(pre["dense"]), statistics.median(pre["pruned"])
     d_d, d_p = statistics.median(dec["dense"]), statistics.median(dec["pruned"])
     return SpeedReport(
@@ -231,8 +241,8 @@ def compare_speed(
         repeats=repeats,
         prefill_dense_s=p_d,
         prefill_s=p_p,
-        decode_dense_tok_s=decode_steps / d_d,
-        decode_tok_s=decode_steps / d_p,
+        decode_dense_tok_s=1.0 / d_d,
+        decode_tok_s=1.0 / d_p,
         prefill_speedup=p_d / p_p,
         decode_speedup=d_d / d_p,
     )
