@@ -21,6 +21,8 @@ PROMPTS = [
     [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 40, 41, 42],
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+# drafting never switched off (the defaults pause it at 8 running requests or low acceptance)
+ALWAYS = {"disable_by_batch_size": 1000, "min_acceptance_rate": 0.0}
 
 
 def _drain_index(llm) -> None:
@@ -54,7 +56,9 @@ def test_greedy_outputs_unchanged(tiny_model: Path, baseline, method: str, prefi
     opts = {"num_blocks": 256}
     if prefix:
         opts["prefix_cache"] = "radix"
-    llm, got = _run(tiny_model, {"method": method, "num_speculative_tokens": 4}, repeat=2, **opts)
+    llm, got = _run(
+        tiny_model, {"method": method, "num_speculative_tokens": 4, **ALWAYS}, repeat=2, **opts
+    )
     assert got == baseline
     stats = llm.engine.speculative.total
     assert stats.num_draft_tokens > 0
@@ -64,7 +68,7 @@ def test_greedy_outputs_unchanged(tiny_model: Path, baseline, method: str, prefi
 def test_greedy_unchanged_under_preemption_and_small_budget(tiny_model: Path, baseline) -> None:
     llm, got = _run(
         tiny_model,
-        {"method": "ngram", "num_speculative_tokens": 5},
+        {"method": "ngram", "num_speculative_tokens": 5, **ALWAYS},
         num_blocks=14,
         max_model_len=48,
         max_num_batched_tokens=8,
@@ -75,7 +79,7 @@ def test_greedy_unchanged_under_preemption_and_small_budget(tiny_model: Path, ba
 
 def test_sampled_run_with_logprobs_and_n(tiny_model: Path) -> None:
     sp = SamplingParams(temperature=0.8, max_tokens=12, seed=3, logprobs=2, n=2, ignore_eos=True)
-    llm = make_llm(tiny_model, num_blocks=256, speculative_config={"method": "ngram"})
+    llm = make_llm(tiny_model, num_blocks=256, speculative_config={"method": "ngram", **ALWAYS})
     outs = llm.generate(PROMPTS[:2], sp)
     for o in outs:
         assert len(o.outputs) == 2
@@ -88,7 +92,11 @@ def test_sampled_run_with_logprobs_and_n(tiny_model: Path) -> None:
 
 
 def test_disable_by_batch_size(tiny_model: Path, baseline) -> None:
-    llm, got = _run(tiny_model, {"method": "ngram", "disable_by_batch_size": 2}, num_blocks=256)
+    llm, got = _run(
+        tiny_model,
+        {"method": "ngram", "disable_by_batch_size": 2, "min_acceptance_rate": 0.0},
+        num_blocks=256,
+    )
     assert got == baseline
     assert llm.engine.speculative.total.num_disabled_steps > 0
 
@@ -120,7 +128,7 @@ def test_stop_strings_and_stats_are_published(tiny_model: Path) -> None:
     stop = first.text[3:6]  # a stop string that the greedy text reaches early
     sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop])
     want = plain.generate(PROMPTS, sp)
-    spec = make_llm(tiny_model, num_blocks=256, speculative_config={"method": "ngram"})
+    spec = make_llm(tiny_model, num_blocks=256, speculative_config={"method": "ngram", **ALWAYS})
     got = spec.generate(PROMPTS, sp)
     assert [
         (o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in got
@@ -138,7 +146,7 @@ def test_draft_tokens_count_against_the_step_budget(tiny_model: Path) -> None:
         tiny_model,
         num_blocks=256,
         max_num_batched_tokens=3,
-        speculative_config={"method": "ngram", "num_speculative_tokens": 8},
+        speculative_config={"method": "ngram", "num_speculative_tokens": 8, **ALWAYS},
     )
     seen = []
     real = llm.engine.runtime.execute
@@ -196,7 +204,7 @@ def test_sampled_outputs_keep_the_target_distribution(tiny_model: Path, plain_sa
         num_blocks=512,
         max_model_len=512,
         prefix_cache="radix",
-        speculative_config={"method": "ngram", "num_speculative_tokens": 2},
+        speculative_config={"method": "ngram", "num_speculative_tokens": 2, **ALWAYS},
     )
     got = _samples(spec, 600)
     assert spec.engine.speculative.total.num_draft_tokens > 300  # verification did run
@@ -220,7 +228,27 @@ def test_the_distribution_check_catches_a_wrong_verifier(
         num_blocks=512,
         max_model_len=512,
         prefix_cache="radix",
-        speculative_config={"method": "ngram", "num_speculative_tokens": 2},
+        speculative_config={"method": "ngram", "num_speculative_tokens": 2, **ALWAYS},
     )
     stat, crit = _chi2_two_sample(plain_samples, _samples(spec, 600))
     assert stat > crit, (stat, crit)
+
+
+def test_metrics_publish_the_speculative_series() -> None:
+    pytest.importorskip("prometheus_client")
+    from sagellm.engine.metrics import PrometheusPublisher
+    from sagellm.engine.speculation import SpeculativeStats
+
+    pub = PrometheusPublisher(model_name="m")
+    stats = SpeculativeStats(
+        num_drafts=4, num_draft_tokens=20, num_accepted_tokens=15, num_emitted_tokens=19
+    )
+    pub.publish({"speculative": stats})
+    text = pub.render().decode()
+    for line in (
+        'sagellm_speculative_num_draft_tokens_total{model_name="m"} 20.0',
+        'sagellm_speculative_num_accepted_tokens_total{model_name="m"} 15.0',
+        'sagellm_speculative_acceptance_rate{model_name="m"} 0.75',
+        'sagellm_speculative_mean_accepted_length{model_name="m"} 4.75',
+    ):
+        assert line in text, line

@@ -47,10 +47,14 @@ class SpeculativeSettings(BaseModel):
 
     method: str  # proposer name in the sagellm.speculative group: ngram, suffix, ...
     num_speculative_tokens: int = Field(5, ge=1, le=32)  # k
-    disable_by_batch_size: int | None = Field(None, ge=1)  # no drafts with this many running
-    min_acceptance_rate: float = Field(0.0, ge=0.0, le=1.0)  # pause below this rate ...
-    acceptance_window: int = Field(64, ge=1)  # ... over this many recent drafts
-    disabled_steps: int = Field(256, ge=1)  # steps a pause lasts
+    # No drafts while this many requests run: a CPU step is compute-bound at large batches,
+    # where verifying k + 1 positions per request costs more than it saves (None: never).
+    disable_by_batch_size: int | None = Field(8, ge=1)
+    # Pause drafting when fewer than this fraction of the last ``acceptance_window`` draft
+    # tokens were accepted (0: never pause), for ``disabled_steps`` steps.
+    min_acceptance_rate: float = Field(0.2, ge=0.0, le=1.0)
+    acceptance_window: int = Field(64, ge=1)
+    disabled_steps: int = Field(128, ge=1)
 
     @classmethod
     def parse(cls, value: str | Mapping[str, Any] | SpeculativeSettings) -> SpeculativeSettings:

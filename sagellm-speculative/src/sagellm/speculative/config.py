@@ -53,11 +53,11 @@ class SpeculativeConfig(BaseModel):
 
     method: str = "ngram"  # proposer name: ngram, suffix, ...
     num_speculative_tokens: int = Field(5, ge=1, le=32)  # k
-    disable_by_batch_size: int | None = Field(None, ge=1)  # no drafts at this many running
-    # Switch off for a while when the acceptance rate of recent steps stays below this.
-    min_acceptance_rate: float = Field(0.0, ge=0.0, le=1.0)
-    acceptance_window: int = Field(64, ge=1)  # drafts looked back over for that rate
-    disabled_steps: int = Field(256, ge=1)  # steps without drafts before trying again
+    disable_by_batch_size: int | None = Field(8, ge=1)  # no drafts at this many running
+    # Switch off for a while when the acceptance rate of recent drafts stays below this.
+    min_acceptance_rate: float = Field(0.2, ge=0.0, le=1.0)
+    acceptance_window: int = Field(64, ge=1)  # draft tokens looked back over for that rate
+    disabled_steps: int = Field(128, ge=1)  # steps without drafts before trying again
 
     def proposer_options(self) -> dict[str, Any]:
         """Options of the proposer: everything but the engine's own keys."""

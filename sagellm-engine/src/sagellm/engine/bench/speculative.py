@@ -87,6 +87,7 @@ def measure(
     max_tokens: int = 96,
     batch: int = 16,
     num_threads: int | None = None,
+    num_prompts: int | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
     """Median tokens/s of both engines per workload, their ratios, acceptance and whether
@@ -101,10 +102,11 @@ def measure(
     plain = LLM(**opts)
     spec = LLM(speculative_config=speculative_config, **opts)
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    grounded_batch = (GROUNDED * (-(-batch // len(GROUNDED))))[: max(batch, len(GROUNDED))]
+    grounded, chat = GROUNDED[:num_prompts], CHAT[:num_prompts]
+    grounded_batch = (GROUNDED * (-(-batch // len(GROUNDED))))[:batch]
     workloads = {
-        "grounded_batch1": (GROUNDED, 1),
-        "chat_batch1": (CHAT, 1),
+        "grounded_batch1": (grounded, 1),
+        "chat_batch1": (chat, 1),
         f"grounded_batch{batch}": (grounded_batch, batch),
     }
     # warm both engines (first-call compilation and allocation)
@@ -161,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16, help="batch of the throughput run")
     parser.add_argument("--threads", type=int, dest="num_threads")
+    parser.add_argument(
+        "--prompts", type=int, dest="num_prompts", help="first N prompts of each batch-1 workload"
+    )
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
     cfg = json.loads(args.speculative_config)
@@ -175,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_tokens=args.max_tokens,
         batch=args.batch,
         num_threads=args.num_threads,
+        num_prompts=args.num_prompts,
         log=log,
     )
     print(f"speculative_config: {json.dumps(cfg)}")
