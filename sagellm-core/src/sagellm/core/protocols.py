@@ -598,27 +598,55 @@ class CommBackend(Protocol):
     """Collective and point-to-point operations (group ``sagellm.comm_backend``).
 
     Anchor: ``torch.distributed`` (same names and semantics, in place on tensors).
+    Every rank calls each collective in the same order with tensors of the same shape and
+    dtype. Context at construction: ``rank=``, ``world_size=`` and how to rendezvous
+    (``init_method=``, e.g. ``"tcp://host:port"`` or ``"file:///path"``).
     """
 
     @property
-    def rank(self) -> int: ...
+    def rank(self) -> int:
+        """This process's rank, ``0 <= rank < world_size``."""
+        ...
 
     @property
-    def world_size(self) -> int: ...
+    def world_size(self) -> int:
+        """Number of ranks."""
+        ...
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
-        """Reduce ``tensor`` in place across ranks."""
+        """Reduce ``tensor`` in place across ranks; every rank gets the same values.
+
+        ``op`` is ``"sum"``, ``"max"``, ``"min"`` or ``"product"``; another name raises
+        ``ValueError`` listing these.
+        """
         ...
 
     def all_gather(self, output: torch.Tensor, tensor: torch.Tensor) -> None:
-        """Concatenate every rank's ``tensor`` into ``output`` along dim 0."""
+        """Concatenate every rank's ``tensor`` into ``output`` along dim 0 (rank order).
+
+        ``output`` must hold ``world_size`` times ``tensor``'s elements, same dtype;
+        otherwise ``ValueError`` says which shape was expected.
+        """
         ...
 
-    def send(self, tensor: torch.Tensor, dst: int) -> None: ...
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Send ``tensor`` to rank ``dst`` (blocks until the peer may reuse it)."""
+        ...
 
-    def recv(self, tensor: torch.Tensor, src: int) -> None: ...
+    def recv(self, tensor: torch.Tensor, src: int) -> None:
+        """Receive into ``tensor`` what rank ``src`` sends."""
+        ...
 
-    def barrier(self) -> None: ...
+    def barrier(self) -> None:
+        """Return once every rank has entered the barrier."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds (process group, shared memory); idempotent.
+
+        After ``close`` no collective may be called.
+        """
+        ...
 
 
 @runtime_checkable

@@ -18,6 +18,7 @@ pytest then runs every inherited ``test_*`` method against that implementation::
 | :class:`SchedulerConformance` | ``make_pool(num_blocks, block_size)`` and ``make_scheduler(pool, max_model_len, max_num_seqs, max_num_batched_tokens)`` |
 | :class:`PlatformConformance` | ``make_platform()`` |
 | :class:`TopologyDetectorConformance` | ``make_detector()`` |
+| :class:`CommBackendConformance` | ``run_ranks(world_size, program)`` (runs ``program(backend, world_size)`` on each rank; torch needed) |
 | :class:`CoTControllerConformance` | ``make_controller()`` (marker ids below ``vocab_size``) |
 | :class:`ProposerConformance` | ``make_proposer(num_speculative_tokens)`` |
 | :class:`QuantizerConformance` | ``make_quantizer()``; optionally ``make_layers()``, ``make_unfit_layers()`` and ``calibration_run(layers)`` (needs torch) |
@@ -42,6 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'sagellm-core[testing]'"
     ) from exc
 
+from sagellm.core.testing.comm import CommBackendConformance
 from sagellm.core.testing.cot import CoTControllerConformance
 from sagellm.core.testing.eviction import EvictionPolicyConformance
 from sagellm.core.testing.kv_pool import KVPoolConformance
@@ -61,6 +63,7 @@ from sagellm.core.testing.topology import TopologyDetectorConformance
 
 __all__ = [
     "CoTControllerConformance",
+    "CommBackendConformance",
     "EvictionPolicyConformance",
     "KVPoolConformance",
     "LifetimePredictorConformance",
