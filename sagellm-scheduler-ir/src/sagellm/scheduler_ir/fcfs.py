@@ -253,6 +253,7 @@ class FCFSScheduler:
 
     def _preempt(self, state: RequestState) -> None:
         self._release(state)
+        state.draft_token_ids = []  # recomputed from scratch: no decode chunk to extend
         state.status = RequestStatus.PREEMPTED
         state.num_preemptions += 1
         self._requeue(state)
