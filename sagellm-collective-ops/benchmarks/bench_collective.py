@@ -1,6 +1,6 @@
 """asv benchmarks of sagellm.collective_ops (two local ranks, one thread each).
 
-One launch in ``setup_cache`` runs ``sagellm.collective_ops.bench.run_sizes`` at 4 KiB and
+One launch in ``setup_cache`` runs ``sagellm.collective_ops.bench.bench_rank`` at 4 KiB and
 1 MiB; the ``track_*`` methods report from it: the best shared-memory all-reduce's
 median time at 4 KiB and gloo's in the same run, and the all-reduce bus bandwidth at
 1 MiB as a fraction of the shared-memory exchange's (the copy ceiling). ``Bucketing``
@@ -12,18 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 from sagellm.collective_ops import assign_buckets, run_ranks
-from sagellm.collective_ops.bench import run_sizes
-
-
-def _rank(backend: Any) -> dict[str, Any]:
-    return run_sizes(backend, [4096, 1 << 20], 200, 1 << 20)
+from sagellm.collective_ops.bench import bench_rank
 
 
 class SharedMemoryAllReduce:
     timeout = 300
 
     def setup_cache(self) -> dict[str, Any]:
-        rows = run_ranks(2, _rank, timeout_s=280)[0]["rows"]
+        # the rank function must be importable in the rank processes: the package's own
+        rows = run_ranks(2, bench_rank, [4096, 1 << 20], 200, 1 << 20, timeout_s=280)[0]["rows"]
         return {row["bytes"]: row for row in rows}
 
     def track_allreduce_4k_us(self, rows: dict[int, Any]) -> float:

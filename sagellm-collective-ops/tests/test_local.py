@@ -137,3 +137,10 @@ def test_single_rank_backend() -> None:
 def test_segment_size() -> None:
     # header 4 KiB, 2 banks x 2 slots, 2 result areas
     assert segment_bytes(2, 1 << 20) == 4096 + 4 * (1 << 20) + 2 * (1 << 20)
+
+
+def test_backend_name_comes_from_the_platform() -> None:
+    from sagellm.collective_ops.backend import resolve_backend
+
+    assert resolve_backend("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert resolve_backend("hccl") == "hccl"  # a name a platform registers is passed on

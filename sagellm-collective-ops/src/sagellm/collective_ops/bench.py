@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from sagellm.collective_ops.launch import run_ranks
 
-__all__ = ["main", "parse_size", "run_sizes"]
+__all__ = ["bench_rank", "main", "parse_size", "run_sizes"]
 
 
 def parse_size(text: str) -> int:
@@ -81,7 +81,8 @@ def run_sizes(backend: Any, sizes: list[int], iters: int, gloo_max: int) -> dict
     return out
 
 
-def _bench_rank(backend: Any, sizes: list[int], iters: int, gloo_max: int) -> dict[str, Any]:
+def bench_rank(backend: Any, sizes: list[int], iters: int, gloo_max: int) -> dict[str, Any]:
+    """:func:`run_sizes` as a rank program (``run_ranks(w, bench_rank, sizes, ...)``)."""
     return run_sizes(backend, sizes, iters, gloo_max)
 
 
@@ -99,9 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     w = args.world_size
     load0 = os.getloadavg()
-    results = run_ranks(
-        w, _bench_rank, sizes, args.iters, parse_size(args.gloo_max), timeout_s=1800
-    )
+    results = run_ranks(w, bench_rank, sizes, args.iters, parse_size(args.gloo_max), timeout_s=1800)
     load1 = os.getloadavg()
     r0 = results[0]
     m = r0["model"]

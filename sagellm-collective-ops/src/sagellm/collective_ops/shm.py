@@ -214,14 +214,14 @@ class ShmGroup:
         self._wait(phase, step, what)
 
     # ------------------------------------------------------------------ collectives
-    def elements_per_round(self, dtype: torch.dtype) -> int:
-        """How many elements of ``dtype`` one slot holds."""
-        return self.slot_bytes // torch.empty((), dtype=dtype).element_size()
+    def elements_per_round(self, tensor: torch.Tensor) -> int:
+        """How many elements of ``tensor``'s dtype one slot holds."""
+        return self.slot_bytes // tensor.element_size()
 
     def all_reduce(self, flat: torch.Tensor, op: str, algorithm: str) -> None:
         """Reduce the contiguous 1-D CPU tensor ``flat`` in place (slot-sized rounds)."""
         fn = REDUCE_OPS[op]
-        per = self.elements_per_round(flat.dtype)
+        per = self.elements_per_round(flat)
         n = flat.numel()
         run = self._flat_round if algorithm == "shm_flat" else self._direct_round
         if n <= per:
@@ -315,7 +315,7 @@ class ShmGroup:
         """``output`` (contiguous, ``world_size * n`` elements) gets every rank's ``flat``."""
         n = flat.numel()
         out2d = output.view(self.world_size, n)
-        per = self.elements_per_round(flat.dtype)
+        per = self.elements_per_round(flat)
         for start in range(0, n, per):
             m = min(per, n - start)
             step = self._next()
@@ -331,7 +331,7 @@ class ShmGroup:
         bus bandwidth is judged against.
         """
         src = (self.rank - 1) % self.world_size
-        per = self.elements_per_round(flat.dtype)
+        per = self.elements_per_round(flat)
         n = flat.numel()
         for start in range(0, n, per):
             m = min(per, n - start)
