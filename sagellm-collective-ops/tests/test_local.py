@@ -144,3 +144,11 @@ def test_backend_name_comes_from_the_platform() -> None:
 
     assert resolve_backend("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
     assert resolve_backend("hccl") == "hccl"  # a name a platform registers is passed on
+
+
+def test_bench_sizes() -> None:
+    from sagellm.collective_ops.bench import parse_size
+
+    assert [parse_size(s) for s in ("16", "4K", "1M", "2g")] == [16, 4096, 1 << 20, 2 << 30]
+    with pytest.raises(ValueError, match="not a size: '4KB'"):
+        parse_size("4KB")

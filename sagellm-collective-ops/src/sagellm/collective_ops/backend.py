@@ -274,7 +274,10 @@ class TorchCommBackend:
             dist.all_reduce(tensor, op=_TORCH_OPS[op], group=self._group)
             return
         assert self._shm is not None
-        flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
+        if tensor.dim() == 1 and tensor.is_contiguous():
+            flat = tensor
+        else:
+            flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
         self._shm.all_reduce(flat, op, algorithm)
         if not tensor.is_contiguous():
             tensor.copy_(flat.view(tensor.shape))
