@@ -271,7 +271,7 @@ class TorchCommBackend:
         algorithm, key = self._choice("all_reduce", tensor)
         self._count(key, tensor)
         if algorithm == "torch":
-            dist.all_reduce(tensor, op=_TORCH_OPS[op], group=self._group)
+            dist.all_reduce(tensor, op=_TORCH_OPS[op], group=self._group_for(tensor))
             return
         assert self._shm is not None
         if tensor.dim() == 1 and tensor.is_contiguous():
@@ -296,20 +296,28 @@ class TorchCommBackend:
         contiguous = output if output.is_contiguous() else torch.empty_like(output)
         flat_in = tensor.reshape(-1)
         if algorithm == "torch":
-            dist.all_gather_single(contiguous.view(-1), flat_in.contiguous(), group=self._group)
+            dist.all_gather_single(
+                contiguous.view(-1), flat_in.contiguous(), group=self._group_for(tensor)
+            )
         else:
             assert self._shm is not None
             self._shm.all_gather(contiguous.view(-1), flat_in.contiguous())
         if contiguous is not output:
             output.copy_(contiguous)
 
+    def _group_for(self, tensor: torch.Tensor) -> Any:
+        """The device group, or the gloo group for CPU tensors under a device backend."""
+        return self._cpu_group if tensor.device.type == "cpu" else self._group
+
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         self._check_open()
-        dist.send(tensor, dst=dist.get_global_rank(self._group, dst), group=self._group)
+        group = self._group_for(tensor)
+        dist.send(tensor, dst=dist.get_global_rank(group, dst), group=group)
 
     def recv(self, tensor: torch.Tensor, src: int) -> None:
         self._check_open()
-        dist.recv(tensor, src=dist.get_global_rank(self._group, src), group=self._group)
+        group = self._group_for(tensor)
+        dist.recv(tensor, src=dist.get_global_rank(group, src), group=group)
 
     def barrier(self) -> None:
         self._check_open()
@@ -330,7 +338,7 @@ class TorchCommBackend:
         """Collective: measure the cost model's constants on rank 0, share them with all.
 
         ``step_us`` from a shared-memory exchange of ``small`` bytes, ``mem_gbps`` from
-        one of ``large`` bytes (4 x its size of traffic), the torch group's alpha and
+        one of ``large`` bytes (4 x its size of traffic), the CPU (gloo) group's alpha and
         beta from its all-reduce of both sizes; best of ``repeats`` each.
         """
         import time
@@ -347,8 +355,8 @@ class TorchCommBackend:
         values: dict[str, float] = {}
         a_small = torch.zeros(small // 4)
         a_large = torch.zeros(large // 4)
-        t_small = best(lambda: dist.all_reduce(a_small, group=self._group))
-        t_large = best(lambda: dist.all_reduce(a_large, group=self._group))
+        t_small = best(lambda: dist.all_reduce(a_small, group=self._cpu_group))
+        t_large = best(lambda: dist.all_reduce(a_large, group=self._cpu_group))
         beta = max(large - small, 1) / max(t_large - t_small, 1e-3) / 1e3
         values["torch_beta_gbps"] = beta
         values["torch_alpha_us"] = max(t_small - small / (beta * 1e3), 0.0)
