@@ -661,7 +661,7 @@ class TopologyInfo(BaseModel):
     model_config = _FROZEN
 
     num_devices: int = Field(ge=0)
-    device_type: str = "cpu"  # platform name: cpu, cuda, rocm, ascend, cambricon, hygon, kunlun, metax
+    device_type: str = "cpu"  # platform: cpu, cuda, rocm, ascend, cambricon, hygon, kunlun, ...
     numa_nodes: tuple[tuple[int, ...], ...] = ()  # device (or core) ids per NUMA node
     links: tuple[tuple[int, int, str, float], ...] = ()  # (a, b, kind, GB/s): nvlink, pcie, hccs
     nvlink: bool = False  # any direct high-speed device link
