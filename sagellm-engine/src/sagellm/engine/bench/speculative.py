@@ -1,8 +1,9 @@
 """Speculative decoding against plain decoding on the same prompts, interleaved.
 
 ``python -m sagellm.engine.bench.speculative --speculative-config '{"method": "ngram"}'``
-builds two engines on the same model (one with ``speculative_config``, one without),
-runs each workload on both in alternation (A B A B ...), checks that greedy outputs are
+builds one engine with ``speculative_config`` and runs each workload with speculation on
+and off in alternation (A B A B ...; off is the same engine with its decoder detached, so
+both sides share weights, kernels and KV pool), checks that greedy outputs are
 identical token for token, and prints medians and their ratios: batch-1 output tokens/s
 on an input-grounded workload (the answer quotes, summarises or edits text given in the
 prompt) and on short chat questions, and batch-``--batch`` throughput on the grounded
@@ -99,8 +100,8 @@ def measure(
         opts["model"] = model
     if num_threads is not None:
         opts["num_threads"] = num_threads
-    plain = LLM(**opts)
     spec = LLM(speculative_config=speculative_config, **opts)
+    decoder = spec.engine.speculative
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     grounded, chat = GROUNDED[:num_prompts], CHAT[:num_prompts]
     grounded_batch = (GROUNDED * (-(-batch // len(GROUNDED))))[:batch]
@@ -109,29 +110,32 @@ def measure(
         "chat_batch1": (chat, 1),
         f"grounded_batch{batch}": (grounded_batch, batch),
     }
-    # warm both engines (first-call compilation and allocation)
-    for llm in (plain, spec):
-        _run(llm, GROUNDED[:1], SamplingParams(temperature=0.0, max_tokens=8), 1)
+
+    def side(name: str) -> Any:
+        spec.engine.speculative = decoder if name == "spec" else None
+        return spec
+
+    # warm both sides (first-call compilation and allocation)
+    for name in ("plain", "spec"):
+        _run(side(name), GROUNDED[:1], SamplingParams(temperature=0.0, max_tokens=8), 1)
     result: dict[str, Any] = {"speculative_config": speculative_config, "workloads": {}}
     identical = True
     for name, (prompts, b) in workloads.items():
         rates: dict[str, list[float]] = {"plain": [], "spec": []}
-        before = spec.engine.speculative.total if spec.engine.speculative else None
+        before = decoder.total if decoder else None
         drafted0 = before.num_draft_tokens if before else 0
         accepted0 = before.num_accepted_tokens if before else 0
         chunks0, emitted0 = (before.num_drafts, before.num_emitted_tokens) if before else (0, 0)
         for rep in range(reps):
-            order = [("plain", plain), ("spec", spec)]
-            if rep % 2:
-                order.reverse()
+            order = ["plain", "spec"] if rep % 2 == 0 else ["spec", "plain"]
             outs = {}
-            for side, llm in order:
-                rate, outs[side] = _run(llm, prompts, sampling, b)
-                rates[side].append(rate)
+            for which in order:
+                rate, outs[which] = _run(side(which), prompts, sampling, b)
+                rates[which].append(rate)
                 if log:
-                    log(f"{name} rep {rep + 1}/{reps} {side}: {rate:.1f} tok/s")
+                    log(f"{name} rep {rep + 1}/{reps} {which}: {rate:.1f} tok/s")
             identical &= outs["plain"] == outs["spec"]
-        total = spec.engine.speculative.total if spec.engine.speculative else None
+        total = decoder.total if decoder else None
         drafted = (total.num_draft_tokens - drafted0) if total else 0
         accepted = (total.num_accepted_tokens - accepted0) if total else 0
         chunks = (total.num_drafts - chunks0) if total else 0
@@ -145,6 +149,7 @@ def measure(
             "mean_accepted_length": round(emitted / chunks, 3) if chunks else None,
             "draft_tokens": drafted,
         }
+    spec.engine.speculative = decoder
     result["greedy_identical"] = identical
     return result
 
