@@ -159,15 +159,20 @@ class TorchCommBackend:
             return None
         slot = self.config.shm_slot_bytes // 64 * 64
         created = ShmGroup.create_segment(self._world_size, slot) if self._rank == 0 else None
-        names = self._gather_bytes(created.name.encode() if created is not None else b"")
         segment = created
-        ok = True
-        if segment is None:
-            try:
-                segment = ShmGroup.open_segment(names[0].decode())
-            except (OSError, ValueError):
-                ok = False
-        oks = self._gather_bytes(b"1" if ok else b"0")  # every rank has mapped it
+        try:
+            names = self._gather_bytes(created.name.encode() if created is not None else b"")
+            ok = True
+            if segment is None:
+                try:
+                    segment = ShmGroup.open_segment(names[0].decode())
+                except (OSError, ValueError):
+                    ok = False
+            oks = self._gather_bytes(b"1" if ok else b"0")  # every rank has mapped it
+        except BaseException:
+            if segment is not None:
+                segment.close()  # the creator's close also unlinks: no stale segment
+            raise
         if created is not None:
             created.unlink()  # lives while mapped; nothing left in /dev/shm after
         if oks != [b"1"] * self._world_size:
