@@ -4,6 +4,8 @@ Runs :func:`sagellm.sparsity.eval.main` with models built by the native runtime
 (``--model``, default the embedded SmolLM2-135M, float weights on both sides):
 perplexity, KL, top-1 agreement and accuracy on the text sagellm-sparsity ships, and
 prefill and batch-1 decode speed against the dense model, interleaved in one process.
+Both sides compute through the same kernel provider (``--kernels``, default eager
+PyTorch: ``F.linear`` / ``torch.mv``, which any dense matrix, shrunk or not, runs on).
 Example::
 
     python -m sagellm.engine.sparsity_eval magnitude,sparsity=0.5 wanda,pattern=2:4 \\
@@ -87,8 +89,9 @@ def _tensor_bytes(module: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-def load_model(model: str, dtype: str, sparsity: str | None) -> Any:
-    """The :class:`sagellm.sparsity.eval.LoadedModel` of ``model`` pruned by ``sparsity``."""
+def load_model(model: str, dtype: str, sparsity: str | None, *, kernels: str = "eager") -> Any:
+    """The :class:`sagellm.sparsity.eval.LoadedModel` of ``model`` pruned by ``sparsity``,
+    computing through kernel provider ``kernels``."""
     from sagellm.engine.runtime.config import NativeRuntimeConfig, parse_spec
     from sagellm.engine.runtime.native import NativeRuntime
     from sagellm.sparsity.eval import LoadedModel
@@ -104,6 +107,7 @@ def load_model(model: str, dtype: str, sparsity: str | None) -> Any:
             dtype=dtype,  # type: ignore[arg-type]
             quantization=quantization,
             sparsity=sparsity,
+            kernels=kernels,
         )
     )
     shapes = rt.block_shapes
@@ -133,10 +137,24 @@ def load_model(model: str, dtype: str, sparsity: str | None) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The evaluation's command line with the engine's models."""
+    """The evaluation's command line with the engine's models; ``--kernels NAME`` (this
+    module's own option, default eager) picks the kernel provider of both sides."""
     from sagellm.sparsity.eval import main as eval_main
 
-    return eval_main(argv, load=load_model)
+    args = list(sys.argv[1:] if argv is None else argv)
+    kernels = "eager"
+    if "--kernels" in args:
+        at = args.index("--kernels")
+        if at + 1 >= len(args):
+            print("--kernels needs a provider name (eager, fused, ...)", file=sys.stderr)
+            return 2
+        kernels = args[at + 1]
+        del args[at : at + 2]
+
+    def load(model: str, dtype: str, sparsity: str | None) -> Any:
+        return load_model(model, dtype, sparsity, kernels=kernels)
+
+    return eval_main(args, load=load)
 
 
 if __name__ == "__main__":

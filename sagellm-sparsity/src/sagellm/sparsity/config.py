@@ -104,8 +104,12 @@ class WandaConfig(PruneOptions, CalibrationOptions):
 class SparseGPTConfig(PruneOptions, CalibrationOptions):
     """``sparsegpt``: OBS pruning with reconstruction (Frantar and Alistarh 2023)."""
 
-    # dampening added to the Hessian's diagonal, as a fraction of its mean (paper: 0.01)
-    damp: float = Field(0.01, gt=0.0, le=1.0)
+    # dampening added to the Hessian's diagonal, as a fraction of its mean. The paper's
+    # 0.01 has hundreds of thousands of calibration tokens; the shipped text gives about
+    # as many tokens as an FFN has channels, where 0.01 overfits (a 1536-column layer,
+    # held-out error at 1024 / 2048 / 4096 tokens: 0.283 / 0.222 / 0.205 at 0.01,
+    # 0.242 / 0.215 / 0.204 at 0.1; magnitude 0.265)
+    damp: float = Field(0.1, gt=0.0, le=1.0)
     block_size: int = Field(128, ge=1)  # columns per lazy update; also the mask's block
 
 
