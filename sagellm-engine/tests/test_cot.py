@@ -149,3 +149,28 @@ def test_abort_in_the_middle_of_the_windows_frees_everything(llm) -> None:
 def test_self_consistency_and_n_together_are_refused(llm) -> None:
     with pytest.raises(InvalidRequestError, match="give the count as self_consistency.n only"):
         llm.generate([PROMPT], SamplingParams(n=2), cot={"self_consistency": {"n": 4}})
+
+
+def test_the_budget_holds_with_speculative_decoding(tiny_model) -> None:
+    spec = make_llm(
+        tiny_model,
+        num_blocks=256,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 4},
+    )
+    spec.engine.cot.configure(start_token_ids=(), end_token_ids=END)
+    asked: list[str] = []
+    real = spec.engine.speculative.propose
+
+    def propose(requests):
+        asked.extend(r.request_id for r in requests)
+        return real(requests)
+
+    spec.engine.speculative.propose = propose
+    prompt = [5, 6, 7, 8, 9, 10, 11] * 2 + [5, 6, 7]
+    free = spec.generate([prompt], greedy(16))[0].outputs[0].token_ids
+    assert asked, "the plain request is offered to the proposer"
+    asked.clear()
+    (out,) = spec.generate([prompt], greedy(16, thinking_token_budget=5))
+    toks = out.outputs[0].token_ids
+    assert toks[:5] == free[:5] and toks[5:7] == list(END)
+    assert asked == []  # a controlled request gets no drafts

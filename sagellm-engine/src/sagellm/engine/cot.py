@@ -262,6 +262,12 @@ class CoTHooks:
 
     # ------------------------------------------------------------------ the step
 
+    def controls(self, request_id: str) -> bool:
+        """True when token-level controllers watch the sample (it gets no draft tokens:
+        a budget must be able to force its marker right after any token)."""
+        st = self._states.get(request_id)
+        return st is not None and bool(st.controllers)
+
     def forced_logits(self, row_ids: Sequence[str], logits: Any) -> Any:
         """``logits`` with the rows of requests that have a forced token masked to it."""
         rows = []

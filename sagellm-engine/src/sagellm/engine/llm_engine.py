@@ -469,8 +469,8 @@ class LLMEngine:
         requests = []
         for rid, seq in self._sequences.items():
             out_ids = seq.output_token_ids
-            if not out_ids or seq.finished:
-                continue
+            if not out_ids or seq.finished or self.cot.controls(rid):
+                continue  # a CoT controller sees (and may force) one token per step
             if get_state is not None:
                 state = get_state(rid)
                 # only a request whose KV covers everything but its newest token decodes
