@@ -150,14 +150,15 @@ class CoTControllerConformance:
         run()
 
     def test_two_requests_do_not_share_state(self) -> None:
-        ctl = self.make_controller()
         stream = list(range(self.vocab_size)) * 3
-        alone = drive(ctl, stream, [1], vocab_size=self.vocab_size, request_id="a")
+        alone = drive(self.make_controller(), stream, [1], vocab_size=self.vocab_size)
+        ctl = self.make_controller()
         ctl.start("other", [1])
-        ctl.step("other", [3, 4, 5])
+        for n in (1, 2, 3):
+            ctl.step("other", stream[:n])
         beside = drive(ctl, stream, [1], vocab_size=self.vocab_size, request_id="b")
         ctl.finish("other")
-        assert beside == alone
+        assert beside == alone, "another live request changed this one's tokens"
 
     # ------------------------------------------------------------------ vote
 
