@@ -104,6 +104,29 @@ def test_self_consistency_returns_the_samples_and_the_vote(served) -> None:
     assert body["usage"]["completion_tokens"] == 4 * 6
 
 
+def test_streamed_self_consistency_announces_each_drawn_sample_once(served) -> None:
+    srv, llm = served
+    with httpx.stream(
+        "POST",
+        srv.url + "/v1/chat/completions",
+        json={
+            "model": llm.engine.model_name,
+            "messages": [{"role": "user", "content": "What is the answer?"}],
+            "temperature": 0.0,
+            "max_tokens": 4,
+            "ignore_eos": True,
+            "stream": True,
+            "self_consistency": {"n": 8, "window": 2, "options": {"answer": {"method": "text"}}},
+        },
+        timeout=60,
+    ) as resp:
+        lines = [ln[6:] for ln in resp.iter_lines() if ln.startswith("data: ")]
+    choices = [json.loads(ln)["choices"][0] for ln in lines[:-1]]
+    roles = [c["index"] for c in choices if c["delta"].get("role") == "assistant"]
+    assert sorted(roles) == [0, 1]  # greedy samples agree: one window of 2 is drawn
+    assert {c["index"] for c in choices} == {0, 1}
+
+
 def test_bad_self_consistency_options_are_400(served) -> None:
     srv, llm = served
     resp = chat(srv, llm, self_consistency={"n": 4, "windoww": 2})

@@ -647,7 +647,9 @@ class _Server:
                 ],
             }
 
-        for i in range(req.n):
+        # self-consistency draws up to its own n; the role chunk comes with a sample's first
+        roles = set(range(req.n)) if req.self_consistency is None else set()
+        for i in sorted(roles):
             yield chunk(i, {"role": "assistant", "content": ""}, None, None)
         splits: dict[int, ReasoningStream] = {}
         async for _, out in _merge(flight.streams):
@@ -658,6 +660,9 @@ class _Server:
                 lp = None
                 if req.logprobs:
                     lp = {"content": self._chat_logprobs(c, req.top_logprobs or 0)}
+                if c.index not in roles:
+                    roles.add(c.index)
+                    yield chunk(c.index, {"role": "assistant", "content": ""}, None, None)
                 delta = {"content": c.text} if c.text else {}
                 if self.reasoning is not None:
                     split = splits.setdefault(c.index, ReasoningStream(self.reasoning))
