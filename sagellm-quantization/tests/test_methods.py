@@ -116,3 +116,63 @@ def test_handed_over_codes_must_fit_the_layer() -> None:
     q, scale, zero = int4_rtn(torch.randn(32, 64), 32)
     with pytest.raises(ValueError, match="do not fit a 32x128 projection"):
         Int4Method(32, qweights=(q, scale, zero)).process_weights(make_linear(32, 128))
+
+
+class _RecordingBlocks:
+    """A block method standing in for a kernel provider's (records what it is given)."""
+
+    name = "blocks"
+
+    def __init__(self) -> None:
+        self.formats: list[str] = []
+        self.rows: list[int] = []
+
+    def process_weights(self, layer: torch.nn.Module) -> None:
+        self.formats.append(layer.packed.format)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(x.shape[0])
+        return torch.full((x.shape[0], layer.weight_rows), 7.0)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "method_class", "kwargs"),
+    [
+        ("q4_1", Int4Method, {"group_size": 32, "from_gguf": True}),
+        ("q4_0", Int4Method, {"group_size": 32, "from_gguf": True}),
+        ("q8_0", Int8Method, {"group_size": 32, "from_gguf": True}),
+    ],
+)
+def test_gguf_methods_hand_few_row_steps_to_the_layers_block_method(
+    fmt: str, method_class: type, kwargs: dict[str, object]
+) -> None:
+    layer = make_linear(32, 64, seed=5, dtype="float32")
+    layer.packed = random_packed(fmt, 32, 64, seed=5)
+    layer.weight_rows = 32
+    blocks = _RecordingBlocks()
+    layer.block_method = blocks
+    w = layer.weight.detach().clone()
+    method = method_class(dense_min_rows=4, **kwargs)
+    method.process_weights(layer)
+    assert blocks.formats == [fmt]
+    # the block method replaces the method's own kernel: none of its buffers exist
+    assert not any(hasattr(layer, b) for b in ("qweight", "scale_zeros", "dequantized"))
+    assert method.name.endswith("+blocks")
+    assert torch.equal(method.apply(layer, _x(3, 64)), torch.full((3, 32), 7.0))
+    assert blocks.rows == [3]
+    big = _x(4, 64)
+    assert torch.equal(method.apply(layer, big), F.linear(big, w))  # from 4 rows: float
+    assert blocks.rows == [3]
+    # with the float weight dropped later (a tied table served from the blocks), every
+    # row count goes to the blocks
+    layer.register_parameter("weight", None)
+    assert torch.equal(method.apply(layer, big), torch.full((4, 32), 7.0))
+    assert blocks.rows == [3, 4]
+
+
+def test_without_a_block_method_gguf_methods_use_their_own_kernel() -> None:
+    layer = make_linear(32, 64, seed=6, dtype="bfloat16")
+    layer.packed = random_packed("q4_1", 32, 64, seed=6)
+    method = Int4Method(32, from_gguf=True)
+    method.process_weights(layer)
+    assert layer.qweight.dtype == torch.uint8 and method.name == "gguf_int4_g32"

@@ -81,8 +81,11 @@ def test_logits_of_prompt_and_greedy_continuation_match_transformers() -> None:
             want = ref(torch.tensor([s[:-1]])).logits[0, len(ids[i]) - 1 :].float()
         got = torch.stack(rows[i][:-1])
         scale = want.abs().max()
-        # measured: ~4e-5 on a logit scale of ~35 (summation order only)
-        assert (got - want).abs().max() < 1e-4 * scale
+        # the prompt's row (a dense float32 product): ~4e-5 on a logit scale of ~35
+        # (summation order only); decode rows compute on the GGUF blocks with inputs
+        # rounded to 16 bits per block of 32 (the kernels' gguf_linear): measured 2.4e-4
+        assert (got[0] - want[0]).abs().max() < 1e-4 * scale
+        assert (got - want).abs().max() < 5e-4 * scale
         agree += int((got.argmax(-1) == want.argmax(-1)).sum())
         total += got.shape[0]
     print(f"top-1 agreement with transformers: {agree}/{total}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["FusedKernelsConfig"]
@@ -18,3 +20,8 @@ class FusedKernelsConfig(BaseModel):
     onednn_linear: bool = True
     # build and use the C++ kernels (paged decode attention); compiled once per machine
     compiled_kernels: bool = True
+    # compute GGUF Q4_0/Q4_1/Q8_0 projections on their blocks for few-row steps (needs
+    # the compiled kernels); off: the quantizer's own kernel
+    gguf_blocks: bool = True
+    # the GGUF kernel's input rounding: 16 bits (near float32) or 8 (GGUF's own, faster)
+    gguf_input_bits: Literal[8, 16] = 16

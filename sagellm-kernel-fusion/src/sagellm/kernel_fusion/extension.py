@@ -27,7 +27,7 @@ __all__ = ["cache_dir", "load_kernels"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.cpp", "fused_ops.cpp")
+_SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gguf_linear.cpp")
 # -fopenmp: at::parallel_for is header code; without it every kernel runs on one thread
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
@@ -49,6 +49,21 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "sagellm" / "kernels"
 
 
+# A build that was killed leaves torch's lock file behind, and every later start would wait
+# on it forever; a build takes well under this on any machine that builds at all.
+_STALE_LOCK_SECONDS = 1800.0
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > _STALE_LOCK_SECONDS:
+        logger.warning("removing a stale kernel build lock %s (%.0f min old)", lock, age / 60)
+        lock.unlink(missing_ok=True)
+
+
 @functools.cache
 def load_kernels() -> Any | None:
     """The compiled extension module, or None (logged once) when it cannot be built."""
@@ -64,6 +79,7 @@ def load_kernels() -> Any | None:
     build = cache_dir() / tag
     build.mkdir(parents=True, exist_ok=True)
     name = f"sagellm_kernels_{tag}"
+    _clear_stale_lock(build / "lock")
     fresh = not any(build.glob(f"{name}*.so"))
     if fresh:
         logger.warning("compiling sageLLM's CPU kernels into %s (first start only)", build)

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from sagellm.kernel_fusion.config import FusedKernelsConfig
 from sagellm.kernel_fusion.extension import load_kernels
+from sagellm.kernel_fusion.gguf import BLOCK_FORMATS, GGUFBlockLinear
 from sagellm.kernel_fusion.onednn import OneDNNLinear, onednn_available
 
 __all__ = ["FusedKernels"]
@@ -24,6 +25,9 @@ class FusedKernels:
     * ``paged_decode_attention``: ``(q [B, H, D], k_cache, v_cache [blocks, block_size,
       H_kv, D], block_tables int32 [B, width], context_lens int32 [B], scale) -> [B, H, D]``,
       decode attention reading the pool's blocks in place (C++, :mod:`.extension`);
+    * ``gguf_linear``: a factory ``(format) -> LinearMethod | None`` of projections computed
+      on their GGUF Q4_0/Q4_1/Q8_0 blocks with int8-rounded inputs (:mod:`.gguf`), for
+      the few-row steps of decoding; None for another format;
     * ``fused_layer_ops``: the compiled module whose ``rms_norm(x, w, eps)``,
       ``add_rms_norm(x, residual, w, eps) -> (out, residual)`` (residual updated in place),
       ``silu_and_mul(x)`` and ``rotary_write_kv(qkv, positions, cos, sin, H, Hkv, k_cache,
@@ -48,6 +52,8 @@ class FusedKernels:
             ops.append("dense_linear")
         if self.config.compiled_kernels and load_kernels() is not None:
             ops += ["paged_decode_attention", "fused_layer_ops"]
+            if self.config.gguf_blocks:
+                ops.append("gguf_linear")
         return tuple(ops)
 
     def get(self, op: str) -> Any:
@@ -63,6 +69,14 @@ class FusedKernels:
                 return OneDNNLinear(hint) if onednn_available(dtype) else None
 
             return make
+        if op == "gguf_linear":
+
+            def make_blocks(fmt: str) -> GGUFBlockLinear | None:
+                if fmt not in BLOCK_FORMATS:
+                    return None
+                return GGUFBlockLinear(self.config.gguf_input_bits)
+
+            return make_blocks
         if op == "paged_decode_attention":
             module = load_kernels()
             assert module is not None

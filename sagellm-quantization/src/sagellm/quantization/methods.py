@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sagellm.core.protocols import LinearMethod
 from sagellm.core.types import PackedWeight
 from sagellm.quantization.formats import (
     INT4_GROUP_SIZES,
@@ -71,6 +72,22 @@ class _WeightOnlyMethod:
         if dense_min_rows is not None and dense_min_rows < 2:
             raise ValueError("dense_min_rows must be at least 2 (or None: never dense)")
         self.dense_min_rows = dense_min_rows
+        self.blocks: LinearMethod | None = None
+
+    def _take_blocks(self, layer: nn.Module) -> bool:
+        """Give the layer's GGUF blocks to its ``block_method``, if it was given one.
+
+        A kernel provider's method that computes on the blocks themselves (the engine sets
+        ``layer.block_method`` before quantizing); the numbers are the checkpoint's, so
+        it replaces this method's own kernel and its buffers. False: no block method.
+        """
+        method: LinearMethod | None = getattr(layer, "block_method", None)
+        if method is None or getattr(layer, "packed", None) is None:
+            return False
+        method.process_weights(layer)
+        self.blocks = method
+        self.name = f"{self.name}+{method.name}"
+        return True
 
     def _dense(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         m = self.dense_min_rows
@@ -78,6 +95,8 @@ class _WeightOnlyMethod:
             # the layer's own float method where it has one (a kernel provider may have
             # given it a faster one than F.linear)
             dense = getattr(layer, "dense", None)
+            if getattr(layer, "weight", None) is None and (dense is None or dense.name == "dense"):
+                return None  # the float weight was dropped since (a tied table gone)
             if dense is not None:
                 y: torch.Tensor = dense.apply(layer, x)
                 return y
@@ -151,6 +170,9 @@ class Int4Method(_WeightOnlyMethod):
             if packed is None or packed.format not in ("q4_0", "q4_1"):
                 fmt = packed.format if packed is not None else "none"
                 raise ValueError(f"from_gguf needs q4_0/q4_1 blocks on the layer, found {fmt}")
+            if self._take_blocks(layer):
+                _keep_or_drop_dense(layer, self.dense_min_rows)
+                return
             q, scale, zero = int4_from_gguf(packed.format, packed.data, packed.shape)
         else:
             q, scale, zero = int4_rtn(w, self.group_size, bits=self.bits, symmetric=self.symmetric)
@@ -172,6 +194,8 @@ class Int4Method(_WeightOnlyMethod):
         return self._int4(layer, x)
 
     def _int4(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks is not None:
+            return self.blocks.apply(layer, x)
         deq = getattr(layer, "dequantized", None)
         if deq is not None:  # a float32 layer (see the module docstring)
             return F.linear(x, deq, cast("torch.Tensor | None", layer.bias))
@@ -269,6 +293,9 @@ class Int8Method(_WeightOnlyMethod):
         packed: PackedWeight | None = getattr(layer, "packed", None)
         if self.from_gguf and packed is not None:
             if packed.format == "q8_0" and self.group_size == 32:
+                if self._take_blocks(layer):
+                    _keep_or_drop_dense(layer, self.dense_min_rows)
+                    return
                 q, d = q8_0_values(packed.data, packed.shape)
                 self._register(layer, q, d, w)
                 return
@@ -306,6 +333,8 @@ class Int8Method(_WeightOnlyMethod):
         y = self._dense(layer, x)
         if y is not None:
             return y
+        if self.blocks is not None:
+            return self.blocks.apply(layer, x)
         deq = getattr(layer, "dequantized", None)
         if deq is not None and x.shape[0] > 1:  # a float32 layer (see the module docstring)
             return F.linear(x, deq, cast("torch.Tensor | None", layer.bias))

@@ -543,6 +543,11 @@ def _can_import(python: Path, module: str) -> bool:
     return done.returncode == 0
 
 
+def _runs(python: Path, code: str) -> bool:
+    """``code`` runs to completion in ``python`` (not killed by an illegal instruction)."""
+    return subprocess.run([str(python), "-c", code], capture_output=True).returncode == 0
+
+
 def start_peer(
     name: str,
     llm: Any,
@@ -579,7 +584,9 @@ def start_peer(
             python,
             "vllm",
             str(folder),
-            options={"dtype": "bfloat16"},
+            # vLLM computes in the engine's dtype: bfloat16 where the CPU has native bf16
+            # matmul, float32 where it does not (as the engine's "auto" chooses)
+            options={"dtype": "bfloat16" if dtype == "bfloat16" else "float32"},
             env=vllm_env(threads),
         )
         return worker, None
@@ -598,6 +605,11 @@ def start_peer(
                 f".nox/peers-tools; `{PREPARE}` installs it (or `pip install "
                 "llama-cpp-python`, which compiles llama.cpp for ~13 minutes)"
             )
+        if not _runs(tools, "import llama_cpp; llama_cpp.llama_backend_init()"):
+            return None, (
+                "llama.cpp skipped: the llama-cpp-python in .nox/peers-tools does not run on "
+                "this CPU (a build for other instructions); `{PREPARE}` rebuilds it here"
+            ).replace("{PREPARE}", PREPARE)
         worker = WorkerPeer(
             "llama.cpp",
             tools,

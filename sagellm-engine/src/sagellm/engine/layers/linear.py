@@ -75,6 +75,8 @@ class Linear(nn.Module):
         self.packed: PackedWeight | None = None
         self.method: LinearMethod = DENSE  # what forward computes with
         self.dense: LinearMethod = DENSE  # the float method (a quantized method's fallback)
+        # a kernel provider's method on ``packed`` as stored, offered to the quantizer
+        self.block_method: LinearMethod | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)

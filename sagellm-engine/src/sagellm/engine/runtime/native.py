@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from pydantic import BaseModel
@@ -253,6 +253,7 @@ class NativeRuntime:
                     f"quantizer {name!r} ({type(quantizer).__name__}) does not implement "
                     "sagellm.core.protocols.Quantizer"
                 )
+            self._give_block_methods(layers)
             try:
                 quantizer.prepare(layers, self.run_sequence)
                 for i, (layer_name, layer) in enumerate(layers.items()):
@@ -277,17 +278,39 @@ class NativeRuntime:
             return "fused"
         return "eager"
 
+    def _kernel_provider(self) -> KernelProvider | None:
+        """The configured kernel provider (loaded once); None for eager."""
+        if not hasattr(self, "_provider"):
+            name = self._kernel_provider_name()
+            provider = None
+            if name != "eager":
+                provider = registry.load("kernels", name, self.config.kernel_options)
+                if not isinstance(provider, KernelProvider):
+                    raise CapabilityMismatchError(
+                        f"kernel provider {name!r} ({type(provider).__name__}) does not "
+                        "implement sagellm.core.protocols.KernelProvider"
+                    )
+            self._provider: KernelProvider | None = provider
+        return self._provider
+
+    def _give_block_methods(self, layers: dict[str, Linear]) -> None:
+        """Offer each projection that carries checkpoint blocks the kernel provider's
+        method on those blocks (``layer.block_method``); a quantizer that computes on
+        the blocks as stored (``gguf``) uses it for its few-row steps."""
+        provider = self._kernel_provider()
+        if provider is None or "gguf_linear" not in provider.available_ops():
+            return
+        make = provider.get("gguf_linear")
+        for layer in layers.values():
+            if layer.packed is not None:
+                layer.block_method = make(layer.packed.format)
+
     def _use_kernels(self) -> str:
         """Hand the projections to the configured kernel provider's ops; its name."""
         name = self._kernel_provider_name()
-        if name == "eager":
+        provider = self._kernel_provider()
+        if provider is None:
             return name
-        provider = registry.load("kernels", name, self.config.kernel_options)
-        if not isinstance(provider, KernelProvider):
-            raise CapabilityMismatchError(
-                f"kernel provider {name!r} ({type(provider).__name__}) does not implement "
-                "sagellm.core.protocols.KernelProvider"
-            )
         ops = set(provider.available_ops())
         if "fused_layer_ops" in ops:
             self.model.use_kernels(provider.get("fused_layer_ops"))
@@ -310,7 +333,24 @@ class NativeRuntime:
                     logger.info("kernels %s: no dense linear for %s here", name, self.dtype)
                     break
                 layer.set_dense(method)
+        self._embed_from_head_blocks()
         return name
+
+    def _embed_from_head_blocks(self) -> None:
+        """A tied head computing on Q8_0 blocks serves the embedding lookups from them
+        too: the float table (the largest tensor of a small model) is dropped."""
+        head, embed = self.model.lm_head, self.model.embed_tokens
+        codes = getattr(head, "block_codes", None)
+        if (
+            not self.model_config.tie_word_embeddings
+            or codes is None
+            or codes.dtype != torch.int8
+            or embed.weight is None
+            or head.weight is not embed.weight
+        ):
+            return
+        embed.use_blocks(codes, cast(torch.Tensor, head.block_scales), self.dtype)
+        head.register_parameter("weight", None)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` by the model's own tokenizer (loaded on first use; for

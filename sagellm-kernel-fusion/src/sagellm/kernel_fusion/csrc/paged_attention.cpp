@@ -251,9 +251,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 }  // namespace
 
 void register_fused_ops(pybind11::module& m);  // fused_ops.cpp
+void register_gguf_ops(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over a paged KV cache, read in place");
   register_fused_ops(m);
+  register_gguf_ops(m);
 }

@@ -1,0 +1,257 @@
+// Matrix products on GGUF weight blocks (Q4_0, Q4_1, Q8_0), for the few-row steps of
+// decoding. Weights stay in their 4- or 8-bit blocks of 32; each call rounds its input
+// rows onto integers in blocks of 32 (one float scale per block, as GGUF's Q8 activation
+// blocks do) and takes the integer dot products 32 at a time with AVX2's u8 x s8
+// multiply-add:
+//
+//   y[m, n] = sum_b d[n, b] * dx[m, b] * dot(q[n, b], qx[m, b]) + c[n, b] * xs[m, b]
+//
+// where q are a block's stored codes, d its scale, c its constant term (Q4_1: the block
+// minimum m; Q4_0: -8 d, since its weights are d * (q - 8); Q8_0: none), dx the input
+// block's scale and xs the exact float sum of the input block.
+//
+// Input precision (``input_bits``): 8 rounds each input value to amax / 127 steps of its
+// block (GGUF's own CPU path; half a step of error); 16 adds a second int8 digit for the
+// remainder, qx = 256 * hi + lo with lo in [-127, 127], so the error is 1/256 of that and
+// the product matches float arithmetic on the stored weights to about 1e-4 relative. The
+// second digit costs a second multiply-add per block; the weight unpacking is shared.
+//
+// Layout, prepared once from the GGUF blocks (sagellm.kernel_fusion.gguf):
+//   q4: codes uint8 [N, K / 2], each block's 16 bytes as stored: byte j holds element j
+//       in its low nibble and element j + 16 in its high one;
+//   q8: codes int8 [N, K];
+//   d, c: float32 [N, K / 32] (c empty for Q8_0).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SAGELLM_GGUF_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;  // values per block
+constexpr int64_t MAX_TILE = 4;  // input rows sharing one pass over a weight block
+
+// Input rows as int8 blocks: qx [M, K] (and its second digit lo [M, K] at 16 bits),
+// dx and xs [M, K / 32]; dx is the scale of one unit of the returned integer dot product.
+struct QuantizedInput {
+  std::vector<int8_t> qx, lo;
+  std::vector<float> dx, xs;
+};
+
+template <typename T>
+inline float to_f32(T v) { return static_cast<float>(v); }
+
+template <typename T>
+QuantizedInput quantize_input(const T* x, int64_t m, int64_t k, bool split) {
+  const int64_t nb = k / QK;
+  QuantizedInput out;
+  out.qx.resize(m * k);
+  if (split) out.lo.resize(m * k);
+  out.dx.resize(m * nb);
+  out.xs.resize(m * nb);
+  at::parallel_for(0, m * nb, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* src = x + i * QK;  // rows are contiguous: block i of the flat input
+      float v[QK];
+      float amax = 0.f, sum = 0.f;
+      for (int64_t j = 0; j < QK; ++j) {
+        v[j] = to_f32(src[j]);
+        amax = std::max(amax, std::fabs(v[j]));
+        sum += v[j];
+      }
+      const float d = amax / 127.f;
+      const float inv = d > 0.f ? 1.f / d : 0.f;
+      int8_t* q = out.qx.data() + i * QK;
+      for (int64_t j = 0; j < QK; ++j) {
+        q[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+      }
+      if (split) {
+        // the remainder, |v / d - q| <= 1/2, in units of d / 256 (clamped at +-127/256)
+        int8_t* l = out.lo.data() + i * QK;
+        for (int64_t j = 0; j < QK; ++j) {
+          const float r = (v[j] * inv - static_cast<float>(q[j])) * 256.f;
+          l[j] = static_cast<int8_t>(std::clamp(std::nearbyint(r), -127.f, 127.f));
+        }
+      }
+      out.dx[i] = split ? d / 256.f : d;
+      out.xs[i] = sum;
+    }
+  });
+  return out;
+}
+
+#ifdef SAGELLM_GGUF_AVX2
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// 32 codes of a Q4 block in element order, as unsigned bytes 0..15
+inline __m256i unpack_q4(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(raw, mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+  return _mm256_set_m128i(hi, lo);
+}
+#endif
+
+// One output row n against input rows m0 .. m0 + TILE - 1.
+template <bool Q4, bool SPLIT, int TILE>
+void row_tile(const uint8_t* codes, const float* d, const float* c, const QuantizedInput& in,
+              int64_t k, int64_t m0, float* acc_out) {
+  const int64_t nb = k / QK;
+#ifdef SAGELLM_GGUF_AVX2
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[TILE];
+  for (int t = 0; t < TILE; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i w;
+    if constexpr (Q4) {
+      w = unpack_q4(codes + b * (QK / 2));
+    } else {
+      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * QK));
+    }
+    const __m256i wa = Q4 ? w : _mm256_sign_epi8(w, w);  // unsigned operand
+    for (int t = 0; t < TILE; ++t) {
+      const int64_t m = m0 + t;
+      const int64_t at = m * k + b * QK;
+      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in.qx.data() + at));
+      if constexpr (!Q4) xv = _mm256_sign_epi8(xv, w);  // the weight's sign moves to x
+      __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones);
+      if constexpr (SPLIT) {
+        __m256i lv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in.lo.data() + at));
+        if constexpr (!Q4) lv = _mm256_sign_epi8(lv, w);
+        const __m256i l32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, lv), ones);
+        p32 = _mm256_add_epi32(_mm256_slli_epi32(p32, 8), l32);
+      }
+      const __m256 p = _mm256_cvtepi32_ps(p32);
+      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * in.dx[m * nb + b]), p, acc[t]);
+    }
+  }
+  for (int t = 0; t < TILE; ++t) acc_out[t] = hsum(acc[t]);
+#else
+  for (int t = 0; t < TILE; ++t) {
+    const int64_t m = m0 + t;
+    float total = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t at = m * k + b * QK;
+      int32_t dot = 0;
+      for (int64_t j = 0; j < QK; ++j) {
+        int32_t w;
+        if constexpr (Q4) {
+          const uint8_t byte = codes[b * (QK / 2) + (j % (QK / 2))];
+          w = j < QK / 2 ? (byte & 0x0F) : (byte >> 4);
+        } else {
+          w = reinterpret_cast<const int8_t*>(codes)[b * QK + j];
+        }
+        int32_t xq = in.qx[at + j];
+        if constexpr (SPLIT) xq = xq * 256 + in.lo[at + j];
+        dot += w * xq;
+      }
+      total += d[b] * in.dx[m * nb + b] * static_cast<float>(dot);
+    }
+    acc_out[t] = total;
+  }
+#endif
+  if (c != nullptr) {
+    for (int t = 0; t < TILE; ++t) {
+      const float* xs = in.xs.data() + (m0 + t) * nb;
+      float s = 0.f;
+      for (int64_t b = 0; b < nb; ++b) s += c[b] * xs[b];
+      acc_out[t] += s;
+    }
+  }
+}
+
+template <bool Q4, bool SPLIT>
+void gemm(const uint8_t* codes, const float* d, const float* c, const QuantizedInput& in,
+          int64_t m, int64_t n, int64_t k, float* y) {
+  const int64_t nb = k / QK;
+  const int64_t row_bytes = Q4 ? k / 2 : k;
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    float part[MAX_TILE];
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* cr = codes + r * row_bytes;
+      const float* dr = d + r * nb;
+      const float* ccr = c != nullptr ? c + r * nb : nullptr;
+      int64_t m0 = 0;
+      for (; m0 + 4 <= m; m0 += 4) {
+        row_tile<Q4, SPLIT, 4>(cr, dr, ccr, in, k, m0, part);
+        for (int t = 0; t < 4; ++t) y[(m0 + t) * n + r] = part[t];
+      }
+      for (; m0 + 2 <= m; m0 += 2) {
+        row_tile<Q4, SPLIT, 2>(cr, dr, ccr, in, k, m0, part);
+        for (int t = 0; t < 2; ++t) y[(m0 + t) * n + r] = part[t];
+      }
+      for (; m0 < m; ++m0) {
+        row_tile<Q4, SPLIT, 1>(cr, dr, ccr, in, k, m0, part);
+        y[m0 * n + r] = part[0];
+      }
+    }
+  });
+}
+
+// x [M, K] (float32 or bfloat16); bits 4 (codes uint8 [N, K/2]) or 8 (codes int8 [N, K]);
+// d [N, K/32]; c [N, K/32] or an empty tensor; input_bits 8 or 16 (see the top).
+// Returns [M, N] in x's dtype.
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d,
+                          torch::Tensor c, int64_t bits, int64_t input_bits) {
+  TORCH_CHECK(x.dim() == 2, "gguf_linear: x must be [rows, K], got ", x.sizes());
+  TORCH_CHECK(bits == 4 || bits == 8, "gguf_linear: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(input_bits == 8 || input_bits == 16,
+              "gguf_linear: input_bits must be 8 or 16, got ", input_bits);
+  const bool split = input_bits == 16;
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "gguf_linear: x must be float32 or bfloat16, got ", x.scalar_type());
+  const int64_t m = x.size(0), k = x.size(1), n = codes.size(0);
+  TORCH_CHECK(k % QK == 0, "gguf_linear: K=", k, " is not a multiple of 32");
+  TORCH_CHECK(codes.is_contiguous() && codes.size(1) == (bits == 4 ? k / 2 : k),
+              "gguf_linear: codes must be contiguous [N, ", bits == 4 ? k / 2 : k, "], got ",
+              codes.sizes());
+  TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() && d.size(0) == n &&
+                  d.size(1) == k / QK,
+              "gguf_linear: d must be contiguous float32 [N, K/32]");
+  const bool has_c = c.numel() > 0;
+  if (has_c) {
+    TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.sizes() == d.sizes(),
+                "gguf_linear: c must be contiguous float32 [N, K/32] like d");
+  }
+  x = x.contiguous();
+  QuantizedInput in = x.scalar_type() == at::kFloat
+                          ? quantize_input(x.data_ptr<float>(), m, k, split)
+                          : quantize_input(x.data_ptr<at::BFloat16>(), m, k, split);
+  auto y = torch::empty({m, n}, x.options().dtype(at::kFloat));
+  const uint8_t* cp = reinterpret_cast<const uint8_t*>(codes.data_ptr());
+  const float* cc = has_c ? c.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const float* dp = d.data_ptr<float>();
+  if (bits == 4) {
+    split ? gemm<true, true>(cp, dp, cc, in, m, n, k, yp)
+          : gemm<true, false>(cp, dp, cc, in, m, n, k, yp);
+  } else {
+    split ? gemm<false, true>(cp, dp, cc, in, m, n, k, yp)
+          : gemm<false, false>(cp, dp, cc, in, m, n, k, yp);
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+void register_gguf_ops(pybind11::module& m) {
+  m.def("gguf_linear", &gguf_linear,
+        "x @ W.T on GGUF Q4_0/Q4_1/Q8_0 blocks, inputs rounded to 8 or 16 bits per block");
+}
