@@ -24,6 +24,7 @@ from sagellm.core.types import (
     CapabilityDescriptor,
     CoTStep,
     CoTVote,
+    DraftRequest,
     EvictionDecision,
     ExecutionPlan,
     FinishReason,

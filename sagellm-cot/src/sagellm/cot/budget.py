@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from sagellm.core.types import CoTStep, CoTVote
-from sagellm.cot.answers import AnswerExtractor
 from sagellm.cot._tokens import ReasoningSpan
+from sagellm.cot.answers import AnswerExtractor
 from sagellm.cot.config import ThinkingBudgetConfig
 from sagellm.cot.vote import majority_vote
 

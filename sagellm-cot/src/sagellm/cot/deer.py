@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from sagellm.core.types import CoTStep, CoTVote
-from sagellm.cot.answers import AnswerExtractor
 from sagellm.cot._tokens import ReasoningSpan, ends_with
+from sagellm.cot.answers import AnswerExtractor
 from sagellm.cot.config import DeerConfig
 from sagellm.cot.vote import majority_vote
 

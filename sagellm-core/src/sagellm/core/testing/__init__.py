@@ -17,10 +17,10 @@ pytest then runs every inherited ``test_*`` method against that implementation::
 | :class:`LifetimePredictorConformance` | ``make_predictor()`` |
 | :class:`SchedulerConformance` | ``make_pool(num_blocks, block_size)`` and ``make_scheduler(pool, max_model_len, max_num_seqs, max_num_batched_tokens)`` |
 | :class:`PlatformConformance` | ``make_platform()`` |
+| :class:`ProposerConformance` | ``make_proposer(num_speculative_tokens)`` |
+| :class:`CoTControllerConformance` | ``make_controller()`` (marker ids below ``vocab_size``) |
 | :class:`TopologyDetectorConformance` | ``make_detector()`` |
 | :class:`CommBackendConformance` | ``run_ranks(world_size, program)`` (runs ``program(backend, world_size)`` on each rank; torch needed) |
-| :class:`CoTControllerConformance` | ``make_controller()`` (marker ids below ``vocab_size``) |
-| :class:`ProposerConformance` | ``make_proposer(num_speculative_tokens)`` |
 | :class:`QuantizerConformance` | ``make_quantizer()``; optionally ``make_layers()``, ``make_unfit_layers()`` and ``calibration_run(layers)`` (needs torch) |
 | :class:`SparsifierConformance` | ``make_sparsifier()``; optionally ``make_layers()`` and ``calibration_run(layers)`` (needs torch) |
 
@@ -52,13 +52,13 @@ from sagellm.core.testing.platform import PlatformConformance
 from sagellm.core.testing.prefix_index import PrefixIndexConformance
 from sagellm.core.testing.proposer import ProposerConformance
 from sagellm.core.testing.quantizer import QuantizerConformance
-from sagellm.core.testing.sparsifier import SparsifierConformance
 from sagellm.core.testing.scheduler import (
     SchedulerConformance,
     SchedulerRun,
     WorkloadRequest,
     drive_to_completion,
 )
+from sagellm.core.testing.sparsifier import SparsifierConformance
 from sagellm.core.testing.topology import TopologyDetectorConformance
 
 __all__ = [
