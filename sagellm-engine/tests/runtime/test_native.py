@@ -249,3 +249,35 @@ def test_auto_dtype_follows_the_cpu() -> None:
     assert resolve_dtype("auto", cpu) == want
     assert resolve_dtype("float32", cpu) == torch.float32
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_prefill_attention_kernel_matches_sdpa(tiny_dir, kv_cache_dtype) -> None:
+    """bf16 chunks through the provider's flash kernel, a prefix continuation included,
+    give SDPA's logits (skipped where the CPU has no AVX512-BF16)."""
+    from sagellm.engine.layers.attention import Attention
+    from sagellm.kernel_fusion.provider import FusedKernels
+
+    if "prefill_attention" not in FusedKernels().available_ops():
+        pytest.skip("no prefill attention kernel on this CPU")
+
+    def runtime(**options):
+        cfg = NativeRuntimeConfig(
+            model=str(tiny_dir),
+            dtype="bfloat16",
+            kernels="fused",
+            kernel_options=options,
+            kv_cache_dtype=kv_cache_dtype,
+        )
+        return NativeRuntime(cfg)
+
+    fast, slow = runtime(), runtime(prefill_attention=False)
+    layers = [m for m in fast.model.modules() if isinstance(m, Attention)]
+    assert layers and all(m.prefill_kernel is not None for m in layers)
+    assert all(m.prefill_kernel is None for m in slow.model.modules() if isinstance(m, Attention))
+    tokens = random_tokens(45, 320, seed=11)
+    _, rows_fast = run_prefill_in_chunks(fast, bind_pool(fast), tokens, [30, 14, 1])
+    _, rows_slow = run_prefill_in_chunks(slow, bind_pool(slow), tokens, [30, 14, 1])
+    for a, b in zip(rows_fast, rows_slow):
+        assert (a - b).abs().max() < 0.03 * b.abs().max()
+        assert int(a.argmax()) == int(b.argmax())

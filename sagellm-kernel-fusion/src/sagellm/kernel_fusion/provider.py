@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -15,6 +16,12 @@ from sagellm.kernel_fusion.onednn import OneDNNLinear, onednn_available
 __all__ = ["FusedKernels"]
 
 
+def _prefill_kernel_here() -> bool:
+    """Whether the compiled prefill attention runs on this CPU (AVX512-BF16)."""
+    module = load_kernels()
+    return module is not None and bool(module.prefill_attention_supported(torch.bfloat16, 64))
+
+
 class FusedKernels:
     """Fused and prepacked CPU kernels (implements ``sagellm.core.protocols.KernelProvider``).
 
@@ -25,6 +32,10 @@ class FusedKernels:
     * ``paged_decode_attention``: ``(q [B, H, D], k_cache, v_cache [blocks, block_size,
       H_kv, D], block_tables int32 [B, width], context_lens int32 [B], scale) -> [B, H, D]``,
       decode attention reading the pool's blocks in place (C++, :mod:`.extension`);
+    * ``prefill_attention``: a factory ``(dtype, head_dim) -> attend | None`` where
+      ``attend(q [T, H, D], k, v [S, H_kv, D], out [T, H, D], start, scale)`` writes the
+      causal attention of a chunk whose row i sits at position ``start + i`` into ``out``
+      (flash-style, AVX512-BF16; None for a dtype or head size it has no kernel for);
     * ``gguf_linear``: a factory ``(format) -> LinearMethod | None`` of projections computed
       on their GGUF Q4_0/Q4_1/Q8_0 blocks with int8-rounded inputs (:mod:`.gguf`), for
       the few-row steps of decoding; None for another format;
@@ -52,6 +63,8 @@ class FusedKernels:
             ops.append("dense_linear")
         if self.config.compiled_kernels and load_kernels() is not None:
             ops += ["paged_decode_attention", "fused_layer_ops"]
+            if self.config.prefill_attention and _prefill_kernel_here():
+                ops.append("prefill_attention")
             if self.config.gguf_blocks:
                 ops.append("gguf_linear")
         return tuple(ops)
@@ -77,6 +90,17 @@ class FusedKernels:
                 return GGUFBlockLinear(self.config.gguf_input_bits)
 
             return make_blocks
+        if op == "prefill_attention":
+            compiled: Any = load_kernels()
+            assert compiled is not None
+
+            def make_prefill(dtype: torch.dtype, head_dim: int) -> Callable[..., None] | None:
+                if not compiled.prefill_attention_supported(dtype, head_dim):
+                    return None
+                attend: Callable[..., None] = compiled.prefill_attention
+                return attend
+
+            return make_prefill
         if op == "paged_decode_attention":
             module = load_kernels()
             assert module is not None

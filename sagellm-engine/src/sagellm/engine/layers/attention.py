@@ -9,7 +9,8 @@ New keys and values are written into their slots of the pool's blocks first; the
   masked out, and the query heads of one KV head are laid out as that head's query
   "length" so no head expansion is needed;
 * each multi-token chunk (prefill, or a continuation after a cached prefix) attends to its
-  cached prefix and causally to itself.
+  cached prefix and causally to itself, through a kernel provider's flash kernel where
+  one is installed (:attr:`Attention.prefill_kernel`), else through SDPA.
 
 Everything that depends only on the plan (slot mapping, block tables, masks) is built
 once per step in :class:`AttentionMetadata` and shared by all layers.
@@ -75,6 +76,9 @@ class Attention(nn.Module):
         # a kernel provider's paged decode attention (q, k_cache, v_cache, block_tables,
         # context_lens, scale) -> out, reading the pool's blocks in place; None: gather
         self.decode_kernel: Callable[..., torch.Tensor] | None = None
+        # a kernel provider's causal chunk attention (q [n, H, D], k, v [ctx, Hkv, D],
+        # out [n, H, D], start, scale) writing into out; None: SDPA with a mask
+        self.prefill_kernel: Callable[..., None] | None = None
 
     def forward(
         self,
@@ -132,7 +136,6 @@ class Attention(nn.Module):
             )
             out[:b] = o.reshape(b, h, d)
         for c in meta.chunks:
-            qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)
             if c.slots is None:
                 kc, vc = k[c.start : c.end], v[c.start : c.end]
             else:
@@ -140,6 +143,10 @@ class Attention(nn.Module):
                 vc = v_flat.index_select(0, c.slots)
                 if kc.dtype != q.dtype:
                     kc, vc = kc.to(q.dtype), vc.to(q.dtype)
+            if self.prefill_kernel is not None and kc.dtype == q.dtype:
+                self._chunk_kernel(q, kc, vc, out, c)
+                continue
+            qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(
                 qc,
                 kc.transpose(0, 1).unsqueeze(0),
@@ -210,7 +217,6 @@ class Attention(nn.Module):
             )
             out[:b] = o.reshape(b, h, d)
         for c in meta.chunks:
-            qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)
             if c.slots is None:
                 if kq is None or vq is None:  # written by the fused kernel: read them back
                     own = meta.slot_mapping[c.start : c.end]
@@ -222,6 +228,10 @@ class Attention(nn.Module):
             else:
                 kc = dequantize_rows(k_flat.index_select(0, c.slots), d, q.dtype)
                 vc = dequantize_rows(v_flat.index_select(0, c.slots), d, q.dtype)
+            if self.prefill_kernel is not None:
+                self._chunk_kernel(q, kc, vc, out, c)
+                continue
+            qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(
                 qc,
                 kc.transpose(0, 1).unsqueeze(0),
@@ -233,3 +243,31 @@ class Attention(nn.Module):
             )
             out[c.start : c.end] = o[0].transpose(0, 1)
         return out.view(num_tokens, h * d)
+
+    def _chunk_kernel(
+        self,
+        q: torch.Tensor,
+        kc: torch.Tensor,
+        vc: torch.Tensor,
+        out: torch.Tensor,
+        c: ChunkMetadata,
+    ) -> None:
+        """One chunk through :attr:`prefill_kernel`: causal after its cached prefix (the
+        kernel derives what ``c.mask`` spells out from ``start``), written into ``out``."""
+        assert self.prefill_kernel is not None
+        n = c.end - c.start
+        self.prefill_kernel(
+            _rows(q[c.start : c.end]),
+            _rows(kc),
+            _rows(vc),
+            out[c.start : c.end],
+            c.context_len - n,
+            self.scale,
+        )
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[n, heads, D]`` with its last two dims contiguous (any row stride)."""
+    if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]:
+        return t
+    return t.contiguous()

@@ -320,6 +320,19 @@ class NativeRuntime:
                 if isinstance(module, Attention):
                     module.decode_kernel = kernel
             self._has_decode_kernel = True
+        if "prefill_attention" in ops:
+            prefill = provider.get("prefill_attention")(self.dtype, self.model_config.head_dim)
+            if prefill is None:
+                logger.info(
+                    "kernels %s: no prefill attention for %s, head_dim %d here; SDPA is used",
+                    name,
+                    self.dtype,
+                    self.model_config.head_dim,
+                )
+            else:
+                for module in self.model.modules():
+                    if isinstance(module, Attention):
+                        module.prefill_kernel = prefill
         if "dense_linear" in ops:
             make = provider.get("dense_linear")
             for layer_name, layer in self.model.projections().items():

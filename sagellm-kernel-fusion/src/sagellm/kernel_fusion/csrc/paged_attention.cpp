@@ -252,10 +252,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 
 void register_fused_ops(pybind11::module& m);  // fused_ops.cpp
 void register_gguf_ops(pybind11::module& m);
+void register_prefill_ops(pybind11::module& m);  // prefill_attention.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over a paged KV cache, read in place");
   register_fused_ops(m);
   register_gguf_ops(m);
+  register_prefill_ops(m);
 }
