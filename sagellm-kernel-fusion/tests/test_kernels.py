@@ -280,12 +280,14 @@ def _eager_rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_norms_match_eager(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("rows,width", [(7, 96), (70, 100), (1, 576)])
+def test_fused_norms_match_eager(dtype: torch.dtype, rows: int, width: int) -> None:
+    """Widths that are not a multiple of the 16 vector lanes included (masked tails)."""
     ops = FusedKernels().get("fused_layer_ops")
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(7, 96, generator=g).to(dtype)
-    r = torch.randn(7, 96, generator=g).to(dtype)
-    w = (torch.rand(96, generator=g) + 0.5).to(dtype)
+    x = torch.randn(rows, width, generator=g).to(dtype)
+    r = torch.randn(rows, width, generator=g).to(dtype)
+    w = (torch.rand(width, generator=g) + 0.5).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(
         ops.rms_norm(x, w, 1e-5).float(), _eager_rms(x, w, 1e-5).float(), atol=tol, rtol=tol
@@ -301,9 +303,10 @@ def test_fused_norms_match_eager(dtype: torch.dtype) -> None:
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_silu_and_mul_matches_eager(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("rows,width", [(5, 48), (70, 50), (3, 1536)])
+def test_fused_silu_and_mul_matches_eager(dtype: torch.dtype, rows: int, width: int) -> None:
     ops = FusedKernels().get("fused_layer_ops")
-    x = torch.randn(5, 2 * 48, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = torch.randn(rows, 2 * width, generator=torch.Generator().manual_seed(2)).to(dtype) * 4
     gate, up = x.chunk(2, dim=-1)
     want = F.silu(gate) * up
     tol = 1e-6 if dtype == torch.float32 else 1e-2

@@ -70,7 +70,9 @@ def load_kernels() -> Any | None:
     src = resources.files("sagellm.kernel_fusion") / "csrc"
     paths = [Path(str(src / name)) for name in _SOURCES]
     digest = hashlib.sha256()
-    for p in paths:
+    # the headers the sources include count too
+    headers = sorted(Path(str(src)).glob("*.h"))
+    for p in [*paths, *headers]:
         digest.update(p.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(" ".join(_CFLAGS + _LDFLAGS).encode())

@@ -19,12 +19,13 @@ class SiluAndMul(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.kernels: Any = None  # a kernel provider's fused ops (silu_and_mul); None: eager
+        self.fused_max_rows = FUSED_MAX_ROWS  # steps up to this many rows use them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.kernels is not None
             and x.dim() == 2
-            and x.shape[0] <= FUSED_MAX_ROWS
+            and x.shape[0] <= self.fused_max_rows
             and x.is_contiguous()
         ):
             y: torch.Tensor = self.kernels.silu_and_mul(x)

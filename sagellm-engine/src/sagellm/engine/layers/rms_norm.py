@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-#: Rows up to which the fused kernel is used: it saves per-op overhead on small steps,
+#: Rows up to which a scalar fused kernel is used: it saves per-op overhead on small steps,
 #: while torch's vectorised ops are faster on large ones (measured, bf16, 2 threads:
 #: add+RMSNorm 0.033 vs 0.031 ms at 64 rows, 0.236 vs 0.119 ms at 512; SiLU*mul 0.207 vs
-#: 0.030 ms at 64 rows).
+#: 0.030 ms at 64 rows). Kernels vectorised for the dtype are used at any row count.
 FUSED_MAX_ROWS = 16
 
 __all__ = ["RMSNorm"]
@@ -27,12 +27,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         # a kernel provider's fused ops (rms_norm, add_rms_norm); None: eager
         self.kernels: Any = None
+        self.fused_max_rows = FUSED_MAX_ROWS  # steps up to this many rows use them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.kernels is not None
             and x.dim() == 2
-            and x.shape[0] <= FUSED_MAX_ROWS
+            and x.shape[0] <= self.fused_max_rows
             and x.is_contiguous()
         ):
             y: torch.Tensor = self.kernels.rms_norm(x, self.weight, self.eps)
@@ -51,7 +52,7 @@ class RMSNorm(nn.Module):
         if (
             self.kernels is not None
             and x.dim() == 2
-            and x.shape[0] <= FUSED_MAX_ROWS
+            and x.shape[0] <= self.fused_max_rows
             and x.is_contiguous()
             and residual.is_contiguous()
         ):

@@ -7,6 +7,7 @@ decodes; only attention looks at sequence boundaries (see :mod:`..layers.attenti
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from sagellm.engine.layers.activation import SiluAndMul
 from sagellm.engine.layers.attention import Attention, AttentionMetadata
 from sagellm.engine.layers.embedding import LMHead, VocabEmbedding
 from sagellm.engine.layers.linear import Linear
-from sagellm.engine.layers.rms_norm import RMSNorm
+from sagellm.engine.layers.rms_norm import FUSED_MAX_ROWS, RMSNorm
 from sagellm.engine.layers.rotary import RotaryEmbedding
 from sagellm.engine.models.config import ModelConfig
 
@@ -135,10 +136,17 @@ class LlamaForCausalLM(nn.Module):
 
     def use_kernels(self, ops: Any) -> None:
         """Route norms, SwiGLU and rotary + KV write through ``ops`` (a kernel module with
-        ``rms_norm``, ``add_rms_norm``, ``silu_and_mul``, ``rotary_write_kv``)."""
+        ``rms_norm``, ``add_rms_norm``, ``silu_and_mul``, ``rotary_write_kv``; and
+        optionally ``fused_ops_vectorized(dtype)``: then the element-wise ones run at every
+        row count, not only on small steps)."""
+        vectorized = getattr(ops, "fused_ops_vectorized", None)
+        rows = FUSED_MAX_ROWS
+        if vectorized is not None and vectorized(self.norm.weight.dtype):
+            rows = sys.maxsize
         for module in self.modules():
             if isinstance(module, (RMSNorm, SiluAndMul)):
                 module.kernels = ops
+                module.fused_max_rows = rows
             elif isinstance(module, LlamaDecoderLayer):
                 module.rotary_kv_kernel = ops.rotary_write_kv
         self.fused_rotary = True

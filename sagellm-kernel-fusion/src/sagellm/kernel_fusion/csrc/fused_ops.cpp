@@ -17,6 +17,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vec_math.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define SAGELLM_VEC_BF16 1
+#endif
+
 namespace {
 
 inline float f32(float x) { return x; }
@@ -61,6 +67,67 @@ void rms_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, float eps
     }
   });
 }
+
+#if defined(SAGELLM_VEC_BF16)
+// bfloat16 rows, 16 lanes at a time, with the scalar path's roundings
+template <>
+void rms_rows<at::BFloat16>(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* out,
+                            int64_t rows, int64_t n, float eps, at::BFloat16* residual_out,
+                            const at::BFloat16* residual_in) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const at::BFloat16* xr = x + r * n;
+      const at::BFloat16* src = xr;
+      __m512 ss = _mm512_setzero_ps();
+      if (residual_in != nullptr) {
+        const at::BFloat16* rr = residual_in + r * n;
+        at::BFloat16* ro = residual_out + r * n;
+        for (int64_t i = 0; i < n; i += 16) {
+          const __mmask16 m = sagellm::first_lanes(n - i);
+          const __m512 s = _mm512_add_ps(sagellm::load_bf16(xr + i, m),
+                                         sagellm::load_bf16(rr + i, m));
+          sagellm::store_bf16(ro + i, s, m);
+          const __m512 sr = sagellm::through_bf16(s);
+          ss = _mm512_fmadd_ps(sr, sr, ss);
+        }
+        src = ro;
+      } else {
+        for (int64_t i = 0; i < n; i += 16) {
+          const __m512 v = sagellm::load_bf16(xr + i, sagellm::first_lanes(n - i));
+          ss = _mm512_fmadd_ps(v, v, ss);
+        }
+      }
+      const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(n) + eps);
+      const __m512 vinv = _mm512_set1_ps(inv);
+      at::BFloat16* o = out + r * n;
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = sagellm::first_lanes(n - i);
+        const __m512 y = sagellm::through_bf16(_mm512_mul_ps(sagellm::load_bf16(src + i, m), vinv));
+        sagellm::store_bf16(o + i, _mm512_mul_ps(y, sagellm::load_bf16(w + i, m)), m);
+      }
+    }
+  });
+}
+
+// silu(gate) * up of bfloat16 rows; silu rounded to bfloat16 before the product, as eager
+void silu_mul_rows_bf16(const at::BFloat16* x, at::BFloat16* out, int64_t rows, int64_t w) {
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (int64_t r = begin; r < end; ++r) {
+      const at::BFloat16* g = x + r * 2 * w;
+      const at::BFloat16* u = g + w;
+      at::BFloat16* o = out + r * w;
+      for (int64_t i = 0; i < w; i += 16) {
+        const __mmask16 m = sagellm::first_lanes(w - i);
+        const __m512 gv = sagellm::load_bf16(g + i, m);
+        const __m512 e = sagellm::exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        const __m512 sv = sagellm::through_bf16(_mm512_div_ps(gv, _mm512_add_ps(one, e)));
+        sagellm::store_bf16(o + i, _mm512_mul_ps(sv, sagellm::load_bf16(u + i, m)), m);
+      }
+    }
+  });
+}
+#endif
 
 void check_rows(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [rows, hidden] tensor");
@@ -249,6 +316,12 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
               "x must be a contiguous [rows, 2 * width] tensor (gate then up)");
   const int64_t rows = x.size(0), w = x.size(1) / 2;
   auto out = at::empty({rows, w}, x.options());
+#if defined(SAGELLM_VEC_BF16)
+  if (x.scalar_type() == at::kBFloat16) {
+    silu_mul_rows_bf16(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), rows, w);
+    return out;
+  }
+#endif
   SAGELLM_DISPATCH(x.scalar_type(), "silu_and_mul", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -271,7 +344,20 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 
 }  // namespace
 
+// whether rms_norm, add_rms_norm and silu_and_mul are vectorised for this dtype here (then
+// they beat torch's separate ops at any row count; otherwise only on small steps)
+bool fused_ops_vectorized(torch::ScalarType dtype) {
+#if defined(SAGELLM_VEC_BF16)
+  return dtype == at::kBFloat16;
+#else
+  (void)dtype;
+  return false;
+#endif
+}
+
 void register_fused_ops(pybind11::module& m) {
+  m.def("fused_ops_vectorized", &fused_ops_vectorized,
+        "whether the element-wise ops are vectorised for this dtype on this CPU");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim");
   m.def("add_rms_norm", &add_rms_norm, "residual += x, then RMSNorm of it");
   m.def("rotary_write_kv", &rotary_write_kv, "rotate q and k in place, write k and v to the cache");

@@ -28,6 +28,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
+#include "vec_math.h"
 #define SAGELLM_PREFILL_BF16 1
 #endif
 
@@ -37,24 +38,6 @@ namespace {
 
 constexpr int64_t kKeyBlock = 64;  // keys per block: 4 vectors of 16 scores
 constexpr int64_t kGroups = kKeyBlock / 16;
-
-// e^x for x <= 0 (x = -inf gives 0): 2^(x log2 e) split into an integer power, applied by
-// scalef, and 2^f for |f| <= 1/2 by its Taylor series to degree 7 (relative error < 1e-7)
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)),
-                                 _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 inline __mmask16 lanes_below(int64_t limit) {  // lanes 0 .. limit-1 set
   if (limit >= 16) return 0xFFFF;
@@ -163,7 +146,7 @@ void attend_rows(const uint16_t* const* q, const int64_t* pos, const uint16_t* k
       __m512 sum = _mm512_setzero_ps();
       __m512 p[kGroups];
       for (int j = 0; j < kGroups; ++j) {
-        p[j] = _mm512_maskz_mov_ps(valid[j], exp_nonpositive(_mm512_sub_ps(s[r][j], vm)));
+        p[j] = _mm512_maskz_mov_ps(valid[j], sagellm::exp512(_mm512_sub_ps(s[r][j], vm)));
         sum = _mm512_add_ps(sum, p[j]);
       }
       l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
