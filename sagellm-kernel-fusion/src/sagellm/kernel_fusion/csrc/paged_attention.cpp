@@ -14,15 +14,19 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+#include "vec_math.h"
 
 namespace {
 
@@ -69,6 +73,123 @@ inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
 }
 constexpr int64_t kMaxLanes = 16;  // D up to 256 stays in registers (16 x 16 floats)
+
+// softmax of n scores in place, 16 at a time
+inline void softmax_row(float* s, int64_t n) {
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t = 0; t < n; t += 16)
+    vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, sagellm::first_lanes(n - t), s + t));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = sagellm::first_lanes(n - t);
+    const __m512 e = _mm512_maskz_mov_ps(
+        k, sagellm::exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), m)));
+    _mm512_mask_storeu_ps(s + t, k, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = sagellm::first_lanes(n - t);
+    _mm512_mask_storeu_ps(s + t, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + t), inv));
+  }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define SAGELLM_DECODE_BF16 1
+// 16 vectors of 16 partial sums -> one vector whose lane j is the sum of v[j]: halves,
+// quarters, then pairs within quarters are added across vectors (46 instructions for 16
+// dot products, where one horizontal sum each takes about 9)
+inline __m512 sum16(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  // w[i]: quarters (v[2i] A, v[2i] B, v[2i+1] A, v[2i+1] B)
+  for (int i = 0; i < 4; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  // x[i]: quarter q holds 4 partial sums of v[4i + q]
+  for (int i = 0; i < 2; ++i)
+    y[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]),
+                         _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+  const __m512 z = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(y[0]), _mm512_castps_pd(y[1]))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(y[0]), _mm512_castps_pd(y[1]))));
+  // z lane 4q + j holds the sum of v[4j + q]
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, z);
+}
+
+// one (sequence, KV head) task over a bfloat16 cache with bfloat16 queries (G rows of D,
+// unscaled): dot products as bf16 pairs (vdpbf16ps) summed 16 keys at a time, a
+// vectorised softmax, then the values weighted in float32
+void attend_bf16(const uint16_t* q, const uint16_t* kp, const uint16_t* vp,
+                 const int32_t* table, int64_t len, int64_t block_size, int64_t kb_stride,
+                 int64_t kt_stride, int64_t vb_stride, int64_t vt_stride, int64_t G, int64_t D,
+                 float scale, float* scores, float* acc) {
+  const int64_t Z = D / 32;  // vectors of 32 bf16 per row
+  __m512i qv[8][8];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t z = 0; z < Z; ++z) qv[g][z] = _mm512_loadu_si512(q + g * D + 32 * z);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, len - t0);
+    __m512 part[8][16];
+    for (int64_t j = 0; j < 16; ++j) {
+      if (j >= n) {
+        for (int64_t g = 0; g < G; ++g) part[g][j] = _mm512_setzero_ps();
+        continue;
+      }
+      const int64_t t = t0 + j;
+      const uint16_t* kr = kp + table[t / block_size] * kb_stride + (t % block_size) * kt_stride;
+      if (t + 4 < len) {
+        const int64_t u = t + 4;
+        const char* next = reinterpret_cast<const char*>(
+            kp + table[u / block_size] * kb_stride + (u % block_size) * kt_stride);
+        for (int64_t z = 0; z < Z; ++z) _mm_prefetch(next + 64 * z, _MM_HINT_T0);
+      }
+      __m512i kz[8];
+      for (int64_t z = 0; z < Z; ++z) kz[z] = _mm512_loadu_si512(kr + 32 * z);
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t z = 0; z < Z; ++z) {
+          __m512bh qb, kb;
+          std::memcpy(&qb, &qv[g][z], sizeof(qb));
+          std::memcpy(&kb, &kz[z], sizeof(kb));
+          a = _mm512_dpbf16_ps(a, qb, kb);
+        }
+        part[g][j] = a;
+      }
+    }
+    const __mmask16 m = sagellm::first_lanes(n);
+    for (int64_t g = 0; g < G; ++g)
+      _mm512_mask_storeu_ps(scores + g * len + t0, m, _mm512_mul_ps(sum16(part[g]), vscale));
+  }
+  for (int64_t g = 0; g < G; ++g) softmax_row(scores + g * len, len);
+  const int64_t L = D / 16;
+  __m512 a[8][kMaxLanes];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t l = 0; l < L; ++l) a[g][l] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    const uint16_t* vr = vp + table[t / block_size] * vb_stride + (t % block_size) * vt_stride;
+    if (t + 4 < len) {
+      const int64_t u = t + 4;
+      const char* next = reinterpret_cast<const char*>(
+          vp + table[u / block_size] * vb_stride + (u % block_size) * vt_stride);
+      for (int64_t z = 0; z < Z; ++z) _mm_prefetch(next + 64 * z, _MM_HINT_T0);
+    }
+    __m512 p[8];
+    for (int64_t g = 0; g < G; ++g) p[g] = _mm512_set1_ps(scores[g * len + t]);
+    for (int64_t l = 0; l < L; ++l) {
+      const __m512 v = sagellm::load_bf16(vr + 16 * l);
+      for (int64_t g = 0; g < G; ++g) a[g][l] = _mm512_fmadd_ps(p[g], v, a[g][l]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t l = 0; l < L; ++l) _mm512_storeu_ps(acc + g * D + 16 * l, a[g][l]);
+}
 #endif
 
 // One (sequence, KV head) task: scores of its G query heads against every position,
@@ -95,18 +216,7 @@ void attend_one(const float* qf, const C* kp, const C* vp, const int32_t* table,
       const float ks = row_scale(kr, D);
       for (int64_t g = 0; g < G; ++g) scores[g * len + t] = _mm512_reduce_add_ps(s[g]) * ks;
     }
-    for (int64_t g = 0; g < G; ++g) {
-      float* sg = scores + g * len;
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < len; ++t) m = sg[t] > m ? sg[t] : m;
-      float sum = 0.f;
-      for (int64_t t = 0; t < len; ++t) {
-        sg[t] = std::exp(sg[t] - m);
-        sum += sg[t];
-      }
-      const float inv = 1.f / sum;
-      for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
-    }
+    for (int64_t g = 0; g < G; ++g) softmax_row(scores + g * len, len);
     __m512 a[8][kMaxLanes];
     for (int64_t g = 0; g < G; ++g)
       for (int64_t l = 0; l < L; ++l) a[g][l] = _mm512_setzero_ps();
@@ -188,6 +298,22 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
       TORCH_CHECK(len >= 1 && len <= max_blocks * block_size,
                   "context length ", len, " does not fit the block table");
       scores.resize(G * len);
+#if defined(SAGELLM_DECODE_BF16)
+      if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<C, at::BFloat16>) {
+        if (D % 32 == 0 && D <= 256 && G <= 8) {
+          attend_bf16(reinterpret_cast<const uint16_t*>(qp + (b * H + kh * G) * D),
+                      reinterpret_cast<const uint16_t*>(kp + kh * row_len),
+                      reinterpret_cast<const uint16_t*>(vp + kh * row_len), bt + b * max_blocks,
+                      len, block_size, kb_stride, kt_stride, vb_stride, vt_stride, G, D, fscale,
+                      scores.data(), acc.data());
+          for (int64_t g = 0; g < G; ++g) {
+            T* dst = op + (b * H + kh * G + g) * D;
+            for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(acc[g * D + i]);
+          }
+          continue;
+        }
+      }
+#endif
       for (int64_t g = 0; g < G; ++g) {
         load_row(qp + (b * H + kh * G + g) * D, qf.data() + g * D, D);
         for (int64_t i = 0; i < D; ++i) qf[g * D + i] *= fscale;
