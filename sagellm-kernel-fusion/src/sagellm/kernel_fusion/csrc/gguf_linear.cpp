@@ -34,11 +34,6 @@
 #include <immintrin.h>
 #define SAGELLM_GGUF_AVX2 1
 #endif
-#if defined(SAGELLM_GGUF_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && \
-    defined(__AVX512VNNI__)
-// two blocks per 512-bit register, dot products by vpdpbusd (u8 x s8 into int32)
-#define SAGELLM_GGUF_VNNI 1
-#endif
 
 namespace {
 
@@ -123,48 +118,7 @@ void row_tile(const uint8_t* codes, const float* d, const float* c, const Quanti
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[TILE];
   for (int t = 0; t < TILE; ++t) acc[t] = _mm256_setzero_ps();
-  int64_t b = 0;
-#ifdef SAGELLM_GGUF_VNNI
-  __m512 acc2[TILE];
-  for (int t = 0; t < TILE; ++t) acc2[t] = _mm512_setzero_ps();
-  for (; b + 2 <= nb; b += 2) {
-    __m512i w;
-    if constexpr (Q4) {
-      // [b low nibbles, b+1 low, b high, b+1 high] -> element order of both blocks
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * (QK / 2)));
-      const __m256i mask = _mm256_set1_epi8(0x0F);
-      const __m512i both = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm256_and_si256(raw, mask)),
-          _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), 1);
-      w = _mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0));
-    } else {
-      w = _mm512_loadu_si512(codes + b * QK);
-    }
-    // the unsigned operand, and the mask of the weights whose sign moves to x
-    const __m512i wa = Q4 ? w : _mm512_abs_epi8(w);
-    const __mmask64 neg = Q4 ? 0 : _mm512_movepi8_mask(w);
-    const __m512i zero = _mm512_setzero_si512();
-    for (int t = 0; t < TILE; ++t) {
-      const int64_t m = m0 + t;
-      const int64_t at = m * k + b * QK;
-      __m512i xv = _mm512_loadu_si512(in.qx.data() + at);
-      if constexpr (!Q4) xv = _mm512_mask_sub_epi8(xv, neg, zero, xv);
-      __m512i p32 = _mm512_dpbusd_epi32(zero, wa, xv);
-      if constexpr (SPLIT) {
-        __m512i lv = _mm512_loadu_si512(in.lo.data() + at);
-        if constexpr (!Q4) lv = _mm512_mask_sub_epi8(lv, neg, zero, lv);
-        p32 = _mm512_add_epi32(_mm512_slli_epi32(p32, 8), _mm512_dpbusd_epi32(zero, wa, lv));
-      }
-      const float* dxm = in.dx.data() + m * nb + b;
-      const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(d[b] * dxm[0]),
-                                              _mm256_set1_ps(d[b + 1] * dxm[1]), 1);
-      acc2[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), scale, acc2[t]);
-    }
-  }
-  for (int t = 0; t < TILE; ++t)
-    acc[t] = _mm256_add_ps(_mm512_castps512_ps256(acc2[t]), _mm512_extractf32x8_ps(acc2[t], 1));
-#endif
-  for (; b < nb; ++b) {
+  for (int64_t b = 0; b < nb; ++b) {
     __m256i w;
     if constexpr (Q4) {
       w = unpack_q4(codes + b * (QK / 2));
@@ -217,16 +171,7 @@ void row_tile(const uint8_t* codes, const float* d, const float* c, const Quanti
     for (int t = 0; t < TILE; ++t) {
       const float* xs = in.xs.data() + (m0 + t) * nb;
       float s = 0.f;
-      int64_t b = 0;
-#ifdef SAGELLM_GGUF_VNNI
-      __m512 sv = _mm512_setzero_ps();
-      for (; b < nb; b += 16) {
-        const __mmask16 lanes = nb - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - b)) - 1u);
-        sv = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, c + b), _mm512_maskz_loadu_ps(lanes, xs + b), sv);
-      }
-      s = _mm512_reduce_add_ps(sv);
-#endif
-      for (; b < nb; ++b) s += c[b] * xs[b];
+      for (int64_t b = 0; b < nb; ++b) s += c[b] * xs[b];
       acc_out[t] += s;
     }
   }
