@@ -143,7 +143,7 @@ class Attention(nn.Module):
                 vc = v_flat.index_select(0, c.slots)
                 if kc.dtype != q.dtype:
                     kc, vc = kc.to(q.dtype), vc.to(q.dtype)
-            if self.prefill_kernel is not None and kc.dtype == q.dtype:
+            if self.prefill_kernel is not None:
                 self._chunk_kernel(q, kc, vc, out, c)
                 continue
             qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)

@@ -122,6 +122,18 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_permutexvar_ps(order, z);
 }
 
+// the cache row of position t of a sequence whose blocks are `table`
+inline const uint16_t* row_at(const uint16_t* base, const int32_t* table, int64_t t,
+                              int64_t block_size, int64_t b_stride, int64_t t_stride) {
+  return base + table[t / block_size] * b_stride + (t % block_size) * t_stride;
+}
+
+// ask for a row of `lines` cache lines (64 bytes: 32 bf16) ahead of its use
+inline void prefetch_row(const uint16_t* row, int64_t lines) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t z = 0; z < lines; ++z) _mm_prefetch(p + 64 * z, _MM_HINT_T0);
+}
+
 // one (sequence, KV head) task over a bfloat16 cache with bfloat16 queries (G rows of D,
 // unscaled): dot products as bf16 pairs (vdpbf16ps) summed 16 keys at a time, a
 // vectorised softmax, then the values weighted in float32
@@ -143,13 +155,8 @@ void attend_bf16(const uint16_t* q, const uint16_t* kp, const uint16_t* vp,
         continue;
       }
       const int64_t t = t0 + j;
-      const uint16_t* kr = kp + table[t / block_size] * kb_stride + (t % block_size) * kt_stride;
-      if (t + 4 < len) {
-        const int64_t u = t + 4;
-        const char* next = reinterpret_cast<const char*>(
-            kp + table[u / block_size] * kb_stride + (u % block_size) * kt_stride);
-        for (int64_t z = 0; z < Z; ++z) _mm_prefetch(next + 64 * z, _MM_HINT_T0);
-      }
+      const uint16_t* kr = row_at(kp, table, t, block_size, kb_stride, kt_stride);
+      if (t + 4 < len) prefetch_row(row_at(kp, table, t + 4, block_size, kb_stride, kt_stride), Z);
       __m512i kz[8];
       for (int64_t z = 0; z < Z; ++z) kz[z] = _mm512_loadu_si512(kr + 32 * z);
       for (int64_t g = 0; g < G; ++g) {
@@ -173,13 +180,8 @@ void attend_bf16(const uint16_t* q, const uint16_t* kp, const uint16_t* vp,
   for (int64_t g = 0; g < G; ++g)
     for (int64_t l = 0; l < L; ++l) a[g][l] = _mm512_setzero_ps();
   for (int64_t t = 0; t < len; ++t) {
-    const uint16_t* vr = vp + table[t / block_size] * vb_stride + (t % block_size) * vt_stride;
-    if (t + 4 < len) {
-      const int64_t u = t + 4;
-      const char* next = reinterpret_cast<const char*>(
-          vp + table[u / block_size] * vb_stride + (u % block_size) * vt_stride);
-      for (int64_t z = 0; z < Z; ++z) _mm_prefetch(next + 64 * z, _MM_HINT_T0);
-    }
+    const uint16_t* vr = row_at(vp, table, t, block_size, vb_stride, vt_stride);
+    if (t + 4 < len) prefetch_row(row_at(vp, table, t + 4, block_size, vb_stride, vt_stride), Z);
     __m512 p[8];
     for (int64_t g = 0; g < G; ++g) p[g] = _mm512_set1_ps(scores[g * len + t]);
     for (int64_t l = 0; l < L; ++l) {

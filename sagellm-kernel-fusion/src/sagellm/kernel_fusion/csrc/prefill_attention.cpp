@@ -39,12 +39,6 @@ namespace {
 constexpr int64_t kKeyBlock = 64;  // keys per block: 4 vectors of 16 scores
 constexpr int64_t kGroups = kKeyBlock / 16;
 
-inline __mmask16 lanes_below(int64_t limit) {  // lanes 0 .. limit-1 set
-  if (limit >= 16) return 0xFFFF;
-  if (limit <= 0) return 0;
-  return static_cast<__mmask16>((1u << limit) - 1u);
-}
-
 inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
 
 // Kp[g][key group of 16][d pair][16 keys][2] and Vp[g][key pair][D][2], zero-padded to
@@ -130,7 +124,7 @@ void attend_rows(const uint16_t* const* q, const int64_t* pos, const uint16_t* k
       __mmask16 valid[kGroups];
       __m512 bmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
       for (int j = 0; j < kGroups; ++j) {
-        valid[j] = lanes_below(pos[r] + 1 - (b * kKeyBlock + j * 16));
+        valid[j] = sagellm::first_lanes(pos[r] + 1 - (b * kKeyBlock + j * 16));
         s[r][j] = _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
                                      valid[j], s[r][j], vscale);
         bmax = _mm512_max_ps(bmax, s[r][j]);
