@@ -28,3 +28,6 @@ class FusedKernelsConfig(BaseModel):
     # causal attention of multi-token chunks (prefill) in the compiled flash kernel where
     # the CPU has AVX512-BF16 and the model computes in bfloat16; off: torch's SDPA
     prefill_attention: bool = True
+    # run every decoder layer of a few-row decode step in one C++ call when the model's
+    # projections all compute on GGUF blocks (needs gguf_blocks); off: layer by layer
+    decode_step: bool = True

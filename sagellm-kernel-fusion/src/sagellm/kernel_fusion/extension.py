@@ -27,7 +27,13 @@ __all__ = ["cache_dir", "load_kernels"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gguf_linear.cpp", "prefill_attention.cpp")
+_SOURCES = (
+    "paged_attention.cpp",
+    "fused_ops.cpp",
+    "gguf_linear.cpp",
+    "prefill_attention.cpp",
+    "decode_step.cpp",
+)
 # -fopenmp: at::parallel_for is header code; without it every kernel runs on one thread
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

@@ -9,6 +9,7 @@ import torch
 from pydantic import BaseModel
 
 from sagellm.kernel_fusion.config import FusedKernelsConfig
+from sagellm.kernel_fusion.decode import make_decode_step
 from sagellm.kernel_fusion.extension import load_kernels
 from sagellm.kernel_fusion.gguf import BLOCK_FORMATS, GGUFBlockLinear
 from sagellm.kernel_fusion.onednn import OneDNNLinear, onednn_available
@@ -39,6 +40,9 @@ class FusedKernels:
     * ``gguf_linear``: a factory ``(format) -> LinearMethod | None`` of projections computed
       on their GGUF Q4_0/Q4_1/Q8_0 blocks with int8-rounded inputs (:mod:`.gguf`), for
       the few-row steps of decoding; None for another format;
+    * ``decode_step``: a factory ``(layers, *, num_kv_heads, head_dim, eps) ->
+      FusedDecodeStep | None`` that runs every decoder layer of a few-row decode step in
+      one C++ call when all projections compute on GGUF blocks (:mod:`.decode`);
     * ``fused_layer_ops``: the compiled module whose ``rms_norm(x, w, eps)``,
       ``add_rms_norm(x, residual, w, eps) -> (out, residual)`` (residual updated in place),
       ``silu_and_mul(x)`` and ``rotary_write_kv(qkv, positions, cos, sin, H, Hkv, k_cache,
@@ -67,6 +71,8 @@ class FusedKernels:
                 ops.append("prefill_attention")
             if self.config.gguf_blocks:
                 ops.append("gguf_linear")
+                if self.config.decode_step:
+                    ops.append("decode_step")
         return tuple(ops)
 
     def get(self, op: str) -> Any:
@@ -101,6 +107,8 @@ class FusedKernels:
                 return attend
 
             return make_prefill
+        if op == "decode_step":
+            return make_decode_step
         if op == "paged_decode_attention":
             module = load_kernels()
             assert module is not None

@@ -133,6 +133,10 @@ class LlamaForCausalLM(nn.Module):
             cfg.rope_scaling,
         )
         self.fused_rotary = False  # layers rotate through a fused kernel (see use_kernels)
+        # a kernel provider's whole-stack decode step (see use_decode_step); None: the
+        # layers one by one
+        self.decode_step: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.decode_step_rows = 0  # decode steps of fewer rows than this use it
 
     def use_kernels(self, ops: Any) -> None:
         """Route norms, SwiGLU and rotary + KV write through ``ops`` (a kernel module with
@@ -151,6 +155,46 @@ class LlamaForCausalLM(nn.Module):
                 module.rotary_kv_kernel = ops.rotary_write_kv
         self.fused_rotary = True
 
+    def use_decode_step(self, make: Callable[..., Any]) -> bool:
+        """Run few-row decode steps through ``make``'s fused step over all the layers.
+
+        ``make(layers, *, num_kv_heads, head_dim, eps)`` is a kernel provider's
+        ``decode_step`` factory; each layer spec names the norms' weights, the query heads
+        and the four projections. It returns None when it cannot take these layers (their
+        projections' methods are not ones it computes), and the layers run one by one.
+        Call after quantization and :meth:`use_kernels`: the step takes the projections'
+        weights as their methods hold them then. Whether it is used.
+        """
+        self.decode_step, self.decode_step_rows = None, 0
+        if not self.fused_rotary:
+            return False  # the step rotates and writes KV as the fused kernels do
+        specs = []
+        for module in self.layers:
+            layer: LlamaDecoderLayer = module  # type: ignore[assignment]
+            specs.append(
+                {
+                    "input_norm": layer.input_layernorm.weight,
+                    "post_norm": layer.post_attention_layernorm.weight,
+                    "num_heads": layer.num_heads,
+                    "qkv": layer.qkv_proj,
+                    "o": layer.o_proj,
+                    "gate_up": layer.gate_up_proj,
+                    "down": layer.down_proj,
+                }
+            )
+        cfg = self.config
+        step = make(
+            specs, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps
+        )
+        if step is None:
+            return False
+        # the norms and SwiGLU run the fused kernels up to their row limit; beyond it the
+        # layers' eager ops would round differently
+        norm: RMSNorm = self.layers[0].input_layernorm  # type: ignore[assignment]
+        self.decode_step = step
+        self.decode_step_rows = min(int(step.max_rows), norm.fused_max_rows + 1)
+        return True
+
     @torch.inference_mode()
     def forward(
         self,
@@ -168,14 +212,46 @@ class LlamaForCausalLM(nn.Module):
         else:
             cos, sin = self.rotary.tables(positions, hidden.dtype)
         residual: torch.Tensor | None = None
-        for layer, cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(hidden, residual, cos, sin, cache, meta)
+        if self._fused_decode(token_ids.shape[0], kv_caches, meta):
+            assert self.decode_step is not None and meta.positions is not None
+            assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+            hidden, residual = self.decode_step(
+                hidden.contiguous(),
+                meta.positions,
+                meta.slot_mapping,
+                kv_caches,
+                meta.decode_block_tables,
+                meta.decode_context_lens,
+                cos,
+                sin,
+            )
+        else:
+            for layer, cache in zip(self.layers, kv_caches):
+                hidden, residual = layer(hidden, residual, cos, sin, cache, meta)
         assert residual is not None
         if logit_rows is not None:
             hidden = hidden.index_select(0, logit_rows)
             residual = residual.index_select(0, logit_rows)
         x, _ = self.norm.add_forward(hidden, residual)
         return self.lm_head(x)
+
+    def _fused_decode(
+        self,
+        rows: int,
+        kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> bool:
+        """Whether this step goes through :attr:`decode_step`: decodes only, read by the
+        paged kernel, from a cache the fused KV write stores, and few enough rows."""
+        return (
+            self.decode_step is not None
+            and 0 < rows < self.decode_step_rows
+            and meta.num_decodes == rows
+            and not meta.chunks
+            and meta.decode_block_tables is not None
+            and meta.positions is not None
+            and kv_caches[0][0].dtype in _FUSED_KV_CACHES
+        )
 
     def resize_blocks(self, shapes: Mapping[int, BlockShape]) -> None:
         """Take the per-block shapes a structured sparsifier left (its projections already

@@ -349,6 +349,12 @@ class NativeRuntime:
         self._embed_from_head_blocks(
             provider.get("dense_linear") if "dense_linear" in ops else None
         )
+        if "decode_step" in ops and self.model.use_decode_step(provider.get("decode_step")):
+            logger.info(
+                "kernels %s: decode steps of up to %d rows run every layer in one call",
+                name,
+                self.model.decode_step_rows - 1,
+            )
         return name
 
     def _embed_from_head_blocks(

@@ -17,12 +17,14 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels.h"
 #include "vec_math.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define SAGELLM_VEC_BF16 1
 #endif
 
+namespace sagellm {
 namespace {
 
 inline float f32(float x) { return x; }
@@ -144,6 +146,8 @@ void check_rows(const at::Tensor& x, const at::Tensor& w) {
     default: TORCH_CHECK(false, NAME " supports float32, bfloat16 and float16");     \
   }
 
+}  // namespace
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, weight);
   auto out = at::empty_like(x);
@@ -170,6 +174,8 @@ std::vector<at::Tensor> add_rms_norm(const at::Tensor& x, at::Tensor& residual,
   });
   return {out, residual};
 }
+
+namespace {
 
 // a quantized cache element type: its largest magnitude and how a scaled value is stored
 template <typename C>
@@ -253,6 +259,8 @@ void rotary_kv(T* qkv, int64_t T_, int64_t H, int64_t Hkv, int64_t D, const int6
     }
   });
 }
+
+}  // namespace
 
 void rotary_write_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
                      const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
@@ -342,7 +350,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
-}  // namespace
+}  // namespace sagellm
 
 // whether rms_norm, add_rms_norm and silu_and_mul are vectorised for this dtype here (then
 // they beat torch's separate ops at any row count; otherwise only on small steps)
@@ -358,8 +366,8 @@ bool fused_ops_vectorized(torch::ScalarType dtype) {
 void register_fused_ops(pybind11::module& m) {
   m.def("fused_ops_vectorized", &fused_ops_vectorized,
         "whether the element-wise ops are vectorised for this dtype on this CPU");
-  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim");
-  m.def("add_rms_norm", &add_rms_norm, "residual += x, then RMSNorm of it");
-  m.def("rotary_write_kv", &rotary_write_kv, "rotate q and k in place, write k and v to the cache");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("rms_norm", &sagellm::rms_norm, "RMSNorm over the last dim");
+  m.def("add_rms_norm", &sagellm::add_rms_norm, "residual += x, then RMSNorm of it");
+  m.def("rotary_write_kv", &sagellm::rotary_write_kv, "rotate q and k in place, write k and v to the cache");
+  m.def("silu_and_mul", &sagellm::silu_and_mul, "silu(gate) * up");
 }

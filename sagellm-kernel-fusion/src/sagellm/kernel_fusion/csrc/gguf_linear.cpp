@@ -30,11 +30,14 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SAGELLM_GGUF_AVX2 1
 #endif
 
+namespace sagellm {
 namespace {
 
 constexpr int64_t QK = 32;  // values per block
@@ -205,6 +208,8 @@ void gemm(const uint8_t* codes, const float* d, const float* c, const QuantizedI
   });
 }
 
+}  // namespace
+
 // x [M, K] (float32 or bfloat16); bits 4 (codes uint8 [N, K/2]) or 8 (codes int8 [N, K]);
 // d [N, K/32]; c [N, K/32] or an empty tensor; input_bits 8 or 16 (see the top).
 // Returns [M, N] in x's dtype.
@@ -249,9 +254,9 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d,
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-}  // namespace
+}  // namespace sagellm
 
 void register_gguf_ops(pybind11::module& m) {
-  m.def("gguf_linear", &gguf_linear,
+  m.def("gguf_linear", &sagellm::gguf_linear,
         "x @ W.T on GGUF Q4_0/Q4_1/Q8_0 blocks, inputs rounded to 8 or 16 bits per block");
 }

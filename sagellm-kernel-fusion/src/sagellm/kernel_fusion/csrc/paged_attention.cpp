@@ -26,8 +26,10 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels.h"
 #include "vec_math.h"
 
+namespace sagellm {
 namespace {
 
 inline float to_float(float x) { return x; }
@@ -332,6 +334,8 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   });
 }
 
+}  // namespace
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, double scale) {
@@ -376,16 +380,18 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
-}  // namespace
+}  // namespace sagellm
 
 void register_fused_ops(pybind11::module& m);  // fused_ops.cpp
 void register_gguf_ops(pybind11::module& m);
 void register_prefill_ops(pybind11::module& m);  // prefill_attention.cpp
+void register_decode_step(pybind11::module& m);  // decode_step.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
+  m.def("paged_decode_attention", &sagellm::paged_decode_attention,
         "decode attention over a paged KV cache, read in place");
   register_fused_ops(m);
   register_gguf_ops(m);
   register_prefill_ops(m);
+  register_decode_step(m);
 }
