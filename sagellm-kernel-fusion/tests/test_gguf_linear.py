@@ -55,18 +55,15 @@ def make_blocks_and_terms(
 
 
 def rounded_input(x: torch.Tensor, input_bits: int) -> torch.Tensor:
-    """``x`` as the kernel sees it: per block of 32, steps of amax / 127 (and, at 16 bits,
-    a second digit of 1/256 step for the remainder)."""
+    """``x`` as the kernel sees it: per block of 32, steps of amax / 127 (8 bits) or
+    amax / 32767 (16 bits)."""
     blocks = x.float().reshape(x.shape[0], -1, 32)
-    # float32 operations in the kernel's order (its division by 127 is a product with the
+    qmax = 127 if input_bits == 8 else 32767
+    # float32 operations in the kernel's order (its division by qmax is a product with the
     # float32 reciprocal), so ties round alike
-    step = blocks.abs().amax(-1, keepdim=True) * torch.tensor(1 / 127, dtype=torch.float32)
+    step = blocks.abs().amax(-1, keepdim=True) * torch.tensor(1 / qmax, dtype=torch.float32)
     inv = torch.where(step > 0, 1 / step, torch.zeros_like(step))
-    hi = torch.round(blocks * inv)
-    out = hi * step
-    if input_bits == 16:
-        lo = torch.round((blocks * inv - hi) * 256).clamp(-127, 127)
-        out = out + lo * step / 256
+    out = torch.round(blocks * inv) * step
     return torch.where(step > 0, out, torch.zeros_like(out)).reshape(x.shape)
 
 

@@ -1,8 +1,8 @@
 // Matrix products on GGUF weight blocks (Q4_0, Q4_1, Q8_0), for the few-row steps of
 // decoding. Weights stay in their 4- or 8-bit blocks of 32; each call rounds its input
 // rows onto integers in blocks of 32 (one float scale per block, as GGUF's Q8 activation
-// blocks do) and takes the integer dot products 32 at a time with AVX2's u8 x s8
-// multiply-add:
+// blocks do) and takes the integer dot products 32 at a time with AVX2's integer
+// multiply-adds:
 //
 //   y[m, n] = sum_b d[n, b] * dx[m, b] * dot(q[n, b], qx[m, b]) + c[n, b] * xs[m, b]
 //
@@ -11,10 +11,11 @@
 // block's scale and xs the exact float sum of the input block.
 //
 // Input precision (``input_bits``): 8 rounds each input value to amax / 127 steps of its
-// block (GGUF's own CPU path; half a step of error); 16 adds a second int8 digit for the
-// remainder, qx = 256 * hi + lo with lo in [-127, 127], so the error is 1/256 of that and
-// the product matches float arithmetic on the stored weights to about 1e-4 relative. The
-// second digit costs a second multiply-add per block; the weight unpacking is shared.
+// block (GGUF's own CPU path; half a step of error), multiplied as u8 x s8 pairs
+// (maddubs); 16 rounds it to amax / 32767 steps, one int16 per value, multiplied as
+// int16 pairs (madd) with the weights widened to int16 once per block and shared by the
+// rows of a pass; the product then matches float arithmetic on the stored weights to
+// about 1e-4 relative. Neither overflows: a block's pair sums stay below 2^24.
 //
 // Layout, prepared once from the GGUF blocks (sagellm.kernel_fusion.gguf):
 //   q4: codes uint8 [N, K / 2], each block's 16 bytes as stored: byte j holds element j
@@ -43,10 +44,11 @@ namespace {
 constexpr int64_t QK = 32;  // values per block
 constexpr int64_t MAX_TILE = 4;  // input rows sharing one pass over a weight block
 
-// Input rows as int8 blocks: qx [M, K] (and its second digit lo [M, K] at 16 bits),
-// dx and xs [M, K / 32]; dx is the scale of one unit of the returned integer dot product.
+// Input rows as integer blocks: qx int8 [M, K] (8 bits) or qw int16 [M, K] (16 bits), dx
+// and xs [M, K / 32]; dx is the scale of one unit of the returned integer dot product.
 struct QuantizedInput {
-  std::vector<int8_t> qx, lo;
+  std::vector<int8_t> qx;    // 8-bit input: one int8 per value
+  std::vector<int16_t> qw;   // 16-bit input: one int16 per value
   std::vector<float> dx, xs;
 };
 
@@ -54,13 +56,17 @@ template <typename T>
 inline float to_f32(T v) { return static_cast<float>(v); }
 
 template <typename T>
-QuantizedInput quantize_input(const T* x, int64_t m, int64_t k, bool split) {
+QuantizedInput quantize_input(const T* x, int64_t m, int64_t k, bool wide) {
   const int64_t nb = k / QK;
   QuantizedInput out;
-  out.qx.resize(m * k);
-  if (split) out.lo.resize(m * k);
+  if (wide) {
+    out.qw.resize(m * k);
+  } else {
+    out.qx.resize(m * k);
+  }
   out.dx.resize(m * nb);
   out.xs.resize(m * nb);
+  const float qmax = wide ? 32767.f : 127.f;
   at::parallel_for(0, m * nb, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* src = x + i * QK;  // rows are contiguous: block i of the flat input
@@ -71,21 +77,16 @@ QuantizedInput quantize_input(const T* x, int64_t m, int64_t k, bool split) {
         amax = std::max(amax, std::fabs(v[j]));
         sum += v[j];
       }
-      const float d = amax / 127.f;
+      const float d = amax / qmax;
       const float inv = d > 0.f ? 1.f / d : 0.f;
-      int8_t* q = out.qx.data() + i * QK;
-      for (int64_t j = 0; j < QK; ++j) {
-        q[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+      if (wide) {
+        int16_t* q = out.qw.data() + i * QK;
+        for (int64_t j = 0; j < QK; ++j) q[j] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
+      } else {
+        int8_t* q = out.qx.data() + i * QK;
+        for (int64_t j = 0; j < QK; ++j) q[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
       }
-      if (split) {
-        // the remainder, |v / d - q| <= 1/2, in units of d / 256 (clamped at +-127/256)
-        int8_t* l = out.lo.data() + i * QK;
-        for (int64_t j = 0; j < QK; ++j) {
-          const float r = (v[j] * inv - static_cast<float>(q[j])) * 256.f;
-          l[j] = static_cast<int8_t>(std::clamp(std::nearbyint(r), -127.f, 127.f));
-        }
-      }
-      out.dx[i] = split ? d / 256.f : d;
+      out.dx[i] = d;
       out.xs[i] = sum;
     }
   });
@@ -113,7 +114,7 @@ inline __m256i unpack_q4(const uint8_t* p) {
 #endif
 
 // One output row n against input rows m0 .. m0 + TILE - 1.
-template <bool Q4, bool SPLIT, int TILE>
+template <bool Q4, bool WIDE, int TILE>
 void row_tile(const uint8_t* codes, const float* d, const float* c, const QuantizedInput& in,
               int64_t k, int64_t m0, float* acc_out) {
   const int64_t nb = k / QK;
@@ -128,21 +129,31 @@ void row_tile(const uint8_t* codes, const float* d, const float* c, const Quanti
     } else {
       w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * QK));
     }
-    const __m256i wa = Q4 ? w : _mm256_sign_epi8(w, w);  // unsigned operand
-    for (int t = 0; t < TILE; ++t) {
-      const int64_t m = m0 + t;
-      const int64_t at = m * k + b * QK;
-      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in.qx.data() + at));
-      if constexpr (!Q4) xv = _mm256_sign_epi8(xv, w);  // the weight's sign moves to x
-      __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones);
-      if constexpr (SPLIT) {
-        __m256i lv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in.lo.data() + at));
-        if constexpr (!Q4) lv = _mm256_sign_epi8(lv, w);
-        const __m256i l32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, lv), ones);
-        p32 = _mm256_add_epi32(_mm256_slli_epi32(p32, 8), l32);
+    if constexpr (WIDE) {
+      // the block's 32 weights as int16, then int16 x int16 pair sums into int32
+      const __m128i w0 = _mm256_castsi256_si128(w), w1 = _mm256_extracti128_si256(w, 1);
+      const __m256i wl = Q4 ? _mm256_cvtepu8_epi16(w0) : _mm256_cvtepi8_epi16(w0);
+      const __m256i wh = Q4 ? _mm256_cvtepu8_epi16(w1) : _mm256_cvtepi8_epi16(w1);
+      for (int t = 0; t < TILE; ++t) {
+        const int64_t m = m0 + t;
+        const int16_t* xq = in.qw.data() + m * k + b * QK;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
+        const __m256i p32 = _mm256_add_epi32(_mm256_madd_epi16(wl, x0), _mm256_madd_epi16(wh, x1));
+        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * in.dx[m * nb + b]),
+                                 _mm256_cvtepi32_ps(p32), acc[t]);
       }
-      const __m256 p = _mm256_cvtepi32_ps(p32);
-      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * in.dx[m * nb + b]), p, acc[t]);
+    } else {
+      const __m256i wa = Q4 ? w : _mm256_sign_epi8(w, w);  // unsigned operand
+      for (int t = 0; t < TILE; ++t) {
+        const int64_t m = m0 + t;
+        const int64_t at = m * k + b * QK;
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in.qx.data() + at));
+        if constexpr (!Q4) xv = _mm256_sign_epi8(xv, w);  // the weight's sign moves to x
+        const __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones);
+        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * in.dx[m * nb + b]),
+                                 _mm256_cvtepi32_ps(p32), acc[t]);
+      }
     }
   }
   for (int t = 0; t < TILE; ++t) acc_out[t] = hsum(acc[t]);
@@ -161,8 +172,7 @@ void row_tile(const uint8_t* codes, const float* d, const float* c, const Quanti
         } else {
           w = reinterpret_cast<const int8_t*>(codes)[b * QK + j];
         }
-        int32_t xq = in.qx[at + j];
-        if constexpr (SPLIT) xq = xq * 256 + in.lo[at + j];
+        const int32_t xq = WIDE ? in.qw[at + j] : in.qx[at + j];
         dot += w * xq;
       }
       total += d[b] * in.dx[m * nb + b] * static_cast<float>(dot);
@@ -180,7 +190,7 @@ void row_tile(const uint8_t* codes, const float* d, const float* c, const Quanti
   }
 }
 
-template <bool Q4, bool SPLIT>
+template <bool Q4, bool WIDE>
 void gemm(const uint8_t* codes, const float* d, const float* c, const QuantizedInput& in,
           int64_t m, int64_t n, int64_t k, float* y) {
   const int64_t nb = k / QK;
@@ -193,15 +203,15 @@ void gemm(const uint8_t* codes, const float* d, const float* c, const QuantizedI
       const float* ccr = c != nullptr ? c + r * nb : nullptr;
       int64_t m0 = 0;
       for (; m0 + 4 <= m; m0 += 4) {
-        row_tile<Q4, SPLIT, 4>(cr, dr, ccr, in, k, m0, part);
+        row_tile<Q4, WIDE, 4>(cr, dr, ccr, in, k, m0, part);
         for (int t = 0; t < 4; ++t) y[(m0 + t) * n + r] = part[t];
       }
       for (; m0 + 2 <= m; m0 += 2) {
-        row_tile<Q4, SPLIT, 2>(cr, dr, ccr, in, k, m0, part);
+        row_tile<Q4, WIDE, 2>(cr, dr, ccr, in, k, m0, part);
         for (int t = 0; t < 2; ++t) y[(m0 + t) * n + r] = part[t];
       }
       for (; m0 < m; ++m0) {
-        row_tile<Q4, SPLIT, 1>(cr, dr, ccr, in, k, m0, part);
+        row_tile<Q4, WIDE, 1>(cr, dr, ccr, in, k, m0, part);
         y[m0 * n + r] = part[0];
       }
     }
@@ -219,7 +229,7 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d,
   TORCH_CHECK(bits == 4 || bits == 8, "gguf_linear: bits must be 4 or 8, got ", bits);
   TORCH_CHECK(input_bits == 8 || input_bits == 16,
               "gguf_linear: input_bits must be 8 or 16, got ", input_bits);
-  const bool split = input_bits == 16;
+  const bool wide = input_bits == 16;
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "gguf_linear: x must be float32 or bfloat16, got ", x.scalar_type());
   const int64_t m = x.size(0), k = x.size(1), n = codes.size(0);
@@ -237,18 +247,18 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d,
   }
   x = x.contiguous();
   QuantizedInput in = x.scalar_type() == at::kFloat
-                          ? quantize_input(x.data_ptr<float>(), m, k, split)
-                          : quantize_input(x.data_ptr<at::BFloat16>(), m, k, split);
+                          ? quantize_input(x.data_ptr<float>(), m, k, wide)
+                          : quantize_input(x.data_ptr<at::BFloat16>(), m, k, wide);
   auto y = torch::empty({m, n}, x.options().dtype(at::kFloat));
   const uint8_t* cp = reinterpret_cast<const uint8_t*>(codes.data_ptr());
   const float* cc = has_c ? c.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const float* dp = d.data_ptr<float>();
   if (bits == 4) {
-    split ? gemm<true, true>(cp, dp, cc, in, m, n, k, yp)
+    wide ? gemm<true, true>(cp, dp, cc, in, m, n, k, yp)
           : gemm<true, false>(cp, dp, cc, in, m, n, k, yp);
   } else {
-    split ? gemm<false, true>(cp, dp, cc, in, m, n, k, yp)
+    wide ? gemm<false, true>(cp, dp, cc, in, m, n, k, yp)
           : gemm<false, false>(cp, dp, cc, in, m, n, k, yp);
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
