@@ -1,12 +1,14 @@
-"""SmolLM2-135M with a quantized KV cache against a bfloat16 cache, teacher-forced (~60 s).
+"""SmolLM2-135M with a quantized KV cache against a bfloat16 cache, teacher-forced (~30 s).
 
 Every KV dtype sees the same tokens (the bfloat16 cache's greedy continuation), so each
 step's logits are compared on equal inputs: top-1 agreement and mean KL(P_bf16 || P_q).
 The model computes in float32 so that only the cache's element type differs: with
 bfloat16 compute the logits themselves are rounded to steps of 0.125 around 20, and half
 of the flips measured there (4 of 128 for int8, 96.9%) were exact ties of the reference.
-Measured here (float32 compute): int8 99.2% / KL 6.9e-4, fp8_e4m3 97.7% / 4.6e-3,
-fp8_e5m2 96.9% / 1.4e-2; a float32 cache against the bfloat16 one: 100% / 1.9e-5.
+Eight prompts of 48 rows each (384 rows: on 128, a single near-tie moved the figure by
+0.8%). Measured (float32 compute, AVX2 machine): int8 98.2% / KL 9.1e-4, fp8_e4m3 97.4% /
+3.9e-3, fp8_e5m2 94.8% / 1.6e-2; on 128 rows earlier: a float32 cache against the
+bfloat16 one 100% / 1.9e-5.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ pytestmark = [
     ),
 ]
 
-NUM_STEPS = 32  # logit rows per prompt: the prefill's last row, then 31 decodes
+NUM_STEPS = 48  # logit rows per prompt: the prefill's last row, then 47 decodes
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Write a haiku about the sea."}],
     "def fibonacci(n):\n    # return the n-th Fibonacci number",
     "The history of the Roman Empire begins with",
+    [{"role": "user", "content": "Give three tips for staying healthy."}],
+    [{"role": "user", "content": "Explain what a neural network is."}],
+    "import numpy as np\n\ndef moving_average(x, window):\n",
+    "Photosynthesis is the process by which plants",
 ]
 
 

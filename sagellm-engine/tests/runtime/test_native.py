@@ -253,18 +253,20 @@ def test_auto_dtype_follows_the_cpu() -> None:
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 def test_prefill_attention_kernel_matches_sdpa(tiny_dir, kv_cache_dtype) -> None:
-    """bf16 chunks through the provider's flash kernel, a prefix continuation included,
-    give SDPA's logits (skipped where the CPU has no AVX512-BF16)."""
+    """Chunks through the provider's flash kernel (bf16 where the CPU has AVX512-BF16,
+    else float32 with AVX2), a prefix continuation included, give SDPA's logits."""
     from sagellm.engine.layers.attention import Attention
+    from sagellm.kernel_fusion.extension import load_kernels
     from sagellm.kernel_fusion.provider import FusedKernels
 
     if "prefill_attention" not in FusedKernels().available_ops():
         pytest.skip("no prefill attention kernel on this CPU")
+    bf16 = load_kernels().prefill_attention_supported(torch.bfloat16, 64)
 
     def runtime(**options):
         cfg = NativeRuntimeConfig(
             model=str(tiny_dir),
-            dtype="bfloat16",
+            dtype="bfloat16" if bf16 else "float32",
             kernels="fused",
             kernel_options=options,
             kv_cache_dtype=kv_cache_dtype,

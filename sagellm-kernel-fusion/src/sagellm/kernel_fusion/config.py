@@ -25,8 +25,8 @@ class FusedKernelsConfig(BaseModel):
     gguf_blocks: bool = True
     # the GGUF kernel's input rounding: 16 bits (near float32) or 8 (GGUF's own, faster)
     gguf_input_bits: Literal[8, 16] = 16
-    # causal attention of multi-token chunks (prefill) in the compiled flash kernel where
-    # the CPU has AVX512-BF16 and the model computes in bfloat16; off: torch's SDPA
+    # causal attention of multi-token chunks (prefill) in the compiled flash kernel
+    # (bfloat16 where the CPU has AVX512-BF16, float32 where it has AVX2); off: torch's SDPA
     prefill_attention: bool = True
     # run every decoder layer of a few-row decode step in one C++ call when the model's
     # projections all compute on GGUF blocks (needs gguf_blocks); off: layer by layer

@@ -18,9 +18,12 @@ __all__ = ["FusedKernels"]
 
 
 def _prefill_kernel_here() -> bool:
-    """Whether the compiled prefill attention runs on this CPU (AVX512-BF16)."""
+    """Whether the compiled prefill attention runs on this CPU (bfloat16 with AVX512-BF16,
+    float32 with AVX2)."""
     module = load_kernels()
-    return module is not None and bool(module.prefill_attention_supported(torch.bfloat16, 64))
+    return module is not None and any(
+        module.prefill_attention_supported(dtype, 64) for dtype in (torch.bfloat16, torch.float32)
+    )
 
 
 class FusedKernels:
@@ -36,7 +39,8 @@ class FusedKernels:
     * ``prefill_attention``: a factory ``(dtype, head_dim) -> attend | None`` where
       ``attend(q [T, H, D], k, v [S, H_kv, D], out [T, H, D], start, scale)`` writes the
       causal attention of a chunk whose row i sits at position ``start + i`` into ``out``
-      (flash-style, AVX512-BF16; None for a dtype or head size it has no kernel for);
+      (flash-style: bfloat16 with AVX512-BF16, float32 with AVX2; None for a dtype or head
+      size it has no kernel for);
     * ``gguf_linear``: a factory ``(format) -> LinearMethod | None`` of projections computed
       on their GGUF Q4_0/Q4_1/Q8_0 blocks with int8-rounded inputs (:mod:`.gguf`), for
       the few-row steps of decoding; None for another format;

@@ -32,6 +32,12 @@
 #define SAGELLM_PREFILL_BF16 1
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#include "vec_math.h"
+#define SAGELLM_PREFILL_F32 1
+#endif
+
 namespace {
 
 #if defined(SAGELLM_PREFILL_BF16)
@@ -217,11 +223,159 @@ void run_heads(const uint16_t* q, int64_t q_stride, const uint16_t* kp, const ui
 
 #endif  // SAGELLM_PREFILL_BF16
 
-void check_rows(const torch::Tensor& t, const char* name) {
+#if defined(SAGELLM_PREFILL_F32)
+
+// float32 with AVX2 + FMA: keys are transposed per KV head into groups of 8 (kt[group][d][8
+// keys], zero-padded to whole blocks) so that a row's scores against 8 keys are one
+// vector, built by broadcasting q[d] against the group's d-th vector; values are read in
+// place (8 consecutive dims of a row are one vector). R query rows share every key and
+// value load; blocks of 16 keys; online softmax in float32 with exp256.
+constexpr int64_t kF32Block = 16;
+
+void pack_k_f32(const float* k, int64_t k_stride, int64_t S, int64_t Sp, int64_t Hkv,
+                int64_t D, float* kt) {
+  const int64_t groups = Sp / 8;
+  at::parallel_for(0, Hkv * groups, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / groups, kg = task % groups;
+      float* dst = kt + (g * groups + kg) * D * 8;
+      for (int64_t j = 0; j < 8; ++j) {
+        const int64_t t = kg * 8 + j;
+        const float* src = k + t * k_stride + g * D;
+        for (int64_t d = 0; d < D; ++d) dst[d * 8 + j] = t < S ? src[d] : 0.f;
+      }
+    }
+  });
+}
+
+// R query rows of one head (q[r], at positions pos[r]) against one KV head: kt its
+// transposed keys, v its values (row stride v_stride); acc is [R, D] scratch
+template <int R>
+void attend_rows_f32(const float* const* q, const int64_t* pos, const float* kt,
+                     const float* v, int64_t v_stride, int64_t D, float scale,
+                     float* const* out, float* acc) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float m[R], l[R];
+  int64_t last = pos[0];
+  for (int r = 0; r < R; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.f;
+    last = std::max(last, pos[r]);
+  }
+  std::fill(acc, acc + R * D, 0.f);
+  const int64_t blocks = last / kF32Block + 1;
+  const __m256 vscale = _mm256_set1_ps(scale);
+  alignas(32) float pb[R][kF32Block];
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256 s[R][2];
+    for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_ps();
+    const float* k0 = kt + 2 * b * D * 8;
+    const float* k1 = k0 + D * 8;
+    for (int64_t d = 0; d < D; ++d) {
+      const __m256 kv0 = _mm256_loadu_ps(k0 + d * 8);
+      const __m256 kv1 = _mm256_loadu_ps(k1 + d * 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 qb = _mm256_broadcast_ss(q[r] + d);
+        s[r][0] = _mm256_fmadd_ps(qb, kv0, s[r][0]);
+        s[r][1] = _mm256_fmadd_ps(qb, kv1, s[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t visible = pos[r] + 1 - b * kF32Block;
+      if (visible <= 0) {  // the whole block is past this row's diagonal
+        std::fill(pb[r], pb[r] + kF32Block, 0.f);
+        continue;
+      }
+      const __m256 m0 = sagellm::first_lanes8(visible), m1 = sagellm::first_lanes8(visible - 8);
+      const __m256 neg = _mm256_set1_ps(kNegInf);
+      const __m256 x0 = _mm256_blendv_ps(neg, _mm256_mul_ps(s[r][0], vscale), m0);
+      const __m256 x1 = _mm256_blendv_ps(neg, _mm256_mul_ps(s[r][1], vscale), m1);
+      const float m_new = std::max(m[r], sagellm::hmax256(_mm256_max_ps(x0, x1)));
+      const float alpha = std::exp(m[r] - m_new);  // 0 on the first visible block
+      const __m256 vm = _mm256_set1_ps(m_new);
+      const __m256 p0 = _mm256_and_ps(sagellm::exp256(_mm256_sub_ps(x0, vm)), m0);
+      const __m256 p1 = _mm256_and_ps(sagellm::exp256(_mm256_sub_ps(x1, vm)), m1);
+      l[r] = l[r] * alpha + sagellm::hsum256(_mm256_add_ps(p0, p1));
+      m[r] = m_new;
+      if (alpha != 1.f) {
+        const __m256 va = _mm256_set1_ps(alpha);
+        for (int64_t d = 0; d < D; d += 8)
+          _mm256_storeu_ps(acc + r * D + d, _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + d), va));
+      }
+      _mm256_store_ps(pb[r], p0);
+      _mm256_store_ps(pb[r] + 8, p1);
+    }
+    // the block's values, weighted, 16 dims (two vectors) of every row at a time
+    const int64_t keys = std::min<int64_t>(kF32Block, last + 1 - b * kF32Block);
+    const float* vb = v + b * kF32Block * v_stride;
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const bool two = d0 + 16 <= D;  // D % 16 == 8: the last chunk is one vector
+      __m256 o[R][2];
+      for (int r = 0; r < R; ++r) {
+        o[r][0] = _mm256_loadu_ps(acc + r * D + d0);
+        o[r][1] = two ? _mm256_loadu_ps(acc + r * D + d0 + 8) : _mm256_setzero_ps();
+      }
+      for (int64_t t = 0; t < keys; ++t) {
+        const float* vr = vb + t * v_stride + d0;
+        const __m256 v0 = _mm256_loadu_ps(vr);
+        const __m256 v1 = two ? _mm256_loadu_ps(vr + 8) : _mm256_setzero_ps();
+        for (int r = 0; r < R; ++r) {
+          const __m256 pr = _mm256_broadcast_ss(pb[r] + t);
+          o[r][0] = _mm256_fmadd_ps(pr, v0, o[r][0]);
+          o[r][1] = _mm256_fmadd_ps(pr, v1, o[r][1]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        _mm256_storeu_ps(acc + r * D + d0, o[r][0]);
+        if (two) _mm256_storeu_ps(acc + r * D + d0 + 8, o[r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (out[r] == nullptr) continue;
+    const float inv = 1.f / l[r];
+    for (int64_t d = 0; d < D; ++d) out[r][d] = acc[r * D + d] * inv;
+  }
+}
+
+void run_heads_f32(const float* q, int64_t q_stride, const float* kt, const float* v,
+                   int64_t v_stride, float* out, int64_t o_stride, int64_t T, int64_t start,
+                   int64_t H, int64_t Hkv, int64_t D, int64_t Sp, float scale,
+                   int64_t rows_per_task) {
+  constexpr int R = 4;
+  const int64_t group = H / Hkv;
+  const int64_t blocks = (T + rows_per_task - 1) / rows_per_task;
+  at::parallel_for(0, H * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(static_cast<size_t>(R * D));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / blocks, qb = task % blocks;
+      const int64_t g = h / group;
+      const float* kth = kt + g * Sp * D;
+      const float* vh = v + g * D;
+      const int64_t row_end = std::min(T, (qb + 1) * rows_per_task);
+      for (int64_t i = qb * rows_per_task; i < row_end; i += R) {
+        const float* qr[R];
+        float* orow[R];
+        int64_t pos[R];
+        for (int r = 0; r < R; ++r) {
+          const int64_t row = std::min(i + r, row_end - 1);  // a short tail repeats its last row
+          qr[r] = q + row * q_stride + h * D;
+          orow[r] = i + r < row_end ? out + row * o_stride + h * D : nullptr;
+          pos[r] = start + row;
+        }
+        attend_rows_f32<R>(qr, pos, kth, vh, v_stride, D, scale, orow, acc.data());
+      }
+    }
+  });
+}
+
+#endif  // SAGELLM_PREFILL_F32
+
+void check_rows(const torch::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.dim() == 3, name, " must be 3-d [tokens, heads, head_dim], got ", t.sizes());
   TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == t.size(2), name,
               " must be contiguous in its last two dims (strides ", t.strides(), ")");
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be bfloat16, got ",
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, " like q, got ",
               t.scalar_type());
 }
 
@@ -229,26 +383,32 @@ void check_rows(const torch::Tensor& t, const char* name) {
 
 bool prefill_attention_supported(torch::ScalarType dtype, int64_t head_dim) {
 #if defined(SAGELLM_PREFILL_BF16)
-  return dtype == at::kBFloat16 && head_dim % 16 == 0 && head_dim >= 16 &&
-         (head_dim <= 128 || head_dim == 256);
-#else
+  if (dtype == at::kBFloat16 && head_dim % 16 == 0 && head_dim >= 16 &&
+      (head_dim <= 128 || head_dim == 256))
+    return true;
+#endif
+#if defined(SAGELLM_PREFILL_F32)
+  if (dtype == at::kFloat && head_dim % 8 == 0 && head_dim >= 8 && head_dim <= 256) return true;
+#endif
   (void)dtype;
   (void)head_dim;
   return false;
-#endif
 }
 
 void prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                        torch::Tensor& out, int64_t start, double scale) {
-  check_rows(q, "q");
-  check_rows(k, "k");
-  check_rows(v, "v");
-  check_rows(out, "out");
+  TORCH_CHECK(q.dim() == 3, "q must be 3-d [tokens, heads, head_dim], got ", q.sizes());
+  const auto dtype = q.scalar_type();
+  check_rows(q, "q", dtype);
+  check_rows(k, "k", dtype);
+  check_rows(v, "v", dtype);
+  check_rows(out, "out", dtype);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t S = k.size(0), Hkv = k.size(1);
   TORCH_CHECK(prefill_attention_supported(q.scalar_type(), D),
               "prefill_attention: no kernel for ", q.scalar_type(), " with head_dim ", D,
-              " on this CPU (needs bfloat16, head_dim 16, 32, ..., 128 or 256, and AVX512-BF16)");
+              " on this CPU (bfloat16 needs AVX512-BF16 and head_dim 16, 32, ..., 128 or 256; "
+              "float32 needs AVX2 + FMA and head_dim 8, 16, ..., 256)");
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v differ in shape: ", k.sizes(), " vs ", v.sizes());
   TORCH_CHECK(k.size(2) == D, "k has head_dim ", k.size(2), ", q ", D);
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads ", H, " are not a multiple of KV heads ",
@@ -258,6 +418,17 @@ void prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const tor
   TORCH_CHECK(start >= 0 && start + T == S, "start (", start, ") + query rows (", T,
               ") must equal the key rows (", S, ")");
   if (T == 0) return;
+#if defined(SAGELLM_PREFILL_F32)
+  if (dtype == at::kFloat) {
+    const int64_t Sp = (S + kF32Block - 1) / kF32Block * kF32Block;
+    std::vector<float> kt(static_cast<size_t>(Hkv * Sp * D));
+    pack_k_f32(k.data_ptr<float>(), k.stride(0), S, Sp, Hkv, D, kt.data());
+    run_heads_f32(q.data_ptr<float>(), q.stride(0), kt.data(), v.data_ptr<float>(), v.stride(0),
+                  out.data_ptr<float>(), out.stride(0), T, start, H, Hkv, D, Sp,
+                  static_cast<float>(scale), 32);
+    return;
+  }
+#endif
 #if defined(SAGELLM_PREFILL_BF16)
   const int64_t Sp = (S + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
   std::vector<uint16_t> kp(static_cast<size_t>(Hkv * Sp * D));
