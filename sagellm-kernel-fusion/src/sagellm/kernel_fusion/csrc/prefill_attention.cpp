@@ -40,6 +40,38 @@
 
 namespace {
 
+// Every head's query rows in tasks of rows_per_task (enough tasks to balance the threads;
+// the causal triangle is spread over each head's tasks, and consecutive tasks, one
+// thread's share, cover whole heads), R rows at a time: attend(h, g, q rows, positions,
+// out rows, scratch) for query head h over KV head g; a short tail repeats its last row
+// with a null out row. `scratch` is per thread, scratch_size elements.
+template <int R, typename T, typename Attend>
+void for_row_groups(const T* q, int64_t q_stride, T* out, int64_t o_stride, int64_t T_,
+                    int64_t start, int64_t H, int64_t Hkv, int64_t D, int64_t rows_per_task,
+                    int64_t scratch_size, const Attend& attend) {
+  const int64_t group = H / Hkv;
+  const int64_t blocks = (T_ + rows_per_task - 1) / rows_per_task;
+  at::parallel_for(0, H * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(static_cast<size_t>(scratch_size));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / blocks, qb = task % blocks;
+      const int64_t row_end = std::min(T_, (qb + 1) * rows_per_task);
+      for (int64_t i = qb * rows_per_task; i < row_end; i += R) {
+        const T* qr[R];
+        T* orow[R];
+        int64_t pos[R];
+        for (int r = 0; r < R; ++r) {
+          const int64_t row = std::min(i + r, row_end - 1);
+          qr[r] = q + row * q_stride + h * D;
+          orow[r] = i + r < row_end ? out + row * o_stride + h * D : nullptr;
+          pos[r] = start + row;
+        }
+        attend(h, h / group, qr, pos, orow, scratch.data());
+      }
+    }
+  });
+}
+
 #if defined(SAGELLM_PREFILL_BF16)
 
 constexpr int64_t kKeyBlock = 64;  // keys per block: 4 vectors of 16 scores
@@ -196,29 +228,11 @@ void run_heads(const uint16_t* q, int64_t q_stride, const uint16_t* kp, const ui
                uint16_t* out, int64_t o_stride, int64_t T, int64_t start, int64_t H,
                int64_t Hkv, int64_t Sp, float scale, int64_t rows_per_task) {
   constexpr int64_t D = 16 * LD;
-  const int64_t group = H / Hkv;
-  const int64_t blocks = (T + rows_per_task - 1) / rows_per_task;
-  at::parallel_for(0, H * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task / blocks, qb = task % blocks;
-      const int64_t g = h / group;
-      const uint16_t* kph = kp + g * Sp * D;
-      const uint16_t* vph = vp + g * Sp * D;
-      const int64_t row_end = std::min(T, (qb + 1) * rows_per_task);
-      for (int64_t i = qb * rows_per_task; i < row_end; i += R) {
-        const uint16_t* qr[R];
-        uint16_t* orow[R];
-        int64_t pos[R];
-        for (int r = 0; r < R; ++r) {
-          const int64_t row = std::min(i + r, row_end - 1);  // a short tail repeats its last row
-          qr[r] = q + row * q_stride + h * D;
-          orow[r] = i + r < row_end ? out + row * o_stride + h * D : nullptr;
-          pos[r] = start + row;
-        }
-        attend_rows<LD, R>(qr, pos, kph, vph, scale, orow);
-      }
-    }
-  });
+  for_row_groups<R>(q, q_stride, out, o_stride, T, start, H, Hkv, D, rows_per_task, 0,
+                    [&](int64_t, int64_t g, const uint16_t* const* qr, const int64_t* pos,
+                        uint16_t* const* orow, float*) {
+                      attend_rows<LD, R>(qr, pos, kp + g * Sp * D, vp + g * Sp * D, scale, orow);
+                    });
 }
 
 #endif  // SAGELLM_PREFILL_BF16
@@ -343,30 +357,12 @@ void run_heads_f32(const float* q, int64_t q_stride, const float* kt, const floa
                    int64_t H, int64_t Hkv, int64_t D, int64_t Sp, float scale,
                    int64_t rows_per_task) {
   constexpr int R = 4;
-  const int64_t group = H / Hkv;
-  const int64_t blocks = (T + rows_per_task - 1) / rows_per_task;
-  at::parallel_for(0, H * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(static_cast<size_t>(R * D));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task / blocks, qb = task % blocks;
-      const int64_t g = h / group;
-      const float* kth = kt + g * Sp * D;
-      const float* vh = v + g * D;
-      const int64_t row_end = std::min(T, (qb + 1) * rows_per_task);
-      for (int64_t i = qb * rows_per_task; i < row_end; i += R) {
-        const float* qr[R];
-        float* orow[R];
-        int64_t pos[R];
-        for (int r = 0; r < R; ++r) {
-          const int64_t row = std::min(i + r, row_end - 1);  // a short tail repeats its last row
-          qr[r] = q + row * q_stride + h * D;
-          orow[r] = i + r < row_end ? out + row * o_stride + h * D : nullptr;
-          pos[r] = start + row;
-        }
-        attend_rows_f32<R>(qr, pos, kth, vh, v_stride, D, scale, orow, acc.data());
-      }
-    }
-  });
+  for_row_groups<R>(q, q_stride, out, o_stride, T, start, H, Hkv, D, rows_per_task, R * D,
+                    [&](int64_t, int64_t g, const float* const* qr, const int64_t* pos,
+                        float* const* orow, float* acc) {
+                      attend_rows_f32<R>(qr, pos, kt + g * Sp * D, v + g * D, v_stride, D,
+                                         scale, orow, acc);
+                    });
 }
 
 #endif  // SAGELLM_PREFILL_F32
