@@ -63,6 +63,46 @@ def test_figures_and_interleaving_with_fake_peers() -> None:
     assert (TINY.num_requests, TINY.prompt_len, TINY.output_len) in fast.calls
 
 
+def _stopped(pid: int, expected: bool) -> bool:
+    """Whether ``pid`` is stopped (state T), waiting up to a second for it to be
+    ``expected`` (signals are delivered asynchronously)."""
+    import time
+
+    for _ in range(50):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if (state in ("T", "t")) == expected:
+            break
+        time.sleep(0.02)
+    return state in ("T", "t")
+
+
+class PausablePeer(FakePeer):
+    """A fake peer that records when it is paused, resumed and measured."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__(name, 0.001)
+        self.log = log
+
+    def pause(self) -> None:
+        self.log.append(f"pause {self.name}")
+
+    def resume(self) -> None:
+        self.log.append(f"resume {self.name}")
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+        self.log.append(f"run {self.name}")
+        return super().generate(prompts, max_tokens)
+
+
+def test_the_other_system_is_paused_while_one_is_measured() -> None:
+    log: list[str] = []
+    a, b = PausablePeer("a", log), PausablePeer("b", log)
+    P.compare(a, b, TINY, 320, rounds=1, figures=("prefill",))
+    # warm-up and one round, each side measured alone
+    once = ["pause b", "run a", "resume b", "pause a", "run b", "resume a"]
+    assert log == once * 2
+
+
 def test_rounds_use_their_own_prompts_and_both_sides_the_same() -> None:
     a = P._prompts(TINY, 320, "prefill", 0)
     b = P._prompts(TINY, 320, "prefill", 1)
@@ -109,6 +149,12 @@ def test_worker_peer_runs_the_engine_in_a_subprocess(tiny_model: Path, tmp_path:
         with pytest.raises(P.PeerError, match="unknown op"):
             peer.request({"op": "nope"})
         assert peer.generate([[5, 6]], 1)[1] == 1  # still serving after an error
+        peer.pause()
+        assert _stopped(peer.proc.pid, True)  # stopped while another system is measured
+        peer.resume()
+        assert not _stopped(peer.proc.pid, False)
+        peer.pause()
+        assert peer.generate([[5, 6]], 1)[1] == 1  # generate continues a paused worker
     finally:
         peer.close()
     assert peer.proc.returncode == 0

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import selectors
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -259,7 +260,9 @@ class WorkerPeer:
             text=True,
             bufsize=1,
             env={**os.environ, **(env or {})},
+            start_new_session=True,  # its own process group, so pause() reaches its children
         )
+        self._paused = False
         self.info: dict[str, Any] = {}
         try:
             msg = self._read(startup_timeout)
@@ -320,15 +323,38 @@ class WorkerPeer:
             raise PeerError(f"{self.name}: {answer['error']}")
         return answer
 
+    def _signal_group(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def pause(self) -> None:
+        """Stop the worker and every process it started (SIGSTOP to its group) while
+        another system is measured: an idle vLLM keeps a core busy polling, which would
+        count against whoever runs beside it."""
+        if not self._paused:
+            self._signal_group(signal.SIGSTOP)
+            self._paused = True
+
+    def resume(self) -> None:
+        """Continue a paused worker (SIGCONT to its group)."""
+        if self._paused:
+            self._signal_group(signal.SIGCONT)
+            self._paused = False
+
     def describe(self) -> str:
         info = ", ".join(f"{k} {v}" for k, v in self.info.items() if k != "backend")
         return f"{self.name}: {info}" if info else self.name
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+        self.resume()
         ans = self.request({"op": "generate", "prompts": prompts, "max_tokens": max_tokens})
         return float(ans["seconds"]), int(ans["num_generated"])
 
     def close(self) -> None:
+        self.resume()
         if self.proc.poll() is None:
             try:
                 assert self.proc.stdin is not None
@@ -378,6 +404,21 @@ def measure(peer: Peer, figure: str, w: Workload, vocab: int, round_index: int) 
         seconds, _ = peer.generate(prompts, 1)
         return w.prefill_len / seconds
     raise ValueError(f"unknown figure {figure!r}")
+
+
+def _measure_alone(
+    peer: Peer, others: Sequence[Peer], figure: str, w: Workload, vocab: int, round_index: int
+) -> float:
+    """:func:`measure` with every other system paused (where it can be: a worker
+    process), so each sample has the machine to itself."""
+    paused = [p for p in others if callable(getattr(p, "pause", None))]
+    for p in paused:
+        p.pause()  # type: ignore[attr-defined]
+    try:
+        return measure(peer, figure, w, vocab, round_index)
+    finally:
+        for p in paused:
+            p.resume()  # type: ignore[attr-defined]
 
 
 def can_measure(peer: Peer, figure: str, w: Workload) -> bool:
@@ -454,12 +495,12 @@ def compare(
         if not can_measure(peer, figure, w):
             continue
         progress(f"{ours.name} vs {peer.name}: {figure}, warm-up then {rounds} rounds interleaved")
-        measure(ours, figure, w, vocab, _WARM_ROUND)
-        measure(peer, figure, w, vocab, _WARM_ROUND)
+        _measure_alone(ours, [peer], figure, w, vocab, _WARM_ROUND)
+        _measure_alone(peer, [ours], figure, w, vocab, _WARM_ROUND)
         c = Comparison(peer.name, figure)
         for r in range(rounds):
-            c.ours.append(measure(ours, figure, w, vocab, r))
-            c.theirs.append(measure(peer, figure, w, vocab, r))
+            c.ours.append(_measure_alone(ours, [peer], figure, w, vocab, r))
+            c.theirs.append(_measure_alone(peer, [ours], figure, w, vocab, r))
         out.append(c)
     return out
 
@@ -728,7 +769,8 @@ def format_comparisons(report: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * wd for wd in widths))
     lines.append("")
     lines.append(
-        "medians of interleaved samples (A B A B), ratio of medians; p: two-sided "
+        "medians of interleaved samples (A B A B; a peer process is stopped while sageLLM "
+        "runs), ratio of medians; p: two-sided "
         "Mann-Whitney U (below 0.05 needs at least 4 rounds)"
     )
     lines.extend(report.get("systems", []))
