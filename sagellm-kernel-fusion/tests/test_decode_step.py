@@ -170,13 +170,111 @@ def test_decode_step_is_bitwise_the_ops_one_by_one(
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
+class _DenseFrom:
+    """A quantizer's method as ``_WeightOnlyMethod`` behaves: its blocks below
+    ``dense_min_rows`` rows, the layer's float product (``layer.dense``, else
+    ``F.linear`` on ``layer.weight``) from there."""
+
+    name = "int4+gguf_blocks"
+
+    def __init__(self, blocks: GGUFBlockLinear, dense_min_rows: int) -> None:
+        self.blocks = blocks
+        self.dense_min_rows = dense_min_rows
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= self.dense_min_rows:
+            dense = getattr(layer, "dense", None)
+            if dense is not None:
+                y: torch.Tensor = dense.apply(layer, x)
+                return y
+            return torch.nn.functional.linear(x, layer.weight, layer.bias)
+        return self.blocks.apply(layer, x)
+
+
+def _with_dense(specs: list[dict[str, Any]], rows: int, dtype: torch.dtype, seed: int) -> None:
+    """Give every projection a float weight from ``rows`` rows on: oneDNN's blocked one on
+    the even layers, a plain ``F.linear`` weight on the odd ones."""
+    from sagellm.kernel_fusion.onednn import OneDNNLinear
+
+    g = torch.Generator().manual_seed(seed)
+    for i, spec in enumerate(specs):
+        for name in ("qkv", "o", "gate_up", "down"):
+            proj = spec[name]
+            n, k = proj.block_scales.shape[0], proj.block_scales.shape[1] * 32
+            proj.weight = nn.Parameter((torch.randn(n, k, generator=g) * 0.05).to(dtype))
+            if i % 2 == 0:
+                proj.dense = OneDNNLinear()
+                proj.dense.process_weights(proj)
+            proj.method = _DenseFrom(proj.method, rows)
+
+
+@needs_compiler
+@settings(max_examples=12, deadline=None)
+@given(
+    rows=st.integers(1, 7),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 1000),
+)
+def test_decode_step_switches_to_the_float_product_where_the_layer_does(
+    rows: int, dtype: torch.dtype, seed: int
+) -> None:
+    """From ``dense_min_rows`` on the step multiplies by the layers' float weights (oneDNN
+    blocked or plain), bitwise as the layers do, and so covers every row count."""
+    from sagellm.kernel_fusion.onednn import onednn_available
+
+    if not onednn_available(dtype):
+        pytest.skip(f"oneDNN linear does not run in {dtype} here")
+    num_layers = 2
+    specs = _layers(num_layers, 16, dtype, seed)
+    _with_dense(specs, 4, dtype, seed)
+    step = make_decode_step(specs, num_kv_heads=HKV, head_dim=D, eps=EPS)
+    assert step is not None and step.max_rows > 10**9
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(NUM_BLOCKS, generator=g)[:rows].view(rows, 1).to(torch.int32)
+    context = torch.randint(1, BLOCK + 1, (rows,), generator=g, dtype=torch.int32)
+    positions = context.long() - 1
+    slots = perm[:, 0].long() * BLOCK + positions
+    hidden = torch.randn(rows, E, generator=g).to(dtype)
+    angles = torch.arange(64).float()[:, None] * (0.1 ** torch.arange(D // 2).float())
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+    ours, theirs = (
+        _caches(num_layers, dtype, "float", seed),
+        _caches(num_layers, dtype, "float", seed),
+    )
+    h, r = step(hidden.clone(), positions, slots, ours, perm, context, cos, sin)
+    want_h, want_r = _reference(
+        specs, hidden.clone(), positions, slots, theirs, perm, context, cos, sin
+    )
+    assert torch.equal(h, want_h) and torch.equal(r, want_r)
+    for (k1, v1), (k2, v2) in zip(ours, theirs):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    if rows >= 4:  # the float product really ran: the blocks alone give other numbers
+        for spec in specs:
+            for name in ("qkv", "o", "gate_up", "down"):
+                spec[name].method.dense_min_rows = 10**9
+        blocks_h, _ = _reference(
+            specs, hidden.clone(), positions, slots, theirs, perm, context, cos, sin
+        )
+        assert not torch.equal(blocks_h, want_h)
+
+
 @needs_compiler
 def test_decode_step_takes_a_quantizers_few_row_method_and_its_row_limit() -> None:
     specs = _layers(2, 16, torch.float32, 3)
     for spec in specs:
         for name in ("qkv", "o", "gate_up", "down"):
             spec[name].method = _Wrapper(spec[name].method, 16)
+    # the float weights are gone: the blocks compute at every row count
+    step = make_decode_step(specs, num_kv_heads=HKV, head_dim=D, eps=EPS)
+    assert step is not None and step.max_rows > 10**9
+
+    class OtherFloat:
+        name = "some_float_kernel"
+
+    # a float method the step does not run: the step stops where the layer leaves its blocks
     specs[1]["down"].method.dense_min_rows = 12
+    specs[1]["down"].weight = nn.Parameter(torch.zeros(E, INTER))
+    specs[1]["down"].dense = OtherFloat()
     step = make_decode_step(specs, num_kv_heads=HKV, head_dim=D, eps=EPS)
     assert step is not None and step.max_rows == 12
     hidden = torch.zeros(12, E)

@@ -1,9 +1,11 @@
 """SmolLM2-135M's decode steps through the kernel provider's fused step over all layers
-against the same runtime layer by layer: bitwise equal logits (~40 s)."""
+against the same runtime layer by layer: bitwise equal logits, few-row steps on the GGUF
+blocks and 18-row steps on the float weights (~40 s)."""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import Any
 
 import pytest
@@ -67,6 +69,24 @@ def _generate(rt: Any) -> tuple[list[torch.Tensor], int]:
         decode_rows = out.logits[len(extra) :]
         for j, i in enumerate(rows):
             last[i] = decode_rows[j]
+    # fifteen more prompts, then pure decode steps of 18 rows: past the block kernels'
+    # 16-row limit, where the projections switch to their float weights
+    more = [[3 + i, 40 + i, 7] for i in range(15)]
+    extra_tables = [pool.allocate(1) for _ in more]
+    out = rt.execute(make_plan([chunk(f"m{i}", s, 0, extra_tables[i]) for i, s in enumerate(more)]))
+    steps.append(out.logits)
+    names = [f"p{i}" for i in range(3)] + [f"m{i}" for i in range(15)]
+    seqs += [list(s) for s in more]
+    tables += extra_tables
+    last.update({3 + i: out.logits[i] for i in range(15)})
+    for _ in range(2):
+        decodes = []
+        for i in range(18):
+            seqs[i].append(int(last[i].argmax()))
+            decodes.append(chunk(names[i], seqs[i][-1:], len(seqs[i]) - 1, tables[i]))
+        out = rt.execute(make_plan([], decode=decodes))
+        steps.append(out.logits)
+        last.update({i: out.logits[i] for i in range(18)})
     return steps, calls[0]
 
 
@@ -74,13 +94,14 @@ def _generate(rt: Any) -> tuple[list[torch.Tensor], int]:
 def test_fused_decode_step_gives_the_layer_by_layer_logits(kv_cache_dtype: str) -> None:
     fused_rt = _runtime(kv_cache_dtype)
     assert fused_rt.model.decode_step is not None
-    assert fused_rt.model.decode_step_rows == 16  # the block kernels' few-row limit
+    # every pure decode step: the blocks below 16 rows, the float weights from there
+    assert fused_rt.model.decode_step_rows == sys.maxsize
     layered_rt = _runtime(kv_cache_dtype, decode_step=False)
     assert layered_rt.model.decode_step is None
     fused, calls = _generate(fused_rt)
     layered, none = _generate(layered_rt)
-    assert calls == 13 and none == 0  # every pure decode step; not the mixed one
-    assert len(fused) == len(layered) == 15
+    assert calls == 15 and none == 0  # every pure decode step; not the mixed one
+    assert len(fused) == len(layered) == 18
     for a, b in zip(fused, layered):
         assert torch.equal(a, b)
 

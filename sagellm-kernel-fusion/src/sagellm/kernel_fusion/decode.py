@@ -1,12 +1,15 @@
-"""Every decoder layer of a few-row decode step in one C++ call (``csrc/decode_step.cpp``).
+"""Every decoder layer of a decode step in one C++ call (``csrc/decode_step.cpp``).
 
 At batch 1 a Llama layer is nine small ops, and calling them one module at a time from
 Python costs about as much as the products themselves (the embedded model: ~210 module
 calls per token). :func:`make_decode_step` takes a model's layers once, at load time,
 when each of their projections computes on GGUF blocks through :class:`GGUFBlockLinear`
 (directly, or as a quantizer's few-row kernel); :class:`FusedDecodeStep` then runs all
-layers of a step in C++ with the GIL released. The ops and their order are those of the
-engine's layers, so the result is bitwise the layer-by-layer one.
+layers of a step in C++ with the GIL released. A quantizer's method that switches to a
+float product from ``dense_min_rows`` rows on (oneDNN's blocked weight, or a plain
+``F.linear`` weight) switches at the same row count inside the step, so batched decode
+steps run there too. The ops and their order are those of the engine's layers, so the
+result is bitwise the layer-by-layer one.
 """
 
 from __future__ import annotations
@@ -29,22 +32,63 @@ logger = logging.getLogger(__name__)
 #: The projections of a layer spec, in the order the layer applies them.
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 
-_Operands = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, "torch.Tensor | None"]
+#: ``(codes, d, c, bits, bias, dense weight, dense kind, dense_min_rows)`` of a projection.
+_Operands = tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    int,
+    "torch.Tensor | None",
+    "torch.Tensor | None",
+    int,
+    int,
+]
+
+#: How a projection multiplies from ``dense_min_rows`` on (``DenseKind`` in decode_step.cpp).
+NO_DENSE, DENSE_ONEDNN, DENSE_LINEAR = 0, 1, 2
+_NEVER = 2**62  # dense_min_rows of a projection that never switches
+
+
+def _dense_operand(linear: nn.Module, dense_min_rows: int) -> tuple[torch.Tensor | None, int]:
+    """``(weight, kind)`` of the float product a quantizer's method switches to from
+    ``dense_min_rows`` rows on (as ``_WeightOnlyMethod._dense`` chooses it): kind
+    :data:`DENSE_ONEDNN` for a oneDNN blocked weight, :data:`DENSE_LINEAR` for a plain one;
+    ``(None, NO_DENSE)`` when the switch leads back to the blocks (the float weight
+    dropped); raises LookupError for a float method the step does not run."""
+    dense = getattr(linear, "dense", None)
+    weight = getattr(linear, "weight", None)
+    name = getattr(dense, "name", None)
+    if weight is None and (dense is None or name == "dense"):
+        return None, NO_DENSE  # the method computes on its blocks at every row count
+    if name == "onednn":
+        return cast(torch.Tensor, linear.onednn_weight), DENSE_ONEDNN
+    if (dense is None or name == "dense") and isinstance(weight, torch.Tensor):
+        return weight, DENSE_LINEAR
+    raise LookupError(f"its float method {name!r} from {dense_min_rows} rows on")
 
 
 def _block_operands(linear: nn.Module) -> tuple[_Operands, int, int] | str:
-    """``((codes, d, c, bits, bias), input_bits, rows)`` of a projection computing on GGUF
-    blocks below ``rows`` rows, or why it does not."""
+    """``(operands, input_bits, rows)`` of a projection computing on GGUF blocks (and, from
+    its ``dense_min_rows`` on, on a float weight the step can also run), or why it does
+    not; ``rows``: the step covers fewer rows than this for the projection."""
     method = getattr(linear, "method", None)
     wrapped = getattr(method, "blocks", None)
     blocks: GGUFBlockLinear
+    dense: torch.Tensor | None = None
+    kind, dense_min_rows, rows = NO_DENSE, _NEVER, sys.maxsize
     if isinstance(method, GGUFBlockLinear):
-        blocks, rows = method, sys.maxsize
+        blocks = method
     elif isinstance(wrapped, GGUFBlockLinear):
         # a quantizer's method hands the steps below dense_min_rows rows to its blocks
         blocks = wrapped
-        dense_min_rows = getattr(method, "dense_min_rows", None)
-        rows = sys.maxsize if dense_min_rows is None else int(dense_min_rows)
+        found = getattr(method, "dense_min_rows", None)
+        if found is not None:
+            try:
+                dense, kind = _dense_operand(linear, int(found))
+            except LookupError:
+                rows = int(found)  # the step stops where the method leaves its blocks
+            else:
+                dense_min_rows = int(found) if dense is not None else _NEVER
     else:
         return f"its method {getattr(method, 'name', method)!r} does not compute on GGUF blocks"
     if getattr(linear, "input_scale", None) is not None:
@@ -56,12 +100,16 @@ def _block_operands(linear: nn.Module) -> tuple[_Operands, int, int] | str:
         cast(torch.Tensor, linear.block_terms),
         int(blocks.bits),
         bias if isinstance(bias, torch.Tensor) else None,
+        dense,
+        kind,
+        dense_min_rows,
     )
     return operands, blocks.input_bits, rows
 
 
 class FusedDecodeStep:
-    """All decoder layers of a decode step of fewer than :attr:`max_rows` rows in one call.
+    """All decoder layers of a decode step of fewer than :attr:`max_rows` rows in one call
+    (``sys.maxsize`` when every projection runs at every row count).
 
     Built by :func:`make_decode_step`; call with the embeddings ``hidden [T, E]``,
     ``positions`` and ``slots`` int64 ``[T]``, the per-layer ``(k_cache, v_cache)`` pairs,

@@ -1,7 +1,9 @@
 // Every decoder layer of a decode step in one call. A Llama layer of a few decode rows is
 // nine small ops (two norms, four projections on GGUF blocks, rotary + KV write, paged
 // attention, SiLU * mul); dispatched one module call at a time from Python, the calls cost
-// about as much as the products themselves at batch 1. DecodeStep holds each layer's
+// about as much as the products themselves at batch 1. A projection whose layer switches
+// to a float product from some row count on (oneDNN's blocked weight, or a plain weight)
+// switches at the same count here, so batched decode steps run here too. DecodeStep holds each layer's
 // weights once and runs the same ops back to back in C++, without the interpreter (and
 // with the GIL released, so a server's event loop runs meanwhile). The ops are the
 // package's own (kernels.h), called exactly as the engine's layers call them, so the
@@ -15,10 +17,13 @@
 //   h    = silu_and_mul(x @ Wgate_up) @ Wdown
 // and the step returns (h, r) of the last layer; the final norm and the head stay with the
 // caller.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -27,16 +32,46 @@
 namespace sagellm {
 namespace {
 
-// A projection's GGUF blocks in gguf_linear's layout, and its optional bias.
+// The dense product of a projection that has one: oneDNN's linear on the weight
+// reordered into its blocked layout (what the layer's OneDNNLinear calls), through the
+// dispatcher so that it is the very op the layer-by-layer path runs.
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack;
+  stack.reserve(6);
+  stack.emplace_back(x);
+  stack.emplace_back(weight);
+  stack.emplace_back(bias.has_value() ? c10::IValue(*bias) : c10::IValue());
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+  stack.emplace_back(std::string(""));
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// How a projection multiplies from dense_min_rows rows on (the layer's dense method).
+enum DenseKind : int64_t { kNoDense = 0, kOneDNN = 1, kLinear = 2 };
+
+// A projection's GGUF blocks in gguf_linear's layout, its optional bias, and the dense
+// weight its layer switches to on steps of dense_min_rows rows or more.
 struct Projection {
   at::Tensor codes, d, c;
   std::optional<at::Tensor> bias;
   int64_t bits = 4;
+  std::optional<at::Tensor> dense;
+  int64_t dense_kind = kNoDense;
+  int64_t dense_min_rows = std::numeric_limits<int64_t>::max();
 
   int64_t rows() const { return codes.size(0); }
   int64_t cols() const { return bits == 4 ? codes.size(1) * 2 : codes.size(1); }
 
   at::Tensor apply(const at::Tensor& x, int64_t input_bits) const {
+    if (dense.has_value() && x.size(0) >= dense_min_rows) {
+      if (dense_kind == kOneDNN) return onednn_linear(x, *dense, bias);
+      return at::linear(x, *dense, bias);
+    }
     at::Tensor y = gguf_linear(x, codes, d, c, bits, input_bits);
     if (bias.has_value()) y.add_(*bias);
     return y;
@@ -49,12 +84,27 @@ struct Layer {
   int64_t num_heads = 0;
 };
 
+// (codes, d, c, bits, bias, dense weight, dense kind, dense_min_rows)
 using ProjectionArgs =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, std::optional<at::Tensor>>;
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, std::optional<at::Tensor>,
+               std::optional<at::Tensor>, int64_t, int64_t>;
 
 Projection make_projection(const ProjectionArgs& a, const char* name, int64_t layer) {
-  Projection p{std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<4>(a), std::get<3>(a)};
+  Projection p{std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<4>(a),
+               std::get<3>(a), std::get<5>(a), std::get<6>(a), std::get<7>(a)};
   TORCH_CHECK(p.bits == 4 || p.bits == 8, "layer ", layer, " ", name, ": bits must be 4 or 8");
+  TORCH_CHECK(p.dense_kind == kNoDense || p.dense_kind == kOneDNN || p.dense_kind == kLinear,
+              "layer ", layer, " ", name, ": dense kind must be 0 (none), 1 (oneDNN) or 2");
+  TORCH_CHECK(p.dense.has_value() == (p.dense_kind != kNoDense), "layer ", layer, " ", name,
+              ": a dense weight goes with a dense kind (and none without)");
+  TORCH_CHECK(!p.dense.has_value() || p.dense_min_rows >= 1, "layer ", layer, " ", name,
+              ": dense_min_rows must be at least 1");
+  if (p.dense_kind == kLinear) {
+    TORCH_CHECK(p.dense->dim() == 2 && p.dense->size(0) == p.rows() &&
+                    p.dense->size(1) == p.cols(),
+                "layer ", layer, " ", name, ": the dense weight must be [", p.rows(), ", ",
+                p.cols(), "]");
+  }
   TORCH_CHECK(p.codes.dim() == 2 && p.d.dim() == 2 && p.d.size(0) == p.rows() &&
                   p.d.size(1) * 32 == p.cols(),
               "layer ", layer, " ", name, ": codes [N, K/2 or K] and scales [N, K/32] expected");
@@ -79,7 +129,8 @@ class DecodeStep {
     TORCH_CHECK(input_bits == 8 || input_bits == 16, "DecodeStep: input_bits must be 8 or 16");
   }
 
-  // projections: qkv, o, gate_up, down, each (codes, d, c, bits, bias or None)
+  // projections: qkv, o, gate_up, down, each (codes, d, c, bits, bias or None, dense
+  // weight or None, dense kind, dense_min_rows)
   void add_layer(at::Tensor input_norm, at::Tensor post_norm, int64_t num_heads,
                  const std::vector<ProjectionArgs>& projections) {
     const int64_t l = static_cast<int64_t>(layers_.size());
