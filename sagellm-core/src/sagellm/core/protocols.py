@@ -654,21 +654,140 @@ class CommBackend(Protocol):
 class KVTransferChannel(Protocol):
     """Moves KV blocks between instances (group ``sagellm.kv_transfer``).
 
-    Anchor: vLLM's KV connector API (``save_kv_layer``/``start_load_kv``/
-    ``wait_for_save``), Mooncake and NIXL transfer engines. Difference: whole plans of
-    blocks rather than per-layer hooks; layer pipelining belongs to the overlap slot.
+    Anchor: vLLM's v1 KV connector (``KVConnectorBase_V1``), split the same way into a
+    scheduler side (what a remote instance holds, what to keep when a request finishes)
+    and a worker side (start loads, wait for them per layer or whole, send); Mooncake and
+    NIXL as transports. Differences: one object plays both sides (an engine process
+    holds scheduler and pool together), plans are plain :class:`TransferPlan` data
+    instead of per-step connector metadata, and the consumer pulls whole plans whose
+    layers arrive in order, so :meth:`wait_for_layer` is the layer-pipelining hook.
+
+    Roles: a *producer* instance (prefill) keeps a finished request's blocks and serves
+    them; a *consumer* instance (decode) learns of them with :meth:`add_remote_request`,
+    counts them in :meth:`get_num_matched_tokens`, allocates local blocks and loads.
+    A producer keeps offered blocks until the consumer acknowledges them (the end of a
+    successful load) or a lease expires (the consumer is gone), then frees them: no
+    block leaks either way.
+
+    Context at construction: ``pool=`` (the local :class:`KVPool`, or later through
+    :meth:`register_pool`); where the peer is comes from the implementation's config.
     """
 
+    # ------------------------------------------------------------------ scheduler side
+
+    def add_remote_request(self, plan: TransferPlan) -> None:
+        """Consumer: a producer holds ``plan.num_tokens`` tokens of ``plan.request_id``.
+
+        Called when a request arrives with the plan a producer's :meth:`request_finished`
+        returned (a router forwards it). Raises ``ValueError`` for a plan without a
+        request id or whose token count does not fit its blocks.
+        """
+        ...
+
+    def get_num_matched_tokens(self, request_id: str, num_computed_tokens: int) -> int | None:
+        """Consumer: tokens past ``num_computed_tokens`` that a remote instance can provide.
+
+        Called by the scheduler before it allocates blocks for a waiting request. ``0``
+        when no remote holds more (or the request is unknown); ``None`` when the answer
+        is not known yet (ask again next step). No side effect.
+        """
+        ...
+
+    def update_state_after_alloc(
+        self, request_id: str, block_ids: Sequence[int], num_external_tokens: int
+    ) -> TransferPlan | None:
+        """Consumer: local blocks ``block_ids`` were allocated for the remote tokens.
+
+        ``num_external_tokens`` is what :meth:`get_num_matched_tokens` returned (or less);
+        ``block_ids`` are the local blocks that will hold them, one per remote block.
+        Returns the load plan (``dst_block_ids`` set) for :meth:`start_load`, or ``None``
+        when ``num_external_tokens`` is 0. Raises ``ValueError`` when the block count
+        does not match the tokens or the request is unknown.
+        """
+        ...
+
+    def request_finished(
+        self, request_id: str, block_ids: Sequence[int], num_tokens: int | None = None
+    ) -> tuple[bool, TransferPlan | None]:
+        """Producer: ``request_id`` finished holding ``block_ids`` (its tokens in order).
+
+        ``num_tokens``: positions the blocks hold (``None``: every position, i.e.
+        ``len(block_ids) * block_size``); a consumer can load only whole blocks of them.
+
+        Returns ``(keep, plan)``. ``keep`` True: the channel now owns the caller's
+        reference to each block (the caller must not free them) and frees them itself,
+        in the caller's thread during :meth:`get_finished` (called every step) or
+        :meth:`close`, once the consumer acknowledged the transfer or the lease expired;
+        ``plan`` is
+        what a consumer needs (hand it to the consumer's :meth:`add_remote_request`).
+        ``keep`` False (e.g. a consumer-only channel): the caller frees as usual and
+        ``plan`` is ``None``.
+        """
+        ...
+
+    def get_finished(self) -> tuple[frozenset[str], frozenset[str]]:
+        """``(sending_done, receiving_done)`` request ids since the last call.
+
+        ``sending_done``: producer-side requests whose blocks the channel released
+        (acknowledged or lease expired); ``receiving_done``: consumer-side loads complete
+        (successfully or not: :meth:`wait` raises for a failed one).
+        """
+        ...
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_pool(self, pool: KVPool) -> None:
+        """Use ``pool`` as the local block storage (vLLM's ``register_kv_caches``).
+
+        Called once before the first transfer when the pool was not given at
+        construction; its schema must match the peer's (checked at the first transfer).
+        """
+        ...
+
+    def start_load(self, plan: TransferPlan) -> None:
+        """Consumer: begin loading ``plan`` (from :meth:`update_state_after_alloc`).
+
+        Returns at once; the blocks arrive at ``plan.dst_block_ids`` layer by layer.
+        """
+        ...
+
+    def wait_for_layer(self, plan: TransferPlan, layer: int) -> None:
+        """Consumer: block until layer ``layer`` of a started plan is in the pool.
+
+        Lets attention of layer ``layer`` run while later layers are still in flight.
+        Raises the transfer's error (a :class:`~sagellm.core.errors.SageLLMError`) if it
+        failed, ``TimeoutError`` past the channel's timeout.
+        """
+        ...
+
     def send(self, plan: TransferPlan, pool: KVPool) -> None:
-        """Start sending the plan's blocks from ``pool``."""
+        """Producer: offer the plan's blocks in ``pool`` to ``plan.target``.
+
+        Returns at once; the blocks are read when the target receives the plan, and the
+        caller keeps its references until :meth:`wait` returns.
+        """
         ...
 
     def receive(self, plan: TransferPlan, pool: KVPool) -> None:
-        """Receive the plan's blocks into ``pool`` at ``plan.dst_block_ids``."""
+        """Consumer: receive the plan's blocks into ``pool`` at ``plan.dst_block_ids``.
+
+        Returns at once (like :meth:`start_load`); :meth:`wait` blocks until done.
+        """
         ...
 
     def wait(self, plan: TransferPlan) -> float:
-        """Block until the plan is complete; seconds it took."""
+        """Block until the plan is complete on this side; seconds it took.
+
+        Raises the transfer's error if it failed (the message names the peer and what
+        to check), ``TimeoutError`` past the channel's timeout.
+        """
+        ...
+
+    def close(self) -> None:
+        """Stop background work and release the transport; idempotent.
+
+        Blocks the channel still owns are freed first.
+        """
         ...
 
 

@@ -688,13 +688,20 @@ class CommConfig(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class TransferPlan:
-    """KV blocks to send from one instance to another (the seeds' ``TransferPlan``)."""
+    """KV blocks to send from one instance to another (the seeds' ``TransferPlan``).
 
-    source: str  # instance id (or rank) holding the blocks
-    target: str  # instance id (or rank) receiving them
+    Also what a producer offers of a finished request (vLLM's ``kv_transfer_params``):
+    a router hands the plan a producer's ``request_finished`` returned to the consumer.
+    Block ``i`` of ``block_ids`` holds the request's tokens ``i * block_size`` onwards.
+    """
+
+    source: str  # instance id (or address) holding the blocks
+    target: str  # instance id (or address) receiving them ("" while unknown)
     block_ids: tuple[int, ...]  # blocks on the source
-    total_bytes: int
+    total_bytes: int  # bytes the blocks occupy (every layer, keys and values)
     dst_block_ids: tuple[int, ...] = ()  # places on the target, when already allocated
+    request_id: str = ""  # request whose KV the blocks hold ("" for anonymous blocks)
+    num_tokens: int = 0  # token positions the blocks hold (0: every position of them)
 
 
 # --------------------------------------------------------------------------- outputs

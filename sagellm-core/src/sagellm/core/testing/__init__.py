@@ -21,6 +21,7 @@ pytest then runs every inherited ``test_*`` method against that implementation::
 | :class:`CoTControllerConformance` | ``make_controller()`` (marker ids below ``vocab_size``) |
 | :class:`TopologyDetectorConformance` | ``make_detector()`` |
 | :class:`CommBackendConformance` | ``run_ranks(world_size, program)`` (runs ``program(backend, world_size)`` on each rank; torch needed) |
+| :class:`KVTransferChannelConformance` | ``run_pair(producer, consumer, lease_s)`` (runs each program in its own process with a channel, a pool and a link; torch needed) |
 | :class:`QuantizerConformance` | ``make_quantizer()``; optionally ``make_layers()``, ``make_unfit_layers()`` and ``calibration_run(layers)`` (needs torch) |
 | :class:`SparsifierConformance` | ``make_sparsifier()``; optionally ``make_layers()`` and ``calibration_run(layers)`` (needs torch) |
 
@@ -47,6 +48,7 @@ from sagellm.core.testing.comm import CommBackendConformance
 from sagellm.core.testing.cot import CoTControllerConformance
 from sagellm.core.testing.eviction import EvictionPolicyConformance
 from sagellm.core.testing.kv_pool import KVPoolConformance
+from sagellm.core.testing.kv_transfer import KVTransferChannelConformance
 from sagellm.core.testing.lifetime import LifetimePredictorConformance
 from sagellm.core.testing.platform import PlatformConformance
 from sagellm.core.testing.prefix_index import PrefixIndexConformance
@@ -66,6 +68,7 @@ __all__ = [
     "CommBackendConformance",
     "EvictionPolicyConformance",
     "KVPoolConformance",
+    "KVTransferChannelConformance",
     "LifetimePredictorConformance",
     "PlatformConformance",
     "PrefixIndexConformance",
