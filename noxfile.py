@@ -103,7 +103,7 @@ def _install_local(
     metadata (entry points, dependencies) reaches a reused venv.
     """
     extras = extras or {}
-    args = ["-c", str(CONSTRAINTS)]
+    args = ["-c", str(CONSTRAINTS), "--override", str(_overrides())]
     for folder in _closure(session, folders):
         spec = str(ROOT / folder)
         wanted = [e for e in extras.get(folder, []) if e]
@@ -114,6 +114,19 @@ def _install_local(
         session.install(*args)
     else:
         session.run(_uv(), "pip", "install", "--python", python, *args, external=True)
+
+
+# xgrammar (the engine's structured extra) declares triton on Linux x86-64 (~150 MB), which
+# only its CUDA kernels use; CPU runs and tests never import it, so it is kept out.
+OVERRIDES = 'triton ; sys_platform == "never"\n'
+
+
+def _overrides() -> Path:
+    path = ROOT / ".nox" / "overrides-dev.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != OVERRIDES:
+        path.write_text(OVERRIDES)
+    return path
 
 
 def _test_extras(folder: str) -> list[str]:

@@ -33,7 +33,7 @@ _LAZY = {
     "EngineBuilder": "sagellm.engine.builder",
     "LLM": "sagellm.engine.llm",
     "LLMEngine": "sagellm.engine.llm_engine",
-    "SamplingParams": "sagellm.core.types",
+    "SamplingParams": "sagellm.engine.structured",  # the core type + structured_output
 }
 
 

@@ -77,6 +77,10 @@ def server_config_from_args(
     from sagellm.engine.config import ServerConfig, api_keys_from
 
     keys = api_keys_from(args.api_key or (), args.api_keys_file, environ=environ)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ConfigError(
+            "--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)"
+        )
     try:
         return ServerConfig(
             host=args.host or host or "127.0.0.1",
@@ -90,6 +94,8 @@ def server_config_from_args(
             tenant_max_tokens_per_minute=args.tenant_max_tokens_per_minute,
             strict_request_fields=args.strict_request_fields,
             reasoning_markers=reasoning_markers(args.reasoning_parser),
+            tool_call_parser=args.tool_call_parser,
+            enable_auto_tool_choice=args.enable_auto_tool_choice,
         )
     except ValidationError as exc:
         problems = "; ".join(
@@ -348,6 +354,20 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="split chat replies into reasoning_content and content: 'think' (<think>...</think>)"
         ' or JSON {"reasoning_start_str": ..., "reasoning_end_str": ...}; also the markers '
         "a per-request thinking_token_budget counts between",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=("hermes", "llama3_json"),
+        default=None,
+        help="format of the model's tool calls: hermes (<tool_call>{...}</tool_call>) or "
+        'llama3_json ({"name": ..., "parameters": ...}); tool_choice required/named uses it '
+        "too (default there: hermes)",
+    )
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='allow tool_choice "auto" (the default when a request has tools): the reply is '
+        "parsed for calls with --tool-call-parser",
     )
 
 

@@ -23,10 +23,18 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sagellm.core.errors import ConfigError
 
@@ -119,6 +127,18 @@ class ServerConfig(BaseModel):
     strict_request_fields: bool = False  # unknown request fields: 400 instead of a warning
     # (start, end) reasoning markers: chat replies split reasoning_content from content
     reasoning_markers: tuple[str, str] | None = None
+    # Tool calls: the output format parsed for tool_choice "auto" (vLLM's names), and
+    # whether "auto" is allowed at all (required/named choices work without either).
+    tool_call_parser: Literal["hermes", "llama3_json"] | None = None
+    enable_auto_tool_choice: bool = False
+
+    @model_validator(mode="after")
+    def _auto_needs_parser(self) -> ServerConfig:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError(
+                "enable_auto_tool_choice needs tool_call_parser (hermes or llama3_json)"
+            )
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -49,6 +49,9 @@ def _message_text(content: Any) -> str:
 
 _PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "cache_salt"})
 
+#: Message keys kept for the chat template besides role and content.
+_TOOL_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name")
+
 
 def _prompt_batch(
     prompts: PromptInput | Sequence[PromptInput], cache_salt: str
@@ -107,7 +110,11 @@ def apply_chat_template(
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m:
             raise InvalidRequestError(f"messages[{i}] needs a 'role' and a 'content'")
-        conv.append({"role": str(m["role"]), "content": _message_text(m.get("content"))})
+        message = {"role": str(m["role"]), "content": _message_text(m.get("content"))}
+        for key in _TOOL_MESSAGE_KEYS:  # tool-aware templates read these
+            if m.get(key) is not None:
+                message[key] = m[key]
+        conv.append(message)
     if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
         raise InvalidRequestError("the model's tokenizer has no chat template; use completions")
     text: str = tokenizer.apply_chat_template(

@@ -8,6 +8,12 @@ conditions (end of sequence, stop tokens, stop strings, ``max_tokens``, context 
 
 A request with ``n > 1`` becomes ``n`` sub-requests with their own seeds; their outputs are
 merged back into one :class:`RequestOutput` with ``n`` completions.
+
+A structured output (``sampling.structured_output``, :mod:`sagellm.engine.structured`) is
+compiled when the request is added and gives each sub-request its own grammar matcher; the
+sampler masks that row's logits, every appended token advances the matcher once, and a
+matcher that completes finishes the sub-request ("stop"). Constrained sub-requests get no
+speculative drafts.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from sagellm.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from sagellm.engine.metrics import EngineStats
 from sagellm.engine.sampler import Sampler, SamplingRow, mix_seed
 from sagellm.engine.speculation import SpeculativeDecoder, SpeculativeSettings
+from sagellm.engine.structured import GrammarState, StructuredOutputs, structured_output_of
 
 __all__ = ["LLMEngine", "Prompt"]
 
@@ -73,6 +80,7 @@ class _Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    grammar: GrammarState | None = None  # the matcher of a structured output
 
     @property
     def finished(self) -> bool:
@@ -170,6 +178,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.eos_token_ids = self._eos_token_ids()
         self.vocab_size = self._vocab_size()
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._seed_rng = random.Random(self.config.seed)
         self._requests: dict[str, _Request] = {}  # by caller id
         self._sequences: dict[str, _Sequence] = {}  # by scheduler id
@@ -258,6 +267,16 @@ class LLMEngine:
         context, token ids outside the vocabulary or an id already in use.
         """
         sampling = self.cot.prepare(sampling or SamplingParams(), cot)
+        constraint = structured_output_of(sampling)
+        if constraint is not None:
+            if sampling.thinking_token_budget is not None or (
+                cot is not None and cot.early_exit is not None
+            ):
+                raise InvalidRequestError(
+                    "a structured output cannot be combined with thinking_token_budget or "
+                    "early exit (forced tokens would break the grammar): drop one of them"
+                )
+            self.structured.compile(constraint)  # a bad schema fails here, before queueing
         if request_id is None:
             request_id = f"req-{next(self._auto_ids)}"
         if request_id in self._requests:
@@ -299,6 +318,7 @@ class LLMEngine:
                 logprobs=[] if sampling.logprobs is not None else None,
                 cumulative_logprob=0.0 if sampling.logprobs is not None else None,
                 metrics=RequestMetrics(arrival_time=arrival, num_prompt_tokens=len(token_ids)),
+                grammar=None if constraint is None else self.structured.new_state(constraint),
             )
             req.sequences.append(seq)
         added: list[str] = []
@@ -471,6 +491,8 @@ class LLMEngine:
             out_ids = seq.output_token_ids
             if not out_ids or seq.finished or self.cot.controls(rid):
                 continue  # a CoT controller sees (and may force) one token per step
+            if seq.grammar is not None:
+                continue  # drafts are not checked against the grammar: constrained rows decode
             if get_state is not None:
                 state = get_state(rid)
                 # only a request whose KV covers everything but its newest token decodes
@@ -500,6 +522,7 @@ class LLMEngine:
             seed=seq.seed,
             prompt_token_ids=seq.parent.prompt_token_ids,
             output_token_ids=[*outs, *extra] if extra else outs,
+            grammar=seq.grammar,
         )
 
     def _select_tokens(self, out: Any, row_ids: Sequence[str], logits: Any) -> dict[str, _Emitted]:
@@ -576,7 +599,20 @@ class LLMEngine:
         if seq.logprobs is not None and top is not None:
             seq.logprobs.append(top)
             seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + (logprob or 0.0)
-        stop_token = (not p.ignore_eos and token_id in self.eos_token_ids) or (
+        grammar_done = False
+        if seq.grammar is not None:
+            if not seq.grammar.accept(token_id):
+                # The mask only lets allowed tokens through; nothing else samples this row.
+                logger.error(
+                    "request %s: token %d is not allowed by its grammar", seq.request_id, token_id
+                )
+                if seq.detokenizer is not None:
+                    seq.text += seq.detokenizer.flush()
+                return FinishReason.ABORT, "grammar"
+            # A completed grammar ends on one of the engine's end-of-sequence ids, which
+            # then ends the sequence even under ignore_eos.
+            grammar_done = seq.grammar.terminated
+        stop_token = ((grammar_done or not p.ignore_eos) and token_id in self.eos_token_ids) or (
             token_id in p.stop_token_ids
         )
         if stop_token:
@@ -598,6 +634,10 @@ class LLMEngine:
                         else (seq.text[:pos])
                     )
                     return FinishReason.STOP, stop
+        if grammar_done:
+            if seq.detokenizer is not None:
+                seq.text += seq.detokenizer.flush()
+            return FinishReason.STOP, None
         num_output = len(seq.output_token_ids)
         if (p.max_tokens is not None and num_output >= p.max_tokens) or (
             len(seq.parent.prompt_token_ids) + num_output >= self.max_model_len

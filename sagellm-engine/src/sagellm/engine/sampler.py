@@ -1,6 +1,7 @@
 """Token selection from logits, vectorised over the batch.
 
-Order of operations (as in vLLM v1): logprobs of the raw distribution, penalties
+Order of operations (as in vLLM v1): the grammar mask of rows with a structured output
+(:mod:`sagellm.engine.structured`), logprobs of the resulting distribution, penalties
 (repetition on prompt and output, presence and frequency on output), greedy rows take the
 argmax, other rows are divided by their temperature, then min-p, top-k and top-p mask the
 tail and a token is drawn with the exponential race ``argmax(p / q)``, ``q ~ Exp(1)``.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sagellm.core.types import SamplingParams
+from sagellm.engine.structured import GrammarState, apply_grammar_masks
 
 __all__ = ["Sampler", "SamplerOutput", "SamplingRow", "mix_seed"]
 
@@ -50,6 +52,7 @@ class SamplingRow:
     seed: int  # the request's seed (its own, or one the engine assigned)
     prompt_token_ids: Sequence[int] = ()  # for the repetition penalty
     output_token_ids: Sequence[int] = ()  # tokens generated so far; its length is the index
+    grammar: GrammarState | None = None  # structured output: masks the row's logits
 
     @property
     def token_index(self) -> int:
@@ -70,6 +73,16 @@ class SamplerOutput:
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _masked(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Logits with the grammar masks of the constrained rows applied (the same tensor when
+    no row is constrained: unconstrained batches pay nothing)."""
+    constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+    if not constrained:
+        return logits
+    states = [g for g in (rows[i].grammar for i in constrained) if g is not None]
+    return apply_grammar_masks(logits, constrained, states)
 
 
 class Sampler:
@@ -95,6 +108,7 @@ class Sampler:
             )
         if num_rows == 0:
             return SamplerOutput([], [], [])
+        logits = _masked(logits, rows)
         params = [r.params for r in rows]
         want_logprobs = [p.logprobs is not None for p in params]
         any_penalty = any(_has_penalty(p) for p in params)
@@ -144,7 +158,7 @@ class Sampler:
         """The distribution each row samples from: penalties, then temperature, min-p,
         top-k and top-p; a greedy row is a point mass on its argmax. ``[rows, vocab]``."""
         params = [r.params for r in rows]
-        logits = logits.float()
+        logits = _masked(logits, rows).float()
         if any(_has_penalty(p) for p in params):
             logits = self._apply_penalties(logits, rows)
         greedy = torch.tensor([p.temperature < _GREEDY_EPS for p in params], device=logits.device)

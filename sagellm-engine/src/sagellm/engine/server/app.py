@@ -25,6 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -50,6 +51,14 @@ from sagellm.engine.server.protocol import (
 )
 from sagellm.engine.server.rate_limiter import Admission, RateLimiter, Refusal
 from sagellm.engine.server.tenants import Tenant, Tenants
+from sagellm.engine.server.tools import (
+    ChatTool,
+    NamedToolChoice,
+    make_parser,
+    render_tool_messages,
+    tool_grammar,
+)
+from sagellm.engine.structured import StructuredOutput
 
 __all__ = ["APIError", "build_app"]
 
@@ -243,6 +252,23 @@ def _consistency(out: Any) -> dict[str, Any]:
             "confidence": vote.confidence,
         }
     }
+
+
+@dataclass(frozen=True)
+class _ToolPlan:
+    """How a chat request uses its tools."""
+
+    tools: list[ChatTool]
+    parser: str  # --tool-call-parser format of the reply
+    constraint: StructuredOutput | None  # the grammar of a required or named choice
+
+
+def _template_takes_tools(tokenizer: Any) -> bool:
+    """True when the chat template renders ``tools`` itself."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates
+        template = template.get("tool_use") or template.get("default")
+    return isinstance(template, str) and "tools" in template
 
 
 class _Server:
@@ -578,12 +604,20 @@ class _Server:
         self.check_model(req.model)
         if not req.messages:
             raise APIError(400, "messages must hold at least one message", param="messages")
+        plan = self._tool_plan(req)
+        messages = [m.as_template_message() for m in req.messages]
+        template_kwargs = dict(req.chat_template_kwargs or {})
+        if plan is not None:
+            if _template_takes_tools(self.engine.tokenizer):
+                template_kwargs["tools"] = [t.as_dict() for t in plan.tools]
+            else:
+                messages = render_tool_messages(messages, plan.tools, plan.parser)
         render = functools.partial(
             apply_chat_template,
             self.engine.tokenizer,
-            [m.as_template_message() for m in req.messages],
+            messages,
             add_generation_prompt=req.add_generation_prompt,
-            **dict(req.chat_template_kwargs or {}),
+            **template_kwargs,
         )
         try:
             text = await asyncio.to_thread(render)  # templates can be slow: off the loop
@@ -595,11 +629,11 @@ class _Server:
             ) from None
         ids = await self.tokenize(text, add_special_tokens=False)
         max_tokens = self.resolve_max_tokens(len(ids), req.requested_max_tokens(), "messages")
-        sampling = self._sampling(req, max_tokens)
+        sampling = self._sampling(req, max_tokens, plan.constraint if plan else None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         flight = await self.start(request, req, [ids], sampling, rid, kind=RequestKind.CHAT)
         if req.stream:
-            return self._sse(self._chat_chunks(req, rid, flight), flight)
+            return self._sse(self._chat_chunks(req, rid, flight, plan), flight)
         (out,) = await self.collect(request, flight)
         choices = []
         for c in out.outputs:
@@ -608,6 +642,14 @@ class _Server:
                 message["reasoning_content"], message["content"] = split_reasoning(
                     c.text, self.reasoning
                 )
+            finish = _finish_reason(c.finish_reason)
+            if plan is not None:
+                content, calls = make_parser(plan.parser).parse(message["content"] or "")
+                message["tool_calls"] = [call.as_dict() for call in calls]
+                if calls:
+                    message["content"] = content
+                    if finish == "stop":
+                        finish = "tool_calls"
             choices.append(
                 {
                     "index": c.index,
@@ -615,7 +657,7 @@ class _Server:
                     "logprobs": {"content": self._chat_logprobs(c, req.top_logprobs or 0)}
                     if req.logprobs
                     else None,
-                    "finish_reason": _finish_reason(c.finish_reason),
+                    "finish_reason": finish,
                     "stop_reason": c.stop_reason,
                 }
             )
@@ -632,7 +674,7 @@ class _Server:
         )
 
     async def _chat_chunks(
-        self, req: ChatCompletionRequest, rid: str, flight: _Flight
+        self, req: ChatCompletionRequest, rid: str, flight: _Flight, plan: _ToolPlan | None
     ) -> AsyncIterator[dict[str, Any]]:
         created = int(time.time())
 
@@ -652,6 +694,7 @@ class _Server:
         for i in sorted(roles):
             yield chunk(i, {"role": "assistant", "content": ""}, None, None)
         splits: dict[int, ReasoningStream] = {}
+        parsers: dict[int, Any] = {}
         async for _, out in _merge(flight.streams):
             flight.observe(0, out, sum(len(c.token_ids) for c in out.outputs))
             for c in out.outputs:
@@ -663,14 +706,29 @@ class _Server:
                 if c.index not in roles:
                     roles.add(c.index)
                     yield chunk(c.index, {"role": "assistant", "content": ""}, None, None)
-                delta = {"content": c.text} if c.text else {}
+                delta: dict[str, Any] = {"content": c.text} if c.text else {}
                 if self.reasoning is not None:
                     split = splits.setdefault(c.index, ReasoningStream(self.reasoning))
                     r, text = split.feed(c.text, final=c.finish_reason is not None)
                     delta = {"reasoning_content": r} if r else {}
                     if text:
                         delta["content"] = text
-                yield chunk(c.index, delta, _finish_reason(c.finish_reason), lp)
+                finish = _finish_reason(c.finish_reason)
+                if plan is not None:
+                    parser = parsers.setdefault(c.index, make_parser(plan.parser))
+                    content, calls = parser.feed(
+                        delta.pop("content", ""), final=c.finish_reason is not None
+                    )
+                    if content:
+                        delta["content"] = content
+                    if calls:
+                        first = parser.num_calls - len(calls)
+                        delta["tool_calls"] = [
+                            {"index": first + k, **call.as_dict()} for k, call in enumerate(calls)
+                        ]
+                    if finish == "stop" and parser.num_calls:
+                        finish = "tool_calls"
+                yield chunk(c.index, delta, finish, lp)
         if req.include_usage:
             yield {
                 "id": rid,
@@ -705,11 +763,52 @@ class _Server:
 
     # ------------------------------------------------------------------ shared
 
-    def _sampling(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> Any:
+    def _sampling(
+        self,
+        req: CompletionRequest | ChatCompletionRequest,
+        max_tokens: int,
+        tool_constraint: StructuredOutput | None = None,
+    ) -> Any:
         try:
+            if isinstance(req, ChatCompletionRequest):
+                return req.to_sampling(max_tokens, tool_constraint)
             return req.to_sampling(max_tokens)
         except ValidationError as exc:
             raise _from_validation(exc) from None
+
+    def _tool_plan(self, req: ChatCompletionRequest) -> _ToolPlan | None:
+        """How the request's tools are used; None when it has none (or tool_choice none)."""
+        try:
+            choice = req.effective_tool_choice()
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), param="tool_choice") from None
+        if choice == "none" or not req.tools:
+            return None
+        parser = self.config.tool_call_parser
+        if choice == "auto":
+            if not self.config.enable_auto_tool_choice or parser is None:
+                raise APIError(
+                    400,
+                    'tool_choice "auto" (the default with tools) needs a server started with '
+                    "--enable-auto-tool-choice and --tool-call-parser; or send tool_choice "
+                    '"required", a named function or "none"',
+                    param="tool_choice",
+                )
+            return _ToolPlan(list(req.tools), parser, None)
+        parser = parser or "hermes"
+        if isinstance(choice, NamedToolChoice):
+            names = [t.function.name for t in req.tools]
+            if choice.function.name not in names:
+                raise APIError(
+                    400,
+                    f"tool_choice names the function {choice.function.name!r}, which is not "
+                    f"in tools ({', '.join(repr(n) for n in names)})",
+                    param="tool_choice",
+                )
+        constraint = tool_grammar(
+            parser, req.tools, choice, parallel_tool_calls=req.parallel_tool_calls
+        )
+        return _ToolPlan(list(req.tools), parser, constraint)
 
     async def _decode(self, ids: list[int]) -> str:
         tok = self.engine.tokenizer

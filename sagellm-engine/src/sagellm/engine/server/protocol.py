@@ -9,10 +9,17 @@ something other than their neutral value, never silently ignored.
 
 ``cache_salt`` (vLLM's field) separates prefix caches: requests share cached prefixes
 only with requests of the same tenant and the same salt.
+
+Structured outputs (:mod:`sagellm.engine.structured`): OpenAI's ``response_format``
+(``json_object``, ``json_schema``), vLLM's ``guided_json``/``guided_regex``/
+``guided_choice``/``guided_grammar`` and its newer ``structured_outputs`` object; at most
+one of them per request. Chat completions also take ``tools``, ``tool_choice`` and
+``parallel_tool_calls`` (:mod:`sagellm.engine.server.tools`).
 """
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -26,12 +33,15 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationError,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from sagellm.core.errors import InvalidRequestError
-from sagellm.core.types import SamplingParams, SelfConsistency
+from sagellm.core.types import SelfConsistency
+from sagellm.engine.server.tools import ChatTool, NamedToolChoice
+from sagellm.engine.structured import SamplingParams, StructuredOutput
 
 __all__ = [
     "MAX_CACHE_SALT_CHARS",
@@ -86,6 +96,13 @@ class _SamplingFields(BaseModel):
     thinking_token_budget: StrictInt | None = Field(None, ge=0)  # vLLM's reasoning cap
     # sagellm: {"n": 16, "method": "esc", "window": 4, "options": {...}}; returns the vote
     self_consistency: SelfConsistency | None = None
+    # structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @field_validator("cache_salt", mode="before")
     @classmethod
@@ -112,8 +129,71 @@ class _SamplingFields(BaseModel):
             raise InvalidRequestError("stop takes at most 16 strings")
         return tuple(s for s in stops if s)
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def structured_output(self) -> StructuredOutput | None:
+        """The request's output constraint (None: free text); at most one source."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type", "text")
+            if kind == "json_object":
+                found.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise InvalidRequestError(
+                        "response_format json_schema needs json_schema.schema, a JSON schema "
+                        'object: {"type": "json_schema", "json_schema": {"name": ..., '
+                        '"schema": {...}}}'
+                    )
+                found.append(("response_format", {"json": spec["schema"]}))
+            elif kind != "text":
+                raise InvalidRequestError(
+                    f"response_format type {kind!r} is not supported; use 'text', "
+                    "'json_object' or 'json_schema'"
+                )
+        for name, key in (
+            ("guided_json", "json"),
+            ("guided_regex", "regex"),
+            ("guided_choice", "choice"),
+            ("guided_grammar", "grammar"),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                if key == "json" and isinstance(value, str):
+                    try:
+                        value = json.loads(value)
+                    except json.JSONDecodeError as exc:
+                        raise InvalidRequestError(f"guided_json is not valid JSON: {exc}") from None
+                found.append((name, {key: value}))
+        so = self.structured_outputs
+        if so is not None:
+            given = {k: v for k, v in so.items() if v is not None and v is not False}
+            found.append(("structured_outputs", given))
+        if not found:
+            return None
+        if len(found) > 1:
+            raise InvalidRequestError(
+                "give one output constraint per request; got "
+                + " and ".join(name for name, _ in found)
+            )
+        name, fields = found[0]
+        try:
+            return StructuredOutput.model_validate(fields)
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(p) for p in problem.get("loc", ()))
+            detail = f"{where}: {problem['msg']}" if where else problem["msg"]
+            raise InvalidRequestError(f"{name}: {detail}") from None
+
+    def _sampling(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        structured: StructuredOutput | None = None,
+    ) -> SamplingParams:
         self._check_unsupported()
+        if structured is None:
+            structured = self.structured_output()
         return SamplingParams(
             n=self.n,
             max_tokens=max_tokens,
@@ -132,6 +212,7 @@ class _SamplingFields(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             thinking_token_budget=self.thinking_token_budget,
+            structured_output=structured,
         )
 
     @property
@@ -177,6 +258,23 @@ class _TextPart(BaseModel):
     text: StrictStr
 
 
+class _CalledFunction(BaseModel):
+    model_config = _LAX
+
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it
+
+
+class _AssistantToolCall(BaseModel):
+    """A call an earlier assistant turn made (``messages[].tool_calls[]``)."""
+
+    model_config = _LAX
+
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: _CalledFunction
+
+
 class ChatMessage(BaseModel):
     """One message of a conversation."""
 
@@ -185,15 +283,38 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[_TextPart] | None = None
     name: str | None = None
+    tool_calls: list[_AssistantToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: StrictStr | None = None  # the call a tool message answers
 
     def as_template_message(self) -> dict[str, Any]:
-        """The ``{role, content}`` mapping a chat template expects."""
+        """The mapping a chat template expects: ``{role, content}``, plus ``tool_calls``
+        (arguments as objects, as Hugging Face templates read them) and ``tool_call_id``."""
         if isinstance(self.content, list):
             text = "".join(p.text for p in self.content)
         else:
             text = self.content or ""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text}
+        message: dict[str, Any] = {"role": role, "content": text}
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                try:
+                    args = json.loads(c.function.arguments)
+                except json.JSONDecodeError:
+                    raise InvalidRequestError(
+                        f"the arguments of the earlier call to {c.function.name!r} are not JSON"
+                    ) from None
+                calls.append(
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.function.name, "arguments": args},
+                    }
+                )
+            message["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -204,9 +325,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
     add_generation_prompt: StrictBool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -218,16 +339,31 @@ class ChatCompletionRequest(_SamplingFields):
             else (self.max_tokens)
         )
 
-    def to_sampling(self, max_tokens: int | None) -> SamplingParams:
-        """SamplingParams with ``max_tokens`` resolved by the server."""
-        if self.tools:
-            raise InvalidRequestError("tools are not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidRequestError("only response_format {'type': 'text'} is supported")
+    def effective_tool_choice(self) -> Literal["none", "auto", "required"] | NamedToolChoice:
+        """``tool_choice`` with OpenAI's defaults: ``auto`` with tools, ``none`` without."""
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        if self.tool_choice != "none" and not self.tools:
+            raise InvalidRequestError("tool_choice needs tools: give the functions in tools")
+        return self.tool_choice
+
+    def to_sampling(
+        self, max_tokens: int | None, tool_constraint: StructuredOutput | None = None
+    ) -> SamplingParams:
+        """SamplingParams with ``max_tokens`` resolved by the server; ``tool_constraint``
+        is the grammar of a required or named tool choice."""
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs set to true")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(max_tokens, logprobs)
+        structured = self.structured_output()
+        if tool_constraint is not None:
+            if structured is not None:
+                raise InvalidRequestError(
+                    "a required or named tool_choice already constrains the reply; drop "
+                    "response_format/guided_* or use tool_choice 'auto'"
+                )
+            structured = tool_constraint
+        return self._sampling(max_tokens, logprobs, structured)
 
 
 def unknown_fields(model: type[BaseModel], data: Mapping[str, Any]) -> list[str]:
