@@ -940,6 +940,38 @@ def perf_gate(session: nox.Session) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# LMDeploy runtime: its patches tested on lmdeploy's real classes (CPU, no model)
+
+#: lmdeploy ships CUDA wheels declaring torch<=2.12.1: install it with --no-deps, plus the
+#: pure-Python packages its paging, messages, config and distributed modules import.
+LMDEPLOY_PURE_DEPS = [
+    "mmengine-lite",
+    "addict",
+    "termcolor",
+    "yapf",
+    "platformdirs",
+    "pillow",
+    "pybase64",
+    "pyzmq",
+    "shortuuid",
+    "einops",
+    "requests",
+    "apache-tvm-ffi==0.1.11",
+]
+
+
+@nox.session
+@nox.parametrize("lmdeploy", ["0.18.0"])
+def lmdeploy(session: nox.Session, lmdeploy: str) -> None:
+    """sagellm-engine/tests/lmdeploy against lmdeploy==<version> installed with --no-deps."""
+    folders = ["sagellm-engine", "sagellm-eviction", "sagellm-prefix-cache"]
+    _install_local(session, folders, extras={"sagellm-engine": ["test"]})
+    session.install("-c", str(CONSTRAINTS), *LMDEPLOY_PURE_DEPS)
+    session.install("--no-deps", f"lmdeploy=={lmdeploy}")
+    _pytest(session, "-q", "sagellm-engine/tests/lmdeploy", *session.posargs)
+
+
+# ---------------------------------------------------------------------------------------
 # Everything
 
 
@@ -954,6 +986,7 @@ def test(session: nox.Session) -> None:
     names = ["lint", "contracts", "typecheck"]
     names += [f"tests({folder})" for folder in repo.discover()]
     names += ["integration", "install_check", "no_torch"]
+    names += ["lmdeploy"]
     for name in names:
         session.notify(name, posargs=[])
     # the perf gate's CI form: exact counters, a loose interleaved timing ratio
