@@ -82,3 +82,29 @@ def compressed_load(channel: Any, pool: Any, link: Any, n: int, limit_s: float) 
     channel.wait(load)
     got = [torch.stack([pool.layer_cache(la)[j][dst] for j in range(2)]) for la in range(2)]
     return {"got": got, "stats": channel.make_stats()}
+
+
+def offer_scattered(channel: Any, pool: Any, link: Any, n: int, limit_s: float) -> Any:
+    """Offer ``n`` blocks whose ids are not consecutive (every other block, reversed)."""
+    held = pool.allocate(2 * n)
+    ids = held[::2][::-1]
+    fill(pool, "big", ids)
+    _, plan = channel.request_finished("big", ids)
+    link.put(plan)
+    link.get(limit_s)  # the consumer has its blocks
+    return ids
+
+
+def load_scattered(channel: Any, pool: Any, link: Any, n: int, limit_s: float) -> Any:
+    """Load into destination blocks that are partly consecutive, partly not; return what
+    arrived, in the request's block order."""
+    plan = link.get(30)
+    channel.add_remote_request(plan)
+    held = pool.allocate(2 * n)
+    dst = held[:2] + held[3::2][: n - 2]  # a run of two, then every other block
+    load = channel.update_state_after_alloc("big", dst, plan.num_tokens)
+    channel.start_load(load)
+    channel.wait(load)
+    link.put("done")
+    layers = pool.schema.num_layers
+    return [[pool.layer_cache(la)[j][dst].clone() for j in range(2)] for la in range(layers)]

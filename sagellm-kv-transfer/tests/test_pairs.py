@@ -89,3 +89,26 @@ def test_int8_compression_error_is_within_its_bound(dtype: str) -> None:
     assert sent == wire_bytes(schema, 5, 2, "int8")
     ratio = wire_bytes(schema, 5, 2, "none") / sent
     assert ratio > (3.5 if dtype == "float32" else 1.8)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_scattered_block_ids_arrive_exactly_through_staging(pipeline: bool) -> None:
+    """Ids that are not consecutive go through the staging buffers (consecutive ones are
+    sent from and received into the pools' own storage): every byte arrives either way."""
+    schema = KVCacheSchema(num_layers=3, num_kv_heads=2, head_dim=16, block_size=4)
+    n = 7
+    p, c = run_pair(
+        progs.offer_scattered,
+        progs.load_scattered,
+        n,
+        20.0,
+        schema=schema,
+        num_blocks=2 * n,
+        options={"chunk_blocks": 3, "pipeline": pipeline, "timeout_s": 20.0},
+        timeout_s=60,
+    )
+    assert len(set(p.value)) == n and sorted(p.value) != list(p.value)  # really scattered
+    for layer in range(3):
+        for j in range(2):
+            want = torch.stack([block_values(schema, "big", layer, j, i) for i in range(n)])
+            assert torch.equal(c.value[layer][j], want)

@@ -7,8 +7,10 @@ Differences: a standalone ``ProcessGroupGloo`` on the pair's ``PrefixStore(TCPSt
 works); the consumer pulls through the control plane of :mod:`sagellm.kv_transfer.channel`;
 messages are ``chunk_blocks`` blocks of one layer, layer by layer, double-buffered: the
 producer packs message ``i + 1`` while ``i`` is on the wire and the consumer posts the
-receive of ``i + 1`` before writing ``i`` into its pool. Optional int8 compression
-(:mod:`sagellm.kv_transfer.compress`) sends a quarter of float32's bytes.
+receive of ``i + 1`` before writing ``i`` into its pool. Uncompressed, a message is two
+sends (keys, then values), and a side whose blocks of a message are consecutive ids sends
+from (or receives into) the pool's own storage with no staging copy. Optional int8
+compression (:mod:`sagellm.kv_transfer.compress`) sends a quarter of float32's bytes.
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ def _scatter(dst: torch.Tensor, ids: tuple[int, ...], values: torch.Tensor) -> N
         dst[ids[0] : ids[0] + len(ids)].copy_(values)
     else:
         dst.index_copy_(0, torch.tensor(ids), values)
+
+
+def _direct(cache: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor | None:
+    """The pool's own storage of ``ids`` when they are consecutive (one contiguous slice of
+    a contiguous cache), else None (the message goes through a staging buffer)."""
+    if len(id_runs(ids)) != 1 or not cache.is_contiguous():
+        return None
+    return cache[ids[0] : ids[0] + len(ids)]
 
 
 class TorchKVChannel(BaseKVChannel):
@@ -150,28 +160,45 @@ class TorchKVChannel(BaseKVChannel):
         nbytes = message_bytes(self._need_pool().schema, chunk, compression)
         return [torch.empty(nbytes, dtype=torch.uint8) for _ in range(count)]
 
+    def _sources(self, m: Message, buf: torch.Tensor, compression: str) -> list[torch.Tensor]:
+        """What message ``m`` sends: the int8 buffer packed whole, or the keys and the
+        values (each the pool's own slice when ``m``'s ids are consecutive)."""
+        if compression != "none":
+            self._pack(m, buf, compression)
+            return [buf]
+        kv = self._need_pool().layer_cache(m.layer)
+        payload, _ = self._views(buf, len(m.src_ids), compression)
+        out = []
+        for j in range(2):
+            direct = _direct(kv[j], m.src_ids)
+            if direct is None:
+                _gather(kv[j], m.src_ids, payload[j])
+                direct = payload[j]
+            out.append(direct)
+        return out
+
     def _serve(self, seq: int, msg: dict[str, Any], src_ids: list[int]) -> int:
         schema = self._need_pool().schema
         chunk, compression = int(msg["chunk_blocks"]), str(msg["compression"])
         plan_msgs = messages(schema.num_layers, src_ids, src_ids, chunk)
         depth = 2 if self.config.pipeline else 1
         bufs = self._buffers(min(chunk, len(src_ids)), compression, depth)
-        works: list[Any] = [None] * depth
+        works: list[list[Any]] = [[] for _ in range(depth)]
         total = 0
         for m in plan_msgs:
             slot = m.index % depth
-            if works[slot] is not None:
-                works[slot].wait()  # the buffer is free again once its send is done
+            for w in works[slot]:
+                w.wait()  # the buffer is free again once its sends are done
             n = message_bytes(schema, len(m.src_ids), compression)
-            view = bufs[slot][:n]
-            self._pack(m, view, compression)
-            works[slot] = self._pg.send([view], 1, m.index)
+            parts = self._sources(m, bufs[slot][:n], compression)
+            works[slot] = [self._pg.send([t], 1, 2 * m.index + j) for j, t in enumerate(parts)]
             if depth == 1:
-                works[slot].wait()
-                works[slot] = None
+                for w in works[slot]:
+                    w.wait()
+                works[slot] = []
             total += n
-        for w in works:
-            if w is not None:
+        for ws in works:
+            for w in ws:
                 w.wait()
         return total
 
@@ -183,20 +210,40 @@ class TorchKVChannel(BaseKVChannel):
         depth = 2 if self.config.pipeline else 1
         bufs = self._buffers(min(chunk, len(plan.block_ids)), compression, depth)
         timeout = timedelta(seconds=self.config.timeout_s)
-        pending: deque[tuple[Any, torch.Tensor]] = deque()
+        # per posted message: its receive works and, for each K/V part, whether it landed
+        # in a staging view (to scatter) or straight in the pool (None)
+        pending: deque[tuple[list[Any], torch.Tensor, list[torch.Tensor | None]]] = deque()
 
         def post(m: Message) -> None:
             n = message_bytes(schema, len(m.src_ids), compression)
             view = bufs[m.index % depth][:n]
-            pending.append((self._pg.recv([view], 0, m.index), view))
+            if compression != "none":
+                pending.append(([self._pg.recv([view], 0, 2 * m.index)], view, []))
+                return
+            kv = self._need_pool().layer_cache(m.layer)
+            payload, _ = self._views(view, len(m.dst_ids), compression)
+            works, staged = [], []
+            for j in range(2):
+                direct = _direct(kv[j], m.dst_ids)
+                target = payload[j] if direct is None else direct
+                works.append(self._pg.recv([target], 0, 2 * m.index + j))
+                staged.append(payload[j] if direct is None else None)
+            pending.append((works, view, staged))
 
         for m in plan_msgs[:depth]:
             post(m)
         total = 0
         for i, m in enumerate(plan_msgs):
-            work, view = pending.popleft()
-            work.wait(timeout)
-            self._unpack(m, view, compression)
+            works, view, staged = pending.popleft()
+            for w in works:
+                w.wait(timeout)
+            if compression != "none":
+                self._unpack(m, view, compression)
+            else:
+                kv = self._need_pool().layer_cache(m.layer)
+                for j, part in enumerate(staged):
+                    if part is not None:
+                        _scatter(kv[j], m.dst_ids, part)
             total += view.numel()
             if m.last_of_layer:
                 load.layer_done(m.layer)
