@@ -35,6 +35,7 @@ from sagellm.core.types import (
     MigrationPlan,
     MigrationResult,
     ModelOutput,
+    OverlapOp,
     PolicyContext,
     PrefixEntry,
     PrefixMatch,
@@ -795,11 +796,57 @@ class KVTransferChannel(Protocol):
 class OverlapScheduler(Protocol):
     """Overlaps communication with computation (group ``sagellm.overlap``).
 
-    Anchor: micro-batch pipelining in SGLang two-batch overlap and DeepSpeed.
+    Anchor: SGLang's two-batch overlap and vLLM's dual-batch overlap (a step's batch is
+    cut into micro-batches; one micro-batch's collective runs while another computes),
+    and DeepSpeed/Megatron's overlap of asynchronous collectives with compute. A worker
+    calls :meth:`split` on each step's plan, runs each micro-batch's layers through
+    :meth:`run` with its own compute and collective functions, and joins the results.
     """
 
     def split(self, plan: ExecutionPlan, num_micro_batches: int) -> list[ExecutionPlan]:
-        """Cut a plan into micro-batches whose communication can overlap the next compute."""
+        """Cut ``plan`` into ``num_micro_batches`` plans, in order, for one step.
+
+        Together the micro-batches hold exactly the plan's compute tokens: each
+        sequence chunk appears whole in one micro-batch, or (prefill chunks, where the
+        implementation allows) as consecutive pieces in consecutive micro-batches, with
+        only the last piece sampling. Chunk order is kept, prefill chunks stay in
+        prefill nodes and decode chunks in decode nodes, and the micro-batches are
+        balanced by the implementation's cost estimate. KV migrations go with the first
+        micro-batch (they run before the forward pass), KV transfers with the last.
+        ``num_micro_batches == 1`` returns ``[plan]``. Raises ValueError when
+        ``num_micro_batches < 1`` or when the plan cannot be cut into that many
+        non-empty micro-batches (the message says the most it allows).
+        """
+        ...
+
+    def schedule(self, num_micro_batches: int, num_layers: int) -> tuple[OverlapOp, ...]:
+        """The order :meth:`run` executes, as plain data (no side effects).
+
+        For every layer and micro-batch there is one COMPUTE, then one COMMUNICATE, then
+        one WAIT op, and a micro-batch's WAIT at layer ``l`` comes before its COMPUTE at
+        layer ``l + 1``. The COMPUTE ops between a COMMUNICATE and its WAIT are the ones
+        that collective can hide under. Raises ValueError when either count is below 1.
+        """
+        ...
+
+    def run(
+        self,
+        states: Sequence[Any],
+        num_layers: int,
+        compute: Callable[[int, int, Any], Any],
+        communicate: Callable[[int, int, Any], Callable[[], Any]],
+    ) -> list[Any]:
+        """Run ``num_layers`` layers over the micro-batches' ``states`` in schedule order.
+
+        ``compute(layer, micro_batch, state)`` returns the state the collective works
+        on; ``communicate(layer, micro_batch, state)`` starts the collective and returns
+        a waiter, a function that blocks until it is done and returns the state the next
+        layer's compute receives. Every waiter is called exactly once, before its
+        result is used. Returns the final state of each micro-batch, in order. An error
+        raised by ``compute`` or a waiter propagates after the collectives already
+        started have been waited (so none is left running). Raises ValueError when
+        ``states`` is empty or ``num_layers < 1``.
+        """
         ...
 
 

@@ -48,6 +48,8 @@ __all__ = [
     "CompletionOutput",
     "DraftRequest",
     "ModelOutput",
+    "OverlapOp",
+    "OverlapOpKind",
     "RequestMetrics",
     "RequestOutput",
     "PackedWeight",
@@ -487,6 +489,27 @@ class ExecutionPlan:
             if n.kind is IRNodeKind.PREFILL_CHUNK or n.kind is IRNodeKind.DECODE_BATCH:
                 out.extend(n.chunks)
         return tuple(out)
+
+
+class OverlapOpKind(str, enum.Enum):
+    """What one step of an overlap schedule does to one micro-batch at one layer."""
+
+    COMPUTE = "compute"  # run the layer's compute on the micro-batch
+    COMMUNICATE = "communicate"  # start the layer's collective (asynchronously)
+    WAIT = "wait"  # block until that collective is done; its result feeds the next layer
+
+
+@dataclass(frozen=True, slots=True)
+class OverlapOp:
+    """One entry of an overlap schedule: ``kind`` for ``micro_batch`` at ``layer``.
+
+    A schedule is a tuple of these in execution order. A micro-batch's collective
+    started by a COMMUNICATE op runs under the COMPUTE ops listed between it and its WAIT.
+    """
+
+    kind: OverlapOpKind
+    layer: int  # 0-based layer index
+    micro_batch: int  # 0-based index into the micro-batches of the step
 
 
 # --------------------------------------------------------------------------- capability

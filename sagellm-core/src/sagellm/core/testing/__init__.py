@@ -21,6 +21,7 @@ pytest then runs every inherited ``test_*`` method against that implementation::
 | :class:`CoTControllerConformance` | ``make_controller()`` (marker ids below ``vocab_size``) |
 | :class:`TopologyDetectorConformance` | ``make_detector()`` |
 | :class:`CommBackendConformance` | ``run_ranks(world_size, program)`` (runs ``program(backend, world_size)`` on each rank; torch needed) |
+| :class:`OverlapSchedulerConformance` | ``make_scheduler()`` (default configuration) |
 | :class:`KVTransferChannelConformance` | ``run_pair(producer, consumer, lease_s)`` (runs each program in its own process with a channel, a pool and a link; torch needed) |
 | :class:`QuantizerConformance` | ``make_quantizer()``; optionally ``make_layers()``, ``make_unfit_layers()`` and ``calibration_run(layers)`` (needs torch) |
 | :class:`SparsifierConformance` | ``make_sparsifier()``; optionally ``make_layers()`` and ``calibration_run(layers)`` (needs torch) |
@@ -50,6 +51,7 @@ from sagellm.core.testing.eviction import EvictionPolicyConformance
 from sagellm.core.testing.kv_pool import KVPoolConformance
 from sagellm.core.testing.kv_transfer import KVTransferChannelConformance
 from sagellm.core.testing.lifetime import LifetimePredictorConformance
+from sagellm.core.testing.overlap import OverlapSchedulerConformance
 from sagellm.core.testing.platform import PlatformConformance
 from sagellm.core.testing.prefix_index import PrefixIndexConformance
 from sagellm.core.testing.proposer import ProposerConformance
@@ -70,6 +72,7 @@ __all__ = [
     "KVPoolConformance",
     "KVTransferChannelConformance",
     "LifetimePredictorConformance",
+    "OverlapSchedulerConformance",
     "PlatformConformance",
     "PrefixIndexConformance",
     "ProposerConformance",
