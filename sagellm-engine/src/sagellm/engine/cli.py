@@ -96,6 +96,8 @@ def server_config_from_args(
             reasoning_markers=reasoning_markers(args.reasoning_parser),
             tool_call_parser=args.tool_call_parser,
             enable_auto_tool_choice=args.enable_auto_tool_choice,
+            pooling=args.pooling,
+            normalize_embeddings=not args.no_normalize_embeddings,
         )
     except ValidationError as exc:
         problems = "; ".join(
@@ -297,6 +299,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 f"{default} from {info.distribution} {info.version}"
                 + (f" ({info.error})" if info.error else ""),
             )
+    # lmdeploy runtime: informational, never a problem (the native runtime needs no lmdeploy)
+    from sagellm.engine.runtime.lmdeploy.doctor import doctor_lines
+
+    print("\n".join(doctor_lines()))
     print("all checks passed" if problems == 0 else f"{problems} problem(s) found")
     return 0 if problems == 0 else 1
 
@@ -368,6 +374,18 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help='allow tool_choice "auto" (the default when a request has tools): the reply is '
         "parsed for calls with --tool-call-parser",
+    )
+    g.add_argument(
+        "--pooling",
+        choices=("last", "mean"),
+        default="last",
+        help="how /v1/embeddings pools the prompt's final hidden states: the last token's "
+        "(default) or the mean over all tokens",
+    )
+    g.add_argument(
+        "--no-normalize-embeddings",
+        action="store_true",
+        help="return embeddings as pooled, without scaling them to unit L2 norm",
     )
 
 

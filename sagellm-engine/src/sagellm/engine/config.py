@@ -131,6 +131,10 @@ class ServerConfig(BaseModel):
     # whether "auto" is allowed at all (required/named choices work without either).
     tool_call_parser: Literal["hermes", "llama3_json"] | None = None
     enable_auto_tool_choice: bool = False
+    # /v1/embeddings: the served model's final-norm hidden states, pooled over the prompt
+    # (the last token's, or the mean of all) and scaled to unit L2 norm unless disabled
+    pooling: Literal["last", "mean"] = "last"
+    normalize_embeddings: bool = True
 
     @model_validator(mode="after")
     def _auto_needs_parser(self) -> ServerConfig:

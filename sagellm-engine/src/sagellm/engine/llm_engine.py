@@ -14,6 +14,14 @@ compiled when the request is added and gives each sub-request its own grammar ma
 sampler masks that row's logits, every appended token advances the matcher once, and a
 matcher that completes finishes the sub-request ("stop"). Constrained sub-requests get no
 speculative drafts.
+
+An embedding request (``pooling=``) is a prompt the scheduler batches like any other; the
+runtime returns the final-norm hidden states of its rows, which are pooled (last token or
+mean) instead of sampled, and the request finishes with the chunk that completes its
+prompt, before the scheduler would index its blocks. ``prompt_logprobs=k`` asks the
+runtime for the logits of every prompt row and returns each prompt token's logprob with
+the top ``k``. Both kinds compute every prompt row, so they never start from a cached
+prefix: they run under a cache salt of their own.
 """
 
 from __future__ import annotations
@@ -21,10 +29,11 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+import torch
 
 from sagellm.core.config import EngineConfig
 from sagellm.core.errors import CapabilityMismatchError, InvalidRequestError
@@ -47,11 +56,12 @@ from sagellm.engine.config import BuildOptions
 from sagellm.engine.cot import CoTHooks, CoTOptions
 from sagellm.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from sagellm.engine.metrics import EngineStats
+from sagellm.engine.replay import RealClock
 from sagellm.engine.sampler import Sampler, SamplingRow, mix_seed
 from sagellm.engine.speculation import SpeculativeDecoder, SpeculativeSettings
 from sagellm.engine.structured import GrammarState, StructuredOutputs, structured_output_of
 
-__all__ = ["LLMEngine", "Prompt"]
+__all__ = ["EngineRequestOutput", "LLMEngine", "PoolingParams", "Prompt", "PromptLogprob"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +70,32 @@ Prompt = str | Sequence[int]
 
 #: Tokens a step emitted for one request, with their logprobs and top-logprob entries.
 _Emitted = tuple[list[int], list[float | None], list[dict[int, float] | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolingParams:
+    """How an embedding request turns its prompt's hidden states into one vector."""
+
+    pooling: Literal["last", "mean"] = "last"  # the last token's state, or the mean of all
+    normalize: bool = True  # scale the vector to unit L2 norm
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLogprob:
+    """A prompt token's logprob (of the model's raw distribution) and its rank."""
+
+    logprob: float
+    rank: int  # 1: the most likely token
+
+
+@dataclass(slots=True)
+class EngineRequestOutput(RequestOutput):
+    """A :class:`RequestOutput` with what only some requests carry."""
+
+    # prompt_logprobs=k: per prompt position, None for the first, else token id -> logprob
+    # of the prompt token and of the k most likely ones
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    embedding: list[float] | None = None  # pooled hidden state of an embedding request
 
 
 @dataclass
@@ -81,6 +117,7 @@ class _Sequence:
     stop_reason: str | int | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     grammar: GrammarState | None = None  # the matcher of a structured output
+    pooled: Any = None  # an embedding request's running sum (mean) or last row (last)
 
     @property
     def finished(self) -> bool:
@@ -115,6 +152,10 @@ class _Request:
     arrival_time: float
     sequences: list[_Sequence] = field(default_factory=list)
     consistency: Any = None  # CoTVote of a self-consistent request
+    pooling: PoolingParams | None = None  # an embedding request
+    embedding: list[float] | None = None  # set when an embedding request finishes
+    num_prompt_logprobs: int | None = None  # prompt_logprobs=k
+    prompt_logprobs: dict[int, dict[int, PromptLogprob]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -136,14 +177,20 @@ class _Request:
         metrics.num_cached_tokens = max(s.metrics.num_cached_tokens for s in seqs)
         metrics.num_output_tokens = sum(len(s.output_token_ids) for s in seqs)
         metrics.num_preemptions = sum(s.metrics.num_preemptions for s in seqs)
-        return RequestOutput(
+        prompt_logprobs = None
+        if self.num_prompt_logprobs is not None and self.finished:
+            got = self.prompt_logprobs
+            prompt_logprobs = [None] + [got.get(p) for p in range(1, len(self.prompt_token_ids))]
+        return EngineRequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=list(self.prompt_token_ids),
-            outputs=[s.completion() for s in seqs],
+            outputs=[] if self.pooling is not None else [s.completion() for s in seqs],
             finished=self.finished,
             metrics=metrics,
             consistency=self.consistency,
+            prompt_logprobs=prompt_logprobs,
+            embedding=self.embedding,
         )
 
 
@@ -165,6 +212,7 @@ class LLMEngine:
         parts: EngineParts,
         *,
         speculative_config: str | Mapping[str, Any] | SpeculativeSettings | None = None,
+        clock: RealClock | None = None,
     ) -> None:
         self.parts = parts
         self.config: EngineConfig = parts.config
@@ -172,6 +220,9 @@ class LLMEngine:
         self.kv_pool = parts.kv_pool
         self.scheduler = parts.scheduler
         self._observe_step = getattr(self.scheduler, "observe_step", None)
+        self.clock = clock or RealClock()  # time of arrivals, tokens and steps (engine.replay)
+        if clock is not None and hasattr(self.scheduler, "clock"):
+            self.scheduler.clock = clock.now
         self.tokenizer = parts.tokenizer
         self.max_model_len = parts.max_model_len
         self.model_name = parts.model_name
@@ -206,6 +257,16 @@ class LLMEngine:
         speculative = options.speculative_config if options is not None else None
         parts = EngineBuilder(config or EngineConfig(), options, **kwargs).build()
         return cls(parts, speculative_config=speculative)
+
+    def set_clock(self, clock: RealClock) -> None:
+        """Read time from ``clock`` from now on (:class:`sagellm.engine.replay.ReplayClock`:
+        virtual time); a scheduler with a ``clock`` attribute (the cost-aware policies)
+        reads it too. Set it while no request is live: times already taken stay as read."""
+        if self._requests:
+            raise InvalidRequestError("set the clock while the engine holds no request")
+        self.clock = clock
+        if hasattr(self.scheduler, "clock"):
+            self.scheduler.clock = clock.now
 
     # ------------------------------------------------------------------ requests
 
@@ -254,8 +315,14 @@ class LLMEngine:
         add_special_tokens: bool = True,
         slo: SLO | None = None,
         cot: CoTOptions | None = None,
+        pooling: PoolingParams | None = None,
+        prompt_logprobs: int | None = None,
     ) -> str:
         """Queue a request (text or token ids); returns its id.
+
+        ``pooling`` makes it an embedding request: its final output carries ``embedding``
+        and no completions (``sampling`` is ignored). ``prompt_logprobs=k`` returns the
+        logprob of every prompt token with the ``k`` most likely ones at each position.
 
         ``cot`` asks for self-consistency or DEER's early exit (see :mod:`sagellm.engine.cot`);
         ``sampling.thinking_token_budget`` caps the reasoning between the engine's markers.
@@ -266,6 +333,12 @@ class LLMEngine:
         Raises InvalidRequestError for an empty prompt, one that leaves no room in the
         context, token ids outside the vocabulary or an id already in use.
         """
+        if pooling is not None or prompt_logprobs is not None:
+            self._check_rows_request(pooling, prompt_logprobs, cot)
+            # every prompt row is computed: never start from (or add to) a shared prefix
+            cache_salt = f"{cache_salt}\x00rows:{request_id}:{next(self._auto_ids)}"
+        if pooling is not None:
+            sampling = SamplingParams(max_tokens=1)
         sampling = self.cot.prepare(sampling or SamplingParams(), cot)
         constraint = structured_output_of(sampling)
         if constraint is not None:
@@ -293,8 +366,10 @@ class LLMEngine:
                     "a prompt is either a string or a sequence of integer token ids"
                 ) from exc
         self.validate(token_ids, sampling)
-        arrival = time.monotonic() if arrival_time is None else arrival_time
+        arrival = self.clock.now() if arrival_time is None else arrival_time
         req = _Request(request_id, text, token_ids, sampling, arrival)
+        req.pooling = pooling
+        req.num_prompt_logprobs = prompt_logprobs
         base_seed = sampling.seed if sampling.seed is not None else self._seed_rng.getrandbits(63)
         child_sampling = sampling.model_copy(update={"n": 1}) if sampling.n != 1 else sampling
         for i in range(sampling.n):
@@ -303,7 +378,7 @@ class LLMEngine:
                 raise InvalidRequestError(f"request id {sub_id!r} is already in use")
             seed = base_seed if sampling.n == 1 else mix_seed(base_seed, i)
             detok = None
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and pooling is None:
                 detok = IncrementalDetokenizer(
                     self.tokenizer, token_ids, skip_special_tokens=sampling.skip_special_tokens
                 )
@@ -362,7 +437,7 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         outputs = []
-        now = time.monotonic()
+        now = self.clock.now()
         for rid in request_ids:
             req = self._requests.pop(rid, None)
             if req is None:
@@ -403,12 +478,12 @@ class LLMEngine:
         ``unfinished_outputs=False`` returns only the requests that finished (batch callers
         skip building outputs they would discard).
         """
-        t0 = time.perf_counter()
+        t0 = self.clock.start_step()
         if self.speculative is not None:
             self._propose(self.speculative)
         out = self.scheduler.schedule()
         self.last_step_num_tokens = out.num_scheduled_tokens
-        now = time.monotonic()
+        now = self.clock.now()
         touched: dict[str, _Request] = {}
         finished: dict[FinishReason, list[str]] = {}
 
@@ -436,14 +511,26 @@ class LLMEngine:
                     )
             plan = self.scheduler.build_plan(out)
             self._run_kv_moves(plan)
-            model_out = self.runtime.execute(plan)
+            hidden_ids, prompt_logit_ids = self._row_requests(out)
+            if hidden_ids or prompt_logit_ids:
+                # the native runtime's extension of Runtime.execute (checked when added)
+                execute_rows: Any = self.runtime.execute
+                model_out = execute_rows(
+                    plan, hidden_ids=hidden_ids, prompt_logit_ids=prompt_logit_ids
+                )
+            else:
+                model_out = self.runtime.execute(plan)
             row_ids = list(model_out.request_ids)
-            logits = self.cot.forced_logits(row_ids, model_out.logits)
+            logits = model_out.logits
+            if hidden_ids or prompt_logit_ids:
+                row_ids, logits = self._take_rows(out, model_out, now, touched)
+            logits = self.cot.forced_logits(row_ids, logits)
             emitted = self._select_tokens(out, row_ids, logits)
+            self.clock.advance(out)  # a replay clock moves by the step's predicted cost
             self.scheduler.update_from_output(out, {rid: e[0] for rid, e in emitted.items()})
             if self._observe_step is not None:  # cost-model policies (slo, adaptive) learn here
-                self._observe_step(out.num_scheduled_tokens, time.perf_counter() - t0)
-            now = time.monotonic()
+                self._observe_step(out.num_scheduled_tokens, self.clock.step_seconds(t0))
+            now = self.clock.now()
             num_generated = 0
             for rid, (toks, lps, tops) in emitted.items():
                 seq = self._sequences[rid]
@@ -474,8 +561,122 @@ class LLMEngine:
             if done:
                 self._retire(req)
         self._stats.num_steps += 1
-        self._stats.step_seconds += time.perf_counter() - t0
+        self._stats.step_seconds += self.clock.step_seconds(t0)
         return outputs
+
+    # ------------------------------------------------------------------ embeddings, prompt rows
+
+    def _check_rows_request(
+        self, pooling: PoolingParams | None, prompt_logprobs: int | None, cot: CoTOptions | None
+    ) -> None:
+        if pooling is not None and prompt_logprobs is not None:
+            raise InvalidRequestError("an embedding request has no prompt_logprobs")
+        if prompt_logprobs is not None and prompt_logprobs < 0:
+            raise InvalidRequestError(f"prompt_logprobs must be 0 or more; got {prompt_logprobs}")
+        if cot is not None:
+            raise InvalidRequestError(
+                "self-consistency and early exit cannot be combined with embeddings or "
+                "prompt_logprobs"
+            )
+        if not getattr(self.runtime, "execute_returns_rows", False):
+            raise CapabilityMismatchError(
+                f"embeddings and prompt_logprobs need a runtime that returns every row of a "
+                f"chunk; {type(self.runtime).__name__} does not: use the native runtime"
+            )
+
+    def _row_requests(self, out: Any) -> tuple[list[str], list[str]]:
+        """Requests of this step whose chunks need hidden states / every row's logits."""
+        hidden: list[str] = []
+        prompt: list[str] = []
+        for chunk in out.chunks:
+            seq = self._sequences.get(chunk.request_id)
+            if seq is None:
+                continue
+            req = seq.parent
+            num_prompt = len(req.prompt_token_ids)
+            if req.pooling is not None:
+                # last pooling needs only the chunk that reaches the end of the prompt
+                if req.pooling.pooling == "mean" or chunk.sample:
+                    hidden.append(chunk.request_id)
+            elif (
+                req.num_prompt_logprobs is not None
+                and seq.index == 0
+                and chunk.num_computed_tokens < num_prompt - 1
+            ):
+                prompt.append(chunk.request_id)
+        return hidden, prompt
+
+    def _take_rows(
+        self, out: Any, model_out: Any, now: float, touched: dict[str, _Request]
+    ) -> tuple[list[str], Any]:
+        """Pool the hidden states and record the prompt logprobs of this step's rows;
+        embedding requests whose prompt is complete finish here (their sampled row is
+        dropped, and the scheduler lets them go before it would index their blocks).
+        The sampled rows that remain, with their logits."""
+        done: list[str] = []
+        for chunk in out.chunks:
+            rid = chunk.request_id
+            seq = self._sequences.get(rid)
+            if seq is None:
+                continue
+            req = seq.parent
+            states = model_out.hidden.get(rid)
+            if states is not None and req.pooling is not None:
+                if req.pooling.pooling == "mean":
+                    # a recomputation after preemption starts the sum again
+                    first = chunk.num_computed_tokens == 0
+                    total = states.sum(0, dtype=torch.float64)
+                    seq.pooled = total if first or seq.pooled is None else seq.pooled + total
+                else:
+                    seq.pooled = states[-1]
+                if chunk.sample:
+                    req.embedding = self._pool_vector(seq.pooled, req)
+                    self._finish(seq, FinishReason.STOP, None, now)
+                    touched[req.request_id] = req
+                    done.append(rid)
+            rows = model_out.prompt_logits.get(rid)
+            if rows is not None and req.num_prompt_logprobs is not None:
+                self._record_prompt_logprobs(req, chunk.num_computed_tokens, rows)
+        if done:
+            self.scheduler.finish_requests(done, FinishReason.STOP)
+        row_ids = list(model_out.request_ids)
+        keep = [i for i, rid in enumerate(row_ids) if rid not in done]
+        logits = model_out.logits
+        if len(keep) != len(row_ids):
+            logits = logits[keep]
+            row_ids = [row_ids[i] for i in keep]
+        return row_ids, logits
+
+    @staticmethod
+    def _pool_vector(pooled: Any, req: _Request) -> list[float]:
+        assert req.pooling is not None
+        vec = pooled.double()
+        if req.pooling.pooling == "mean":
+            vec = vec / len(req.prompt_token_ids)
+        if req.pooling.normalize:
+            vec = vec / vec.norm().clamp_min(1e-12)
+        return [float(v) for v in vec.float()]
+
+    @staticmethod
+    def _record_prompt_logprobs(req: _Request, start: int, logits: Any) -> None:
+        """Logprobs of the prompt tokens that the rows from position ``start`` predict."""
+        k = req.num_prompt_logprobs
+        assert k is not None
+        prompt = req.prompt_token_ids
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for i in range(logprobs.shape[0]):
+            target = start + i + 1  # row at position p predicts token p + 1
+            if target >= len(prompt):
+                break
+            row = logprobs[i]
+            tok = prompt[target]
+            lp = row[tok]
+            entry = {tok: PromptLogprob(float(lp), 1 + int((row > lp).sum()))}
+            if k:
+                values, ids = torch.topk(row, k)
+                for rank, (t, v) in enumerate(zip(ids.tolist(), values.tolist()), 1):
+                    entry.setdefault(int(t), PromptLogprob(float(v), rank))
+            req.prompt_logprobs[target] = entry
 
     # ------------------------------------------------------------------ speculation
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ from typing import Any
 
 from sagellm.core import registry
 from sagellm.core.types import SLO, RequestOutput, SamplingParams
+from sagellm.engine.bench.replay import load_or_calibrate
+from sagellm.engine.bench.stats import median_ci, sign_test, wilcoxon_signed_rank
+from sagellm.engine.bench.traces import TraceRequest, bursty_trace, diurnal_trace, mixed_trace
+from sagellm.engine.replay import ReplayClock, StepCostPredictor, StepShape
 
 __all__ = [
     "RunResult",
@@ -32,6 +37,8 @@ __all__ = [
     "bench_prefix",
     "bench_tiers",
     "bench_goodput",
+    "goodput_workload",
+    "run_goodput",
     "bench_eviction",
     "main",
 ]
@@ -72,16 +79,25 @@ class Req:
 
 
 def run_requests(engine: Any, requests: Sequence[Req], name: str) -> RunResult:
-    """Feed ``requests`` at their arrival times, step until done, collect per-request timing."""
+    """Feed ``requests`` at their arrival times, step until done, collect per-request timing.
+
+    Times come from the engine's clock (``engine.clock``): with a replay clock
+    (:mod:`sagellm.engine.replay`) arrivals are fed by virtual time, an idle engine jumps
+    the clock to the next arrival instead of sleeping, and ``wall_seconds`` is virtual.
+    """
+    clock = engine.clock
+    virtual = bool(getattr(clock, "virtual", False))
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
     outputs: dict[str, RequestOutput] = {}
     ids: list[str] = [""] * len(requests)
     start = time.perf_counter()
-    start_mono = time.monotonic()  # the engine's clock
+    start_clock = clock.now()  # the engine's clock
     nxt = 0
     while nxt < len(order) or engine.has_unfinished_requests():
-        now = time.perf_counter() - start
-        while nxt < len(order) and requests[order[nxt]].arrival <= now:
+        # virtual: compare absolute clock readings, as jump_to sets them (no rounding)
+        now = clock.now() if virtual else time.perf_counter() - start
+        base = start_clock if virtual else 0.0
+        while nxt < len(order) and base + requests[order[nxt]].arrival <= now:
             i = order[nxt]
             r = requests[i]
             sp = SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
@@ -89,19 +105,22 @@ def run_requests(engine: Any, requests: Sequence[Req], name: str) -> RunResult:
                 f"{name}-{i}",
                 r.prompt,
                 sp,
-                arrival_time=start_mono + r.arrival,
+                arrival_time=start_clock + r.arrival,
                 tenant=r.tenant,
                 priority=r.priority,
                 slo=r.slo,
             )
             nxt += 1
         if not engine.has_unfinished_requests():
-            time.sleep(max(0.0, requests[order[nxt]].arrival - now))
+            if virtual:
+                clock.jump_to(start_clock + requests[order[nxt]].arrival)
+            else:
+                time.sleep(max(0.0, requests[order[nxt]].arrival - now))
             continue
         for out in engine.step(unfinished_outputs=False):
             if out.finished:
                 outputs[out.request_id] = out
-    wall = time.perf_counter() - start
+    wall = clock.now() - start_clock if virtual else time.perf_counter() - start
     res = [outputs[i] for i in ids]
     return RunResult(
         name=name,
@@ -314,116 +333,352 @@ def bench_tiers(
 # ---------------------------------------------------------------------- goodput
 
 
-def bench_goodput(
-    model: str = "smollm2-135m",
-    threads: int = 2,
-    num_long: int = 12,
-    num_short: int = 36,
-    long_len: int = 768,
-    short_len: int = 32,
-    output_len: int = 16,
-    rate: float = 6.0,
+def _met(slo: SLO | None, ttft: float, tpot: float) -> bool:
+    if slo is None:
+        return True
+    return (slo.ttft_ms is None or ttft * 1000.0 <= slo.ttft_ms) and (
+        slo.tpot_ms is None or tpot * 1000.0 <= slo.tpot_ms
+    )
+
+
+#: Goodput workload shapes (:mod:`sagellm.engine.bench.traces`).
+SHAPES = ("mixed", "bursty", "diurnal")
+
+#: SLO scale factors (k_ttft, k_tpot) of the trace shapes (see :func:`derive_slos`),
+#: chosen from an FCFS replay of seed 1 (SmolLM2-135M, 2 threads, a 2-core AMD EPYC
+#: calibration) so that FCFS meets both objectives of about half of the requests (bursty
+#: 23/48, diurnal 25/48). Diurnal steps are prefill-saturated (TPOT near the steady-state
+#: step for every request), so its TTFT objective is the binding one. Another machine's
+#: calibration shifts the attainment: re-pick with ``--slo-scale``.
+SLO_SCALES: dict[str, tuple[float, float]] = {"bursty": (3.2, 0.7), "diurnal": (5.8, 1.0)}
+
+#: Step token budget of the goodput engines (chunked prefill size).
+GOODPUT_CHUNK = 256
+
+
+def expected_step(
+    trace: Sequence[TraceRequest], predictor: StepCostPredictor
+) -> tuple[float, float]:
+    """``(batch, step seconds)`` of a trace's steady state, by fixed-point iteration:
+    a step carries ``batch`` decode rows and the prefill tokens that arrive while it
+    runs (at most one chunk), and by Little's law ``batch`` = arrival rate x the time a
+    request spends decoding (its output tokens x the step)."""
+    if not trace:
+        raise ValueError("an empty trace has no steady state")
+    span = max(r.arrival for r in trace) - min(r.arrival for r in trace)
+    lam = (len(trace) - 1) / span if span > 0 and len(trace) > 1 else 1.0
+    prompt = statistics.fmean(r.prompt_len for r in trace)
+    out = statistics.fmean(r.output_len for r in trace)
+    ctx = round(prompt + out / 2)
+    batch, step = 1.0, predictor.decode_seconds(1, ctx)
+    for _ in range(100):
+        rows = max(1, round(batch))
+        prefill = min(GOODPUT_CHUNK, round(lam * prompt * step))
+        shape = StepShape(prefill, rows, rows, rows * (ctx + 1) + prefill * (prefill + 1) // 2)
+        step = predictor.predict(shape)
+        batch = min(float(len(trace)), max(1.0, lam * out * step))
+    return batch, step
+
+
+def derive_slos(
+    trace: Sequence[TraceRequest], predictor: StepCostPredictor, k_ttft: float, k_tpot: float
+) -> list[SLO]:
+    """Per-request SLOs from the calibrated step costs: TTFT ``k_ttft`` x (the predicted
+    prefill of the request alone + one steady-state step, the step it may arrive behind),
+    TPOT ``k_tpot`` x the predicted steady-state step (:func:`expected_step`). Both scale
+    with the machine's step costs, so the same ``k`` fits any calibration."""
+    _, step = expected_step(trace, predictor)
+    return [
+        SLO(
+            ttft_ms=1000.0
+            * k_ttft
+            * (predictor.prefill_seconds(r.prompt_len, GOODPUT_CHUNK) + step),
+            tpot_ms=1000.0 * k_tpot * step,
+        )
+        for r in trace
+    ]
+
+
+def goodput_workload(
+    shape: str,
+    seed: int,
+    predictor: StepCostPredictor | None = None,
+    slo_scale: tuple[float, float] | None = None,
     long_slo: SLO = SLO(ttft_ms=3000.0, tpot_ms=250.0),
     short_slo: SLO = SLO(ttft_ms=1000.0, tpot_ms=250.0),
-) -> str:
-    """Goodput (requests meeting both SLOs per second) per installed scheduling policy.
+    **shape_options: Any,
+) -> list[Req]:
+    """The requests of one seed of a goodput workload ``shape`` (:data:`SHAPES`).
 
-    Long-prompt requests (document questions, summaries) have a looser TTFT objective than
-    short chat requests, as in DistServe's per-application SLOs; both have TPOT 250 ms (a
-    decode step with ~25 running requests takes ~100-200 ms on a 2-core CPU). Every request carries its SLO into the engine (``add_request(slo=)``),
-    so SLO-aware policies see what they are measured against.
+    ``mixed`` carries fixed per-class SLOs (``long_slo``, ``short_slo``, as DistServe's
+    per-application objectives); ``bursty`` and ``diurnal`` derive them from
+    ``predictor`` (:func:`derive_slos`, scales ``slo_scale`` or :data:`SLO_SCALES`).
+    Long requests have priority 1 and tenant "long", short ones priority 0, "short".
     """
-
-    def met(slo: SLO | None, ttft: float, tpot: float) -> bool:
-        if slo is None:
-            return True
-        return (slo.ttft_ms is None or ttft * 1000.0 <= slo.ttft_ms) and (
-            slo.tpot_ms is None or tpot * 1000.0 <= slo.tpot_ms
+    if shape == "mixed":
+        trace = mixed_trace(seed, **shape_options)
+        slos = [long_slo if r.kind == "long" else short_slo for r in trace]
+    elif shape in ("bursty", "diurnal"):
+        if predictor is None:
+            raise ValueError(f"the {shape} workload derives its SLOs from a step-cost predictor")
+        trace = (bursty_trace if shape == "bursty" else diurnal_trace)(seed, **shape_options)
+        k_ttft, k_tpot = slo_scale or SLO_SCALES[shape]
+        slos = derive_slos(trace, predictor, k_ttft, k_tpot)
+    else:
+        raise ValueError(f"unknown workload shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    rng = random.Random(1000 + seed)  # prompt token ids, independent of the trace draws
+    return [
+        Req(
+            [rng.randrange(100, 40000) for _ in range(r.prompt_len)],
+            r.output_len,
+            arrival=r.arrival,
+            tenant=r.kind,
+            priority=1 if r.kind == "long" else 0,
+            slo=slo,
         )
+        for r, slo in zip(trace, slos)
+    ]
 
-    rng = random.Random(0)
-    reqs: list[Req] = []
-    t = 0.0
-    kinds = ["long"] * num_long + ["short"] * num_short
-    rng.shuffle(kinds)
-    for kind in kinds:
-        t += rng.expovariate(rate)
-        n = long_len if kind == "long" else short_len
-        # Short chat requests carry the higher priority (lower value) and the tenant "chat".
-        reqs.append(
-            Req(
-                [rng.randrange(100, 40000) for _ in range(n)],
-                output_len,
-                arrival=t,
-                tenant=kind,
-                priority=1 if kind == "long" else 0,
-                slo=long_slo if kind == "long" else short_slo,
-            )
-        )
-    names = sorted(p.name for p in registry.available("scheduler"))
-    # FCFS runs first and again last: the baseline is the better of the two, so a policy
-    # is not credited with the process warming up.
-    names = ["fcfs"] + [n for n in names if n != "fcfs"] + ["fcfs"]
-    results: list[tuple[str, RunResult, int]] = []
-    base_tokens: list[list[int]] | None = None
-    for name in names:
-        try:
-            engine = _engine(
-                model, threads, scheduler=name, max_model_len=1024, max_num_batched_tokens=256
-            )
-        except Exception as exc:  # a policy that cannot be built is reported, not fatal
-            print(f"{name}: cannot build: {exc}")
-            continue
-        _warm(engine, long_len)
-        res = run_requests(engine, reqs, name)
-        good = sum(met(r.slo, a, b) for r, a, b in zip(reqs, res.ttft, res.tpot))
-        label = name if all(r[0] != name for r in results) else f"{name} (again)"
-        results.append((label, res, good))
-        if base_tokens is None:
-            base_tokens = res.tokens
-        del engine
+
+@dataclass
+class GoodputRun:
+    """One policy on one seed."""
+
+    policy: str
+    seed: int
+    result: RunResult
+    num_met: int
+
+    @property
+    def goodput(self) -> float:
+        """Requests meeting both SLOs per second of the run."""
+        return self.num_met / self.result.wall_seconds if self.result.wall_seconds else 0.0
+
+    @property
+    def attainment(self) -> float:
+        """Share of requests meeting both SLOs."""
+        return self.num_met / len(self.result.ttft) if self.result.ttft else 0.0
+
+
+def _goodput_engine(
+    model: str, threads: int, policy: str, predictor: StepCostPredictor | None
+) -> Any:
+    engine = _engine(
+        model,
+        threads,
+        scheduler=policy,
+        max_model_len=1024,
+        max_num_batched_tokens=GOODPUT_CHUNK,
+    )
+    if predictor is not None:
+        engine.set_clock(ReplayClock(predictor))
+    return engine
+
+
+def run_goodput(
+    model: str,
+    threads: int,
+    policies: Sequence[str],
+    workloads: Sequence[tuple[int, Sequence[Req]]],
+    predictor: StepCostPredictor | None,
+    warm_len: int = 768,
+) -> list[GoodputRun]:
+    """Every policy on every ``(seed, requests)`` workload, interleaved (seed 1: all
+    policies, seed 2: all policies, ...), each run on a freshly built engine; replay clock
+    when ``predictor`` is given. A policy that cannot be built is reported and skipped."""
+    runs: list[GoodputRun] = []
+    broken: set[str] = set()
+    for seed, reqs in workloads:
+        for name in policies:
+            if name in broken:
+                continue
+            try:
+                engine = _goodput_engine(model, threads, name, predictor)
+            except Exception as exc:  # a policy that cannot be built is reported, not fatal
+                print(f"{name}: cannot build: {exc}")
+                broken.add(name)
+                continue
+            _warm(engine, warm_len)
+            res = run_requests(engine, reqs, f"{name}-s{seed}")
+            good = sum(_met(r.slo, a, b) for r, a, b in zip(reqs, res.ttft, res.tpot))
+            print(f"seed {seed}: {name} met {good}/{len(reqs)}", file=sys.stderr)
+            runs.append(GoodputRun(name, seed, res, good))
+            del engine
+    return runs
+
+
+def _ci(values: Sequence[float], fmt: str) -> str:
+    ci = median_ci(values)
+    return f"{ci.median:{fmt}} [{ci.low:{fmt}}, {ci.high:{fmt}}]"
+
+
+def goodput_table(runs: Sequence[GoodputRun], baseline: str = "fcfs") -> str:
+    """Per policy: median goodput and SLO attainment with their order-statistic CI, the
+    ratio of medians to ``baseline`` and the paired tests against it across seeds."""
+    by_policy: dict[str, dict[int, GoodputRun]] = {}
+    for run in runs:
+        by_policy.setdefault(run.policy, {})[run.seed] = run
+    base = by_policy.get(baseline, {})
+    base_gp = statistics.median(r.goodput for r in base.values()) if base else 0.0
     rows = [
         [
             "policy",
-            "met SLOs",
-            "goodput req/s",
-            "vs fcfs",
+            "seeds",
+            "goodput req/s median [CI]",
+            "attainment median [CI]",
+            f"vs {baseline} (medians)",
+            "won/lost/tied",
+            "Wilcoxon p",
+            "sign p",
+            "significant",
             "TTFT p50 ms",
-            "TTFT p99 ms",
             "TPOT p50 ms",
-            "TPOT p99 ms",
-            "same tokens",
         ]
     ]
-    base_goodput = max(
-        (good / res.wall_seconds for n, res, good in results if n.startswith("fcfs")),
-        default=0.0,
-    )
-    for name, res, good in results:
-        gp = good / res.wall_seconds
+    coverage = 0.0
+    for policy, seeds in by_policy.items():
+        ordered = sorted(seeds)
+        gps = [seeds[s].goodput for s in ordered]
+        att = [seeds[s].attainment for s in ordered]
+        coverage = median_ci(gps).coverage
+        paired = [s for s in ordered if s in base]
+        x = [seeds[s].goodput for s in paired]
+        y = [base[s].goodput for s in paired]
+        if policy == baseline:
+            won = p_w = p_s = sig = "-"
+        else:
+            won = (
+                f"{sum(a > b for a, b in zip(x, y))}/{sum(a < b for a, b in zip(x, y))}"
+                f"/{sum(a == b for a, b in zip(x, y))}"
+            )
+            pw = wilcoxon_signed_rank(x, y)[1]
+            ps = sign_test(x, y)
+            p_w, p_s = f"{pw:.3f}", f"{ps:.3f}"
+            sig = "yes" if pw < 0.05 else "no"
+        ttft = [t for s in ordered for t in seeds[s].result.ttft]
+        tpot = [t for s in ordered for t in seeds[s].result.tpot]
+        med = statistics.median(gps)
         rows.append(
             [
-                name,
-                f"{good}/{len(reqs)}",
-                f"{gp:.2f}",
-                f"{gp / base_goodput:.2f}x" if base_goodput else "fcfs met none",
-                f"{1e3 * _p(res.ttft, 0.5):.0f}",
-                f"{1e3 * _p(res.ttft, 0.99):.0f}",
-                f"{1e3 * _p(res.tpot, 0.5):.0f}",
-                f"{1e3 * _p(res.tpot, 0.99):.0f}",
-                str(res.tokens == base_tokens),
+                policy,
+                str(len(ordered)),
+                _ci(gps, ".2f"),
+                _ci(att, ".2f"),
+                f"{med / base_gp:.2f}x" if base_gp else f"{baseline} met none",
+                won,
+                p_w,
+                p_s,
+                sig,
+                f"{1e3 * _p(ttft, 0.5):.0f}",
+                f"{1e3 * _p(tpot, 0.5):.0f}",
             ]
         )
+    n = max((len(v) for v in by_policy.values()), default=0)
+    min_p = 2.0 / 2**n if n else 1.0
     return "\n".join(
         [
-            f"goodput workload: {num_long} long ({long_len} tokens, SLO TTFT <= "
-            f"{long_slo.ttft_ms:.0f} ms, TPOT <= {long_slo.tpot_ms:.0f} ms) + {num_short} short "
-            f"({short_len} tokens, TTFT <= {short_slo.ttft_ms:.0f} ms, TPOT <= "
-            f"{short_slo.tpot_ms:.0f} ms) requests, Poisson {rate}/s, {output_len} output "
-            f"tokens, {threads} threads",
             _table(rows),
+            f"CI: order-statistic interval of the median, coverage {coverage:.0%} with {n} "
+            f"seeds; paired tests across seeds vs {baseline} (two-sided, exact; the smallest "
+            f"p {n} seeds can give is {min_p:.3f}; significant: Wilcoxon p < 0.05)",
         ]
     )
+
+
+def _latency_row(label: str, values: Sequence[float]) -> list[str]:
+    return [label, f"{1e3 * _p(values, 0.5):.1f}", f"{1e3 * _p(values, 0.9):.1f}"]
+
+
+def validation_table(real: RunResult, replay: RunResult) -> str:
+    """TTFT and TPOT medians and p90 of the same workload run on the real clock and
+    replayed, with the ratio replay / real."""
+    rows = [["metric", "real ms", "replay ms", "replay / real"]]
+    for metric, a, b in (("TTFT", real.ttft, replay.ttft), ("TPOT", real.tpot, replay.tpot)):
+        for q, qname in ((0.5, "p50"), (0.9, "p90")):
+            ra, rb = _p(a, q), _p(b, q)
+            rows.append(
+                [
+                    f"{metric} {qname}",
+                    f"{1e3 * ra:.1f}",
+                    f"{1e3 * rb:.1f}",
+                    f"{rb / ra:.2f}" if ra else "-",
+                ]
+            )
+    rows.append(["makespan", f"{1e3 * real.wall_seconds:.0f}", f"{1e3 * replay.wall_seconds:.0f}",
+                 f"{replay.wall_seconds / real.wall_seconds:.2f}" if real.wall_seconds else "-"])  # fmt: skip
+    return _table(rows)
+
+
+def bench_goodput(
+    model: str = "smollm2-135m",
+    threads: int = 2,
+    shape: str = "mixed",
+    seeds: int = 1,
+    clock: str = "real",
+    calibration: str | None = None,
+    validate: bool = True,
+    policies: Sequence[str] | None = None,
+    slo_scale: tuple[float, float] | None = None,
+    **shape_options: Any,
+) -> str:
+    """Goodput (requests meeting both SLOs per second) per installed scheduling policy,
+    each policy on ``seeds`` arrival seeds (1..seeds), interleaved, FCFS twice per seed
+    (``fcfs (again)``: on the replay clock it must equal FCFS exactly).
+
+    ``clock="replay"`` runs every step on the replay clock (:mod:`sagellm.engine.replay`)
+    with the predictor of ``calibration`` (default: the cached calibration of ``model`` at
+    ``threads`` threads, made on first use); with ``validate`` the first seed also runs
+    FCFS on the real clock and the TTFT/TPOT medians are compared. Every request carries
+    its SLO into the engine (``add_request(slo=)``), so SLO-aware policies see what they
+    are measured against.
+    """
+    if clock not in ("real", "replay"):
+        raise ValueError(f"clock must be 'real' or 'replay', got {clock!r}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    predictor: StepCostPredictor | None = None
+    source = ""
+    if clock == "replay" or shape != "mixed":
+        predictor, path = load_or_calibrate(calibration, model, threads)
+        source = (
+            f"step costs from {path} (cpu {predictor.cpu!r}, fit error {predictor.residual:.1%})"
+        )
+    workloads = [
+        (seed, goodput_workload(shape, seed, predictor, slo_scale, **shape_options))
+        for seed in range(1, seeds + 1)
+    ]
+    names = list(policies) if policies else sorted(p.name for p in registry.available("scheduler"))
+    names = ["fcfs"] + [n for n in names if n != "fcfs"] + ["fcfs (again)"]
+    order = [n.split(" ")[0] for n in names]
+    runs = run_goodput(model, threads, order, workloads, predictor if clock == "replay" else None)
+    # the second FCFS run of each seed is labelled as such
+    seen: set[tuple[str, int]] = set()
+    for run in runs:
+        if (run.policy, run.seed) in seen:
+            run.policy = f"{run.policy} (again)"
+        seen.add((run.policy, run.seed))
+    num = len(workloads[0][1])
+    lines = [
+        f"goodput workload {shape!r}: {num} requests per seed, seeds 1..{seeds}, {clock} clock, "
+        f"{threads} threads" + (f"; {source}" if source else ""),
+        goodput_table(runs),
+    ]
+    first = [r for r in runs if r.policy == "fcfs"]
+    again = [r for r in runs if r.policy == "fcfs (again)"]
+    if again:
+        same = all(
+            a.result.ttft == b.result.ttft and a.result.tpot == b.result.tpot
+            for a, b in zip(first, again)
+        )
+        lines.append(f"fcfs (again) identical to fcfs on every seed: {same}")
+    if clock == "replay" and validate and first:
+        real = run_goodput(model, threads, ["fcfs"], workloads[:1], None)[0]
+        lines += [
+            f"replay validation: fcfs, seed {workloads[0][0]}, the same workload on the real "
+            "clock (a loaded machine inflates the real column)",
+            validation_table(real.result, first[0].result),
+        ]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- eviction
@@ -603,16 +858,62 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None)
+    add_goodput_arguments(parser)
     args = parser.parse_args(argv)
     if args.dtype:
         ENGINE_OPTIONS["dtype"] = args.dtype
+    if args.workload == "goodput":
+        print(
+            bench_goodput(
+                model=args.model,
+                threads=args.threads,
+                shape=args.workload_shape,
+                seeds=args.seeds,
+                clock=args.clock,
+                calibration=args.calibration,
+                validate=not args.no_validate,
+                slo_scale=tuple(args.slo_scale) if args.slo_scale else None,
+            )
+        )
+        return
     fn: dict[str, Callable[..., str]] = {
         "prefix": bench_prefix,
         "tiers": bench_tiers,
-        "goodput": bench_goodput,
         "eviction": bench_eviction,
     }
     print(fn[args.workload](model=args.model, threads=args.threads))
+
+
+def add_goodput_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the goodput workload (shared with ``sagellm bench --workload goodput``)."""
+    g = parser.add_argument_group("goodput")
+    g.add_argument("--seeds", type=int, default=1, help="arrival seeds per policy (1..N)")
+    g.add_argument(
+        "--clock",
+        choices=["real", "replay"],
+        default="real",
+        help="replay: steps advance a virtual clock by the calibrated step cost "
+        "(deterministic); real: wall time (needs a quiet machine)",
+    )
+    g.add_argument("--workload-shape", choices=list(SHAPES), default="mixed")
+    g.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="step-cost calibration JSON (python -m sagellm.engine.bench.replay calibrate); "
+        "default: the user cache folder, calibrated on first use",
+    )
+    g.add_argument(
+        "--slo-scale",
+        nargs=2,
+        type=float,
+        metavar=("K_TTFT", "K_TPOT"),
+        help="bursty/diurnal: SLOs as multiples of the predicted prefill and decode step",
+    )
+    g.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="replay: skip the real-clock run of the first seed that checks the replay",
+    )
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["prefix", "tiers", "goodput", "eviction"],
         help="run one KV-management comparison instead (sagellm.engine.bench.kv_workloads)",
     )
+    from sagellm.engine.bench.kv_workloads import add_goodput_arguments
+
+    add_goodput_arguments(parser)
     p = parser.add_argument_group("peers (sagellm.engine.bench.peers, serve_peers)")
     p.add_argument(
         "--peers",
@@ -250,6 +253,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         argv = [args.workload, "--threads", str(args.num_threads or 2)]
         argv += ["--model", args.model] if args.model else []
         argv += ["--dtype", args.dtype] if args.dtype else []
+        if args.workload == "goodput":
+            argv += ["--seeds", str(args.seeds), "--clock", args.clock]
+            argv += ["--workload-shape", args.workload_shape]
+            argv += ["--calibration", args.calibration] if args.calibration else []
+            argv += ["--slo-scale", *map(str, args.slo_scale)] if args.slo_scale else []
+            argv += ["--no-validate"] if args.no_validate else []
         kv_workloads.main(argv)
         return 0
     from sagellm.engine.args import engine_config_from_args

@@ -203,8 +203,13 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
         logit_rows: torch.Tensor | None = None,
+        *,
+        head: bool = True,
     ) -> torch.Tensor:
-        """Run ``[T]`` tokens; return float32 logits of ``logit_rows`` (all rows if None)."""
+        """Run ``[T]`` tokens; return float32 logits of ``logit_rows`` (all rows if None).
+
+        ``head=False``: the final-norm hidden states of those rows instead (compute dtype),
+        for pooling (embeddings) and for callers that apply ``lm_head`` to a subset."""
         hidden = self.embed_tokens(token_ids)
         if self.fused_rotary and kv_caches[0][0].dtype in _FUSED_KV_CACHES:
             # the layers' fused rotary + KV write
@@ -233,7 +238,7 @@ class LlamaForCausalLM(nn.Module):
             hidden = hidden.index_select(0, logit_rows)
             residual = residual.index_select(0, logit_rows)
         x, _ = self.norm.add_forward(hidden, residual)
-        return self.lm_head(x)
+        return self.lm_head(x) if head else x
 
     def _fused_decode(
         self,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import torch
@@ -31,7 +32,7 @@ from sagellm.engine.models.source import resolve_model
 from sagellm.engine.runtime.batch import build_step_batch
 from sagellm.engine.runtime.config import NativeRuntimeConfig, parse_spec
 
-__all__ = ["NativeRuntime", "apply_sparsifier", "resolve_dtype"]
+__all__ = ["NativeRuntime", "RowOutput", "apply_sparsifier", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,37 @@ _QUANTIZED_KV_DTYPES = {"int8", "float8_e4m3fn", "float8_e5m2"}
 #: scales in place); decodes over float8 caches gather and dequantize instead.
 _PAGED_DECODE_KV_DTYPES = {"float32", "bfloat16", "float16", "int8"}
 _KV_SCALE_BYTES = 2
+
+
+@dataclass(frozen=True)
+class RowOutput(ModelOutput):
+    """A :class:`ModelOutput` with every row of some requests' chunks as well.
+
+    Returned by :meth:`NativeRuntime.execute` when it is asked for ``hidden_ids`` or
+    ``prompt_logit_ids``; ``logits`` and ``request_ids`` are exactly what a plain
+    execution returns.
+    """
+
+    # request id -> final-norm hidden states of each position of its chunk, [n, hidden] fp32
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+    # request id -> logits of each position of its chunk, [n, vocab] float32
+    prompt_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _chunk_rows(chunks: Sequence[SequenceChunk]) -> dict[str, range]:
+    """The rows of each chunk in the flattened batch (decodes first, as the batch puts
+    them; then multi-token chunks in plan order)."""
+    rows: dict[str, range] = {}
+    decodes = [c for c in chunks if len(c.token_ids) == 1]
+    for i, c in enumerate(decodes):
+        rows[c.request_id] = range(i, i + 1)
+    start = len(decodes)
+    for c in chunks:
+        n = len(c.token_ids)
+        if n > 1:
+            rows[c.request_id] = range(start, start + n)
+            start += n
+    return rows
 
 
 def _release_freed_memory() -> None:
@@ -130,6 +162,8 @@ class NativeRuntime:
     """
 
     config_class: ClassVar[type[BaseModel]] = NativeRuntimeConfig
+    #: execute() takes hidden_ids / prompt_logit_ids (embeddings, prompt logprobs)
+    execute_returns_rows: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -501,11 +535,22 @@ class NativeRuntime:
         self._caches = caches
         self._paged_decode = self._has_decode_kernel and s.dtype in _PAGED_DECODE_KV_DTYPES
 
-    def execute(self, plan: ExecutionPlan) -> ModelOutput:
+    def execute(
+        self,
+        plan: ExecutionPlan,
+        *,
+        hidden_ids: Collection[str] = (),
+        prompt_logit_ids: Collection[str] = (),
+    ) -> ModelOutput:
         """Run the plan's compute nodes; fp32 logits of every sampled chunk, in plan order.
 
         KV migrations and transfers are not run here (the engine runs them first).
+        ``hidden_ids`` / ``prompt_logit_ids``: requests whose chunks also return the
+        final-norm hidden states / the logits of every position (embeddings, prompt
+        logprobs); the result is then a :class:`RowOutput`.
         """
+        if hidden_ids or prompt_logit_ids:
+            return self._execute_rows(plan, set(hidden_ids), set(prompt_logit_ids))
         if self._pool is None:
             raise SageLLMError("NativeRuntime.execute before bind_kv_pool(pool)")
         chunks = plan.compute_chunks
@@ -532,3 +577,54 @@ class NativeRuntime:
         if logits.device.type != "cpu":
             logits = logits.cpu()
         return ModelOutput(batch.request_ids, logits)
+
+    # ------------------------------------------------------------------ every row of a chunk
+
+    def _execute_rows(
+        self, plan: ExecutionPlan, hidden_ids: set[str], prompt_logit_ids: set[str]
+    ) -> RowOutput:
+        """:meth:`execute` that also returns every row of the named requests' chunks.
+
+        One forward pass: the final-norm hidden states of the sampled rows and of the
+        extra rows are taken together; the head runs on the sampled rows and on the rows
+        of ``prompt_logit_ids``.
+        """
+        assert self._pool is not None
+        chunks = plan.compute_chunks
+        vocab = self.model_config.vocab_size
+        if not chunks:
+            return RowOutput((), torch.empty(0, vocab, dtype=torch.float32))
+        batch = build_step_batch(
+            chunks,
+            block_size=self._pool.schema.block_size,
+            num_blocks=self._pool.num_blocks,
+            max_model_len=self.max_model_len,
+            mask_dtype=self.dtype,
+            device=self.device,
+            paged_decode=self._paged_decode,
+        )
+        ids = batch.token_ids
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            bad = ids[(ids < 0) | (ids >= vocab)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary 0..{vocab - 1}")
+        chunk_rows = _chunk_rows(chunks)
+        wanted = [rid for rid in chunk_rows if rid in hidden_ids or rid in prompt_logit_ids]
+        extra = [r for rid in wanted for r in chunk_rows[rid]]
+        num_sampled = batch.logit_rows.numel()
+        rows = torch.cat(
+            [batch.logit_rows, torch.tensor(extra, dtype=torch.long, device=self.device)]
+        )
+        x = self.model(ids, batch.positions, self._caches, batch.meta, rows, head=False)
+        logits = self.model.lm_head(x[:num_sampled]).cpu()
+        hidden: dict[str, torch.Tensor] = {}
+        prompt_logits: dict[str, torch.Tensor] = {}
+        offset = num_sampled
+        for rid in wanted:
+            n = len(chunk_rows[rid])
+            part = x[offset : offset + n]
+            offset += n
+            if rid in hidden_ids:
+                hidden[rid] = part.float().cpu()
+            if rid in prompt_logit_ids:
+                prompt_logits[rid] = self.model.lm_head(part).cpu()
+        return RowOutput(batch.request_ids, logits, hidden, prompt_logits)

@@ -1,7 +1,9 @@
 """OpenAI-compatible HTTP API over an :class:`AsyncLLMEngine`.
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with SSE streaming),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /version``.
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/responses``
+(all three with SSE streaming), ``POST /v1/embeddings``, ``POST /tokenize``,
+``POST /detokenize``, ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus),
+``GET /version``.
 Every error is returned in OpenAI's schema ``{"error": {"message", "type", "param",
 "code"}}``: 400 for invalid requests (including what FastAPI would report as 422), 401
 without a valid API key, 404 for an unknown model or route, 413 for a body over the size
@@ -18,10 +20,12 @@ worker threads, so a huge prompt does not hold up the event loop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
 import logging
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -30,7 +34,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -43,10 +47,16 @@ from sagellm.engine.async_engine import AsyncLLMEngine, EngineDeadError, Request
 from sagellm.engine.config import ServerConfig
 from sagellm.engine.cot import CoTOptions, ReasoningMarkers, ReasoningStream, split_reasoning
 from sagellm.engine.llm import apply_chat_template
+from sagellm.engine.llm_engine import EngineRequestOutput, PoolingParams
 from sagellm.engine.metrics import PrometheusPublisher
+from sagellm.engine.server import openapi as oa
 from sagellm.engine.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    ResponsesRequest,
+    TokenizeRequest,
     unknown_fields,
 )
 from sagellm.engine.server.rate_limiter import Admission, RateLimiter, Refusal
@@ -397,12 +407,13 @@ class _Server:
     async def start(
         self,
         request: Request,
-        req: CompletionRequest | ChatCompletionRequest,
+        req: CompletionRequest | ChatCompletionRequest | ResponsesRequest | EmbeddingRequest,
         prompts: Sequence[list[int]],
         sampling: Any,
         base_id: str,
         *,
         kind: RequestKind,
+        **engine_kwargs: Any,
     ) -> _Flight:
         """Admit the request (server and tenant limits) and queue its prompts."""
         if self.engine.num_live_requests + len(prompts) > self.config.max_concurrent_requests:
@@ -414,10 +425,8 @@ class _Server:
             )
         tenant = _tenant_of(request, self.tenants.anonymous)
         num_prompt = sum(len(p) for p in prompts)
-        max_tokens = sampling.max_tokens or 0
-        admission = self.limiter.acquire(
-            tenant, num_prompt + max_tokens * sampling.n * len(prompts)
-        )
+        max_tokens = 0 if sampling is None else (sampling.max_tokens or 0) * sampling.n
+        admission = self.limiter.acquire(tenant, num_prompt + max_tokens * len(prompts))
         if isinstance(admission, Refusal):
             raise _rate_limited(admission)
         priority = req.priority
@@ -425,6 +434,7 @@ class _Server:
             priority = tenant.priority
         streams: list[RequestStream] = []
         flight = _Flight(admission, streams, num_prompt)
+        self_consistency = getattr(req, "self_consistency", None)
         try:
             for i, ids in enumerate(prompts):
                 rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
@@ -433,14 +443,15 @@ class _Server:
                         ids,
                         sampling,
                         rid,
-                        delta=req.stream,
+                        delta=getattr(req, "stream", False),
                         kind=kind,
                         priority=priority,
                         tenant=tenant.name,
-                        cache_salt=req.cache_salt or "",
-                        cot=CoTOptions(self_consistency=req.self_consistency)
-                        if req.self_consistency is not None
+                        cache_salt=getattr(req, "cache_salt", None) or "",
+                        cot=CoTOptions(self_consistency=self_consistency)
+                        if self_consistency is not None
                         else None,
+                        **engine_kwargs,
                     )
                 )
         except BaseException:
@@ -488,7 +499,18 @@ class _Server:
         # One max_tokens for all prompts keeps one SamplingParams; take the tightest.
         sampling = self._sampling(req, min(max_tokens))
         rid = f"cmpl-{uuid.uuid4().hex}"
-        flight = await self.start(request, req, prompts, sampling, rid, kind=RequestKind.COMPLETION)
+        extra: dict[str, Any] = {}
+        if req.prompt_logprobs is not None:
+            if req.stream:
+                raise APIError(
+                    400,
+                    "prompt_logprobs is not supported with stream: send it without streaming",
+                    param="prompt_logprobs",
+                )
+            extra["prompt_logprobs"] = req.prompt_logprobs
+        flight = await self.start(
+            request, req, prompts, sampling, rid, kind=RequestKind.COMPLETION, **extra
+        )
         try:
             echo_texts = None
             if req.echo:
@@ -513,6 +535,11 @@ class _Server:
                         else None,
                         "finish_reason": _finish_reason(c.finish_reason),
                         "stop_reason": c.stop_reason,
+                        **(
+                            {"prompt_logprobs": self._prompt_logprobs(out)}
+                            if req.prompt_logprobs is not None
+                            else {}
+                        ),
                     }
                 )
         return JSONResponse(
@@ -596,6 +623,283 @@ class _Server:
             "top_logprobs": top,
             "text_offset": offsets,
         }
+
+    def _prompt_logprobs(self, out: RequestOutput) -> list[dict[str, Any] | None]:
+        """vLLM's ``prompt_logprobs``: None for the first token, then token id -> entry."""
+        got = out.prompt_logprobs if isinstance(out, EngineRequestOutput) else None
+        assert got is not None
+        return [
+            None
+            if entry is None
+            else {
+                str(t): {
+                    "logprob": lp.logprob,
+                    "rank": lp.rank,
+                    "decoded_token": self.token_text(t),
+                }
+                for t, lp in entry.items()
+            }
+            for entry in got
+        ]
+
+    # ------------------------------------------------------------------ embeddings
+
+    @property
+    def hidden_size(self) -> int | None:
+        mc = getattr(self.engine.engine.runtime, "model_config", None)
+        size = getattr(mc, "hidden_size", None)
+        return int(size) if size is not None else None
+
+    async def embeddings(self, request: Request) -> Response:
+        req: EmbeddingRequest = await self.body(request, EmbeddingRequest)
+        self.check_model(req.model)
+        size = self.hidden_size
+        if req.dimensions is not None and req.dimensions != size:
+            raise APIError(
+                400,
+                f"dimensions={req.dimensions} is not supported: this model's embeddings have "
+                f"{size} dimensions; leave dimensions out or set it to {size}",
+                param="dimensions",
+            )
+        prompts = [
+            await self.tokenize(p, add_special_tokens=req.add_special_tokens) for p in req.inputs()
+        ]
+        limit = self.engine.max_model_len
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "an input is empty", param="input")
+            if len(ids) >= limit:
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {limit} tokens. However, your "
+                    f"input resulted in {len(ids)} tokens. Please reduce the length of the "
+                    "input.",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+        pooling = PoolingParams(self.config.pooling, self.config.normalize_embeddings)
+        rid = f"embd-{uuid.uuid4().hex}"
+        flight = await self.start(
+            request, req, prompts, None, rid, kind=RequestKind.ONE_OFF, pooling=pooling
+        )
+        outputs = await self.collect(request, flight)
+        data = []
+        for i, out in enumerate(outputs):
+            vec = out.embedding if isinstance(out, EngineRequestOutput) else None
+            assert vec is not None
+            value: list[float] | str = vec
+            if req.encoding_format == "base64":
+                value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        num_prompt = flight.num_prompt_tokens
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "list",
+                "created": int(time.time()),
+                "model": self.model_name,
+                "data": data,
+                "usage": {"prompt_tokens": num_prompt, "total_tokens": num_prompt},
+            }
+        )
+
+    # ------------------------------------------------------------------ tokenizer
+
+    async def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, **kwargs: Any
+    ) -> str:
+        """The chat template applied to ``messages`` (on a worker thread)."""
+        render = functools.partial(
+            apply_chat_template,
+            self.engine.tokenizer,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
+        try:
+            text: str = await asyncio.to_thread(render)  # templates can be slow: off the loop
+        except InvalidRequestError:
+            raise
+        except Exception as exc:  # a template that rejects the conversation (jinja raise)
+            raise APIError(
+                400, f"the chat template rejected the messages: {exc}", param="messages"
+            ) from None
+        return text
+
+    async def tokenize_route(self, request: Request) -> Response:
+        req: TokenizeRequest = await self.body(request, TokenizeRequest)
+        if req.model is not None:
+            self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt or messages (not both)", param="prompt")
+        if req.messages is not None:
+            text = await self.render_chat(
+                [m.as_template_message() for m in req.messages],
+                req.add_generation_prompt,
+                **(req.chat_template_kwargs or {}),
+            )
+            add_special = bool(req.add_special_tokens)  # the template has placed them
+        else:
+            assert req.prompt is not None
+            text = req.prompt
+            add_special = req.add_special_tokens is not False
+        ids = await self.tokenize(text, add_special_tokens=add_special)
+        return JSONResponse(
+            {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
+        )
+
+    async def detokenize_route(self, request: Request) -> Response:
+        req: DetokenizeRequest = await self.body(request, DetokenizeRequest)
+        if req.model is not None:
+            self.check_model(req.model)
+        if self.engine.tokenizer is None:
+            raise APIError(400, "this server has no tokenizer to detokenize with")
+        vocab = self.engine.engine.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(
+                400,
+                f"token id {bad[0]} is outside the vocabulary [0, {vocab}); use ids produced "
+                "by this model's tokenizer",
+                param="tokens",
+            )
+        return JSONResponse({"prompt": await self._decode(list(req.tokens))})
+
+    # ------------------------------------------------------------------ responses
+
+    async def responses(self, request: Request) -> Response:
+        req: ResponsesRequest = await self.body(request, ResponsesRequest)
+        self.check_model(req.model)
+        if isinstance(req.input, list) and not req.input:
+            raise APIError(400, "input must hold at least one message", param="input")
+        text = await self.render_chat(req.messages(), True)
+        ids = await self.tokenize(text, add_special_tokens=False)
+        max_tokens = self.resolve_max_tokens(len(ids), req.max_output_tokens, "input")
+        sampling = req.to_sampling(max_tokens)
+        rid = f"resp_{uuid.uuid4().hex}"
+        flight = await self.start(request, req, [ids], sampling, rid, kind=RequestKind.CHAT)
+        msg_id = f"msg_{uuid.uuid4().hex}"
+        created = int(time.time())
+        if req.stream:
+            return self._sse_events(
+                self._response_events(req, rid, msg_id, created, flight), flight
+            )
+        (out,) = await self.collect(request, flight)
+        c = out.outputs[0]
+        return JSONResponse(
+            self._response_object(req, rid, msg_id, created, c.text, c.finish_reason, flight)
+        )
+
+    def _response_object(
+        self,
+        req: ResponsesRequest,
+        rid: str,
+        msg_id: str,
+        created: int,
+        text: str | None,
+        finish: FinishReason | None,
+        flight: _Flight,
+    ) -> dict[str, Any]:
+        """A Responses API ``response``; ``text`` None: still in progress (no output yet)."""
+        output: list[dict[str, Any]] = []
+        status = "in_progress"
+        incomplete = None
+        if text is not None:
+            status = "incomplete" if finish is FinishReason.LENGTH else "completed"
+            if finish is FinishReason.LENGTH:
+                incomplete = {"reason": "max_output_tokens"}
+            output.append(
+                {
+                    "type": "message",
+                    "id": msg_id,
+                    "status": status,
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            )
+        usage = None
+        if text is not None:
+            prompt, completion = flight.num_prompt_tokens, flight.num_completion_tokens
+            usage = {
+                "input_tokens": prompt,
+                "input_tokens_details": {"cached_tokens": sum(flight.num_cached_tokens.values())},
+                "output_tokens": completion,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt + completion,
+            }
+        return {
+            "id": rid,
+            "object": "response",
+            "created_at": created,
+            "status": status,
+            "model": self.model_name,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "output": output,
+            "incomplete_details": incomplete,
+            "error": None,
+            "usage": usage,
+        }
+
+    async def _response_events(
+        self, req: ResponsesRequest, rid: str, msg_id: str, created: int, flight: _Flight
+    ) -> AsyncIterator[dict[str, Any]]:
+        yield {
+            "type": "response.created",
+            "response": self._response_object(req, rid, msg_id, created, None, None, flight),
+        }
+        text = ""
+        finish: FinishReason | None = None
+        async for _, out in _merge(flight.streams):
+            flight.observe(0, out, sum(len(c.token_ids) for c in out.outputs))
+            c = out.outputs[0]
+            finish = c.finish_reason or finish
+            if c.text:
+                text += c.text
+                yield {
+                    "type": "response.output_text.delta",
+                    "item_id": msg_id,
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": c.text,
+                }
+        yield {
+            "type": "response.output_text.done",
+            "item_id": msg_id,
+            "output_index": 0,
+            "content_index": 0,
+            "text": text,
+        }
+        yield {
+            "type": "response.completed",
+            "response": self._response_object(req, rid, msg_id, created, text, finish, flight),
+        }
+
+    def _sse_events(
+        self, events: AsyncIterator[dict[str, Any]], flight: _Flight
+    ) -> StreamingResponse:
+        """Server-sent events named by their ``type`` (the Responses API's stream)."""
+
+        async def body() -> AsyncIterator[bytes]:
+            seq = 0
+            try:
+                async for event in events:
+                    event["sequence_number"] = seq
+                    seq += 1
+                    yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+            except (SageLLMError, ValueError) as exc:
+                err = {"type": "error", "sequence_number": seq, **_api_error_for(exc).body()}
+                yield f"event: error\ndata: {json.dumps(err)}\n\n".encode()
+            except Exception:
+                logger.exception("streaming failed")
+                err = {"type": "error", "sequence_number": seq, **_internal_error().body()}
+                yield f"event: error\ndata: {json.dumps(err)}\n\n".encode()
+            finally:
+                flight.close()
+
+        return _SSEResponse(body(), flight.close)
 
     # ------------------------------------------------------------------ chat
 
@@ -969,30 +1273,102 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fas
         logger.error("internal error", exc_info=exc)
         return _internal_error().response()
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        responses={200: {"model": oa.CompletionResponse}, **oa.ERROR_RESPONSES},
+    )
     async def completions(request: Request) -> Response:
         return await server.completions(request)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={200: {"model": oa.ChatCompletionResponse}, **oa.ERROR_RESPONSES},
+    )
     async def chat_completions(request: Request) -> Response:
         return await server.chat(request)
 
-    @app.get("/v1/models")
+    @app.post(
+        "/v1/embeddings",
+        response_model=None,
+        responses={200: {"model": oa.EmbeddingResponse}, **oa.ERROR_RESPONSES},
+    )
+    async def embeddings(request: Request) -> Response:
+        return await server.embeddings(request)
+
+    @app.post(
+        "/v1/responses",
+        response_model=None,
+        responses={200: {"model": oa.ResponseObject}, **oa.ERROR_RESPONSES},
+    )
+    async def responses(request: Request) -> Response:
+        return await server.responses(request)
+
+    @app.post(
+        "/tokenize",
+        response_model=None,
+        responses={200: {"model": oa.TokenizeResponse}, **oa.ERROR_RESPONSES},
+    )
+    async def tokenize(request: Request) -> Response:
+        return await server.tokenize_route(request)
+
+    @app.post(
+        "/detokenize",
+        response_model=None,
+        responses={200: {"model": oa.DetokenizeResponse}, **oa.ERROR_RESPONSES},
+    )
+    async def detokenize(request: Request) -> Response:
+        return await server.detokenize_route(request)
+
+    @app.get(
+        "/v1/models",
+        response_model=None,
+        responses={200: {"model": oa.ModelList}, **oa.ERROR_RESPONSES},
+    )
     async def models() -> dict[str, Any]:
         return await server.models()
 
-    @app.get("/health")
+    @app.get(
+        "/health",
+        response_model=None,
+        responses={200: {"model": oa.HealthResponse}, **oa.ERROR_RESPONSES},
+    )
     async def health() -> Response:
         if engine.is_healthy():
             return JSONResponse({"status": "ok"})
         return APIError(503, "the engine loop is not running", type="server_error").response()
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_model=None,
+        response_class=PlainTextResponse,
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+            **oa.ERROR_RESPONSES,
+        },
+    )
     async def metrics() -> Response:
         return await server.metrics()
 
-    @app.get("/version")
+    @app.get(
+        "/version",
+        response_model=None,
+        responses={200: {"model": oa.VersionResponse}, **oa.ERROR_RESPONSES},
+    )
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
+    oa.describe(
+        app,
+        {
+            "/v1/completions": CompletionRequest,
+            "/v1/chat/completions": ChatCompletionRequest,
+            "/v1/embeddings": EmbeddingRequest,
+            "/v1/responses": ResponsesRequest,
+            "/tokenize": TokenizeRequest,
+            "/detokenize": DetokenizeRequest,
+        },
+        streams={"/v1/completions", "/v1/chat/completions", "/v1/responses"},
+    )
     return app

@@ -15,6 +15,9 @@ Structured outputs (:mod:`sagellm.engine.structured`): OpenAI's ``response_forma
 ``guided_choice``/``guided_grammar`` and its newer ``structured_outputs`` object; at most
 one of them per request. Chat completions also take ``tools``, ``tool_choice`` and
 ``parallel_tool_calls`` (:mod:`sagellm.engine.server.tools`).
+
+Also here: the bodies of ``/v1/embeddings``, ``/v1/responses`` (text in and out),
+``/tokenize`` and ``/detokenize``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "DetokenizeRequest",
+    "EmbeddingRequest",
+    "ResponsesRequest",
+    "TokenizeRequest",
     "StreamOptions",
     "unknown_fields",
 ]
@@ -228,6 +235,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: StrictInt | None = Field(16, ge=1)
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
     echo: StrictBool = False
+    prompt_logprobs: StrictInt | None = Field(None, ge=0, le=20)  # vLLM's field
     suffix: str | None = None
     best_of: StrictInt | None = Field(None, ge=1)
 
@@ -364,6 +372,113 @@ class ChatCompletionRequest(_SamplingFields):
                 )
             structured = tool_constraint
         return self._sampling(max_tokens, logprobs, structured)
+
+
+class EmbeddingRequest(BaseModel):
+    """Body of ``POST /v1/embeddings``."""
+
+    model_config = _LAX
+
+    model: StrictStr
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None  # only the model's hidden size is accepted
+    user: str | None = None
+    priority: StrictInt = 0
+    add_special_tokens: StrictBool = True  # vLLM's field
+
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs (one string or token list each)."""
+        p = self.input
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise InvalidRequestError("input is empty: give a string, strings or token ids")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TokenizeRequest(BaseModel):
+    """Body of ``POST /tokenize``: a ``prompt`` or chat ``messages`` (vLLM's API)."""
+
+    model_config = _LAX
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool | None = None  # default: true for a prompt, false for chat
+    add_generation_prompt: StrictBool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """Body of ``POST /detokenize``."""
+
+    model_config = _LAX
+
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
+
+
+class _ResponseContent(BaseModel):
+    model_config = _LAX
+
+    type: Literal["input_text", "output_text", "text"]
+    text: StrictStr
+
+
+class ResponseInputMessage(BaseModel):
+    """A message item of a Responses API ``input`` list."""
+
+    model_config = _LAX
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[_ResponseContent]
+
+    def text(self) -> str:
+        """The message's text."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ResponsesRequest(BaseModel):
+    """Body of ``POST /v1/responses`` (text input and output)."""
+
+    model_config = _LAX
+
+    model: StrictStr
+    input: StrictStr | list[ResponseInputMessage]
+    instructions: StrictStr | None = None
+    max_output_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0)
+    stream: StrictBool = False
+    user: str | None = None
+    priority: StrictInt = 0
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The conversation for the chat template: instructions first, as a system turn."""
+        out: list[dict[str, Any]] = []
+        if self.instructions:
+            out.append({"role": "system", "content": self.instructions})
+        if isinstance(self.input, str):
+            out.append({"role": "user", "content": self.input})
+        else:
+            for m in self.input:
+                role = "system" if m.role == "developer" else m.role
+                out.append({"role": role, "content": m.text()})
+        return out
+
+    def to_sampling(self, max_tokens: int) -> SamplingParams:
+        """SamplingParams with ``max_tokens`` resolved by the server."""
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+        )
 
 
 def unknown_fields(model: type[BaseModel], data: Mapping[str, Any]) -> list[str]:

@@ -1,0 +1,290 @@
+"""Embeddings, tokenize/detokenize, prompt_logprobs and the Responses API of the server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+
+import httpx
+import openai
+import pytest
+import torch
+
+from sagellm.engine.async_engine import AsyncLLMEngine
+from sagellm.engine.config import ServerConfig
+from sagellm.engine.llm_engine import PoolingParams
+from sagellm.engine.server import ServerThread, build_app
+from sagellm.engine.structured import SamplingParams
+
+from .conftest import assert_no_leak, make_llm
+
+HIDDEN = 64  # the tiny model's hidden size
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    llm = make_llm(
+        tiny_model, kernels="eager", num_blocks=512, max_num_seqs=64, max_num_batched_tokens=512
+    )
+    engine = AsyncLLMEngine(llm.engine)
+    with ServerThread(build_app(engine, ServerConfig(port=0, pooling="mean"))) as srv:
+        yield srv, llm
+
+
+@pytest.fixture
+def server(served):
+    srv, llm = served
+    yield srv, llm
+    assert_no_leak(llm, timeout=10.0)
+
+
+def post(srv, path: str, body: dict) -> httpx.Response:
+    return httpx.post(srv.url + path, json=body, timeout=60)
+
+
+def error_of(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def run_all(engine) -> dict:
+    outs = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = o
+    return outs
+
+
+# ---------------------------------------------------------------------- engine level
+
+
+def test_embedding_alone_equals_batched_exactly_and_frees_blocks(tiny_model) -> None:
+    llm = make_llm(
+        tiny_model, kernels="eager", num_blocks=128, max_num_seqs=16, max_num_batched_tokens=256
+    )
+    engine = llm.engine
+    pool = engine.kv_pool
+    for pooling in ("last", "mean"):
+        engine.add_request("a", "the quick brown fox", pooling=PoolingParams(pooling))
+        alone = run_all(engine)["a"]
+        assert pool.num_free_blocks == pool.num_blocks
+        engine.add_request("g1", "another prompt entirely", SamplingParams(max_tokens=6))
+        engine.add_request("b", "the quick brown fox", pooling=PoolingParams(pooling))
+        engine.add_request("c", "something else", pooling=PoolingParams(pooling))
+        engine.add_request("g2", "more words", SamplingParams(max_tokens=3))
+        outs = run_all(engine)
+        assert outs["b"].embedding == alone.embedding  # bit for bit, float32
+        assert outs["c"].embedding != alone.embedding
+        assert alone.outputs == [] and len(alone.embedding) == HIDDEN
+        assert math.isclose(math.fsum(v * v for v in alone.embedding), 1.0, rel_tol=1e-5)
+        assert len(outs["g1"].outputs[0].token_ids) == 6
+        assert pool.num_free_blocks == pool.num_blocks
+    # a second embedding of the same text reuses no cached prefix: same vector, no hits
+    engine.add_request("d", "the quick brown fox", pooling=PoolingParams("mean"))
+    again = run_all(engine)["d"]
+    assert again.metrics.num_cached_tokens == 0
+
+
+def test_embedding_pooling_matches_the_model_rows(tiny_model) -> None:
+    llm = make_llm(tiny_model, kernels="eager", num_blocks=64)
+    engine = llm.engine
+    ids = engine.tokenize("pooled hidden states")
+    model = engine.runtime.model
+    seen: list[torch.Tensor] = []
+    # the head's input is the final-norm hidden state of every row
+    handle = model.lm_head.register_forward_pre_hook(lambda m, i: seen.append(i[0].clone()))
+    try:
+        engine.runtime.run_sequence(ids)
+    finally:
+        handle.remove()
+    rows = seen[-1].double()
+    for pooling, normalize, want in (
+        ("last", False, rows[-1]),
+        ("mean", False, rows.mean(0)),
+        ("mean", True, rows.mean(0) / rows.mean(0).norm()),
+    ):
+        engine.add_request("e", ids, pooling=PoolingParams(pooling, normalize))
+        got = torch.tensor(run_all(engine)["e"].embedding, dtype=torch.float64)
+        assert torch.allclose(got, want, atol=1e-5), pooling
+
+
+def test_embedding_batched_with_bf16_state_is_close(tiny_model) -> None:
+    llm = make_llm(tiny_model, dtype="bfloat16", num_blocks=128, max_num_batched_tokens=256)
+    engine = llm.engine
+    engine.add_request("a", "the quick brown fox", pooling=PoolingParams("mean"))
+    alone = torch.tensor(run_all(engine)["a"].embedding)
+    engine.add_request("g", "another prompt entirely", SamplingParams(max_tokens=4))
+    engine.add_request("b", "the quick brown fox", pooling=PoolingParams("mean"))
+    batched = torch.tensor(run_all(engine)["b"].embedding)
+    assert torch.allclose(alone, batched, atol=2e-2)
+    assert engine.kv_pool.num_free_blocks == engine.kv_pool.num_blocks
+
+
+def test_prompt_logprobs_match_a_full_forward(tiny_model) -> None:
+    llm = make_llm(tiny_model, kernels="eager", num_blocks=64, max_num_batched_tokens=4)
+    engine = llm.engine
+    ids = engine.tokenize("prompt logprobs over chunks")
+    engine.add_request("p", ids, SamplingParams(max_tokens=2), prompt_logprobs=3)
+    out = run_all(engine)["p"]
+    logprobs = torch.log_softmax(engine.runtime.run_sequence(ids), -1)
+    got = out.prompt_logprobs
+    assert got is not None and len(got) == len(ids) and got[0] is None
+    for pos in range(1, len(ids)):
+        row = logprobs[pos - 1]
+        entry = got[pos]
+        assert entry is not None
+        assert math.isclose(entry[ids[pos]].logprob, float(row[ids[pos]]), abs_tol=1e-4)
+        top = torch.topk(row, 3).indices.tolist()
+        assert [t for t in top if t in entry] == top
+        assert entry[top[0]].rank == 1
+        assert entry[ids[pos]].rank == 1 + int((row > row[ids[pos]]).sum())
+
+
+# ---------------------------------------------------------------------- HTTP
+
+
+def test_embeddings_with_the_openai_client(server) -> None:
+    srv, llm = server
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    name = llm.engine.model_name
+    res = client.embeddings.create(model=name, input=["hello there", "general kenobi"])
+    assert [d.index for d in res.data] == [0, 1]
+    assert all(len(d.embedding) == HIDDEN for d in res.data)
+    ids = llm.engine.tokenize("hello there")
+    assert res.usage.prompt_tokens == len(ids) + len(llm.engine.tokenize("general kenobi"))
+    floats = post(srv, "/v1/embeddings", {"model": name, "input": ids}).json()
+    assert floats["object"] == "list" and floats["usage"] == {
+        "prompt_tokens": len(ids),
+        "total_tokens": len(ids),
+    }
+    vec = floats["data"][0]["embedding"]
+    assert [float(v) for v in struct.unpack(f"<{HIDDEN}f", struct.pack(f"<{HIDDEN}f", *vec))] == [
+        pytest.approx(v, abs=1e-7) for v in res.data[0].embedding
+    ]
+    b64 = post(
+        srv, "/v1/embeddings", {"model": name, "input": [ids], "encoding_format": "base64"}
+    ).json()["data"][0]["embedding"]
+    assert list(struct.unpack(f"<{HIDDEN}f", base64.b64decode(b64))) == [
+        struct.unpack("<f", struct.pack("<f", v))[0] for v in vec
+    ]
+    same = post(
+        srv, "/v1/embeddings", {"model": name, "input": "hello there", "dimensions": HIDDEN}
+    )
+    assert same.status_code == 200
+    err = error_of(post(srv, "/v1/embeddings", {"model": name, "input": "x", "dimensions": 8}), 400)
+    assert err["message"] == (
+        f"dimensions=8 is not supported: this model's embeddings have {HIDDEN} dimensions; "
+        f"leave dimensions out or set it to {HIDDEN}"
+    )
+    assert err["param"] == "dimensions"
+    err = error_of(post(srv, "/v1/embeddings", {"model": name, "input": [10**7]}), 400)
+    assert err["message"].startswith("token id 10000000 is outside the vocabulary")
+
+
+def test_tokenize_and_detokenize(server) -> None:
+    srv, llm = server
+    tok = llm.engine.tokenizer
+    got = post(srv, "/tokenize", {"prompt": "hello world"}).json()
+    want = tok.encode("hello world", add_special_tokens=True)
+    assert got == {"count": len(want), "max_model_len": 256, "tokens": want}
+    plain = post(srv, "/tokenize", {"prompt": "hello world", "add_special_tokens": False}).json()
+    assert plain["tokens"] == tok.encode("hello world", add_special_tokens=False)
+    messages = [{"role": "user", "content": "hi"}]
+    chat = post(srv, "/tokenize", {"messages": messages}).json()
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat["tokens"] == tok.encode(text, add_special_tokens=False)
+    back = post(srv, "/detokenize", {"tokens": plain["tokens"]}).json()
+    assert back == {"prompt": tok.decode(plain["tokens"])}
+    err = error_of(post(srv, "/detokenize", {"tokens": [1, -1]}), 400)
+    vocab = llm.engine.vocab_size
+    assert err["message"] == (
+        f"token id -1 is outside the vocabulary [0, {vocab}); use ids produced by this "
+        "model's tokenizer"
+    )
+    assert err["param"] == "tokens"
+    err = error_of(post(srv, "/tokenize", {"prompt": "a", "messages": messages}), 400)
+    assert err["message"] == "give either prompt or messages (not both)"
+    error_of(post(srv, "/tokenize", {"prompt": "a", "model": "nope"}), 404)
+
+
+def test_completion_prompt_logprobs(server) -> None:
+    srv, llm = server
+    ids = llm.engine.tokenize("one two three")
+    body = {"model": llm.engine.model_name, "prompt": ids, "max_tokens": 2, "prompt_logprobs": 1}
+    choice = post(srv, "/v1/completions", body).json()["choices"][0]
+    plp = choice["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for pos in range(1, len(ids)):
+        entry = plp[pos]
+        assert str(ids[pos]) in entry and 1 <= len(entry) <= 2
+        assert min(e["rank"] for e in entry.values()) == 1
+    err = error_of(post(srv, "/v1/completions", {**body, "stream": True}), 400)
+    assert err["message"] == (
+        "prompt_logprobs is not supported with stream: send it without streaming"
+    )
+    plain = post(srv, "/v1/completions", {**body, "prompt_logprobs": None}).json()
+    assert "prompt_logprobs" not in plain["choices"][0]
+
+
+def test_responses_plain_and_streaming(server) -> None:
+    srv, llm = server
+    name = llm.engine.model_name
+    body = {
+        "model": name,
+        "input": [{"type": "message", "role": "user", "content": "hi"}],
+        "instructions": "be brief",
+        "max_output_tokens": 5,
+        "temperature": 0.0,
+    }
+    res = post(srv, "/v1/responses", body).json()
+    assert res["object"] == "response" and res["status"] == "incomplete"
+    assert res["incomplete_details"] == {"reason": "max_output_tokens"}
+    (item,) = res["output"]
+    assert item["type"] == "message" and item["role"] == "assistant"
+    (part,) = item["content"]
+    assert part["type"] == "output_text"
+    assert res["usage"]["output_tokens"] == 5
+    text = llm.engine.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert res["usage"]["input_tokens"] == len(llm.engine.tokenize(text, add_special_tokens=False))
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    sdk = client.responses.create(
+        model=name, input="hi", instructions="be brief", max_output_tokens=5, temperature=0.0
+    )
+    assert sdk.output_text == part["text"]
+    events = []
+    with httpx.stream("POST", srv.url + "/v1/responses", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert set(kinds[1:-2]) == {"response.output_text.delta"}
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert deltas == part["text"] == events[-1]["response"]["output"][0]["content"][0]["text"]
+    err = error_of(post(srv, "/v1/responses", {"model": name, "input": []}), 400)
+    assert err["message"] == "input must hold at least one message"
+
+
+def test_embeddings_leave_nothing_in_the_prefix_cache(tiny_model) -> None:
+    pytest.importorskip("sagellm.prefix_cache")
+    llm = make_llm(tiny_model, prefix_cache="radix", num_blocks=64, max_num_batched_tokens=256)
+    engine = llm.engine
+    text = "a prompt long enough to fill several blocks of four tokens"
+    engine.add_request("e", text, pooling=PoolingParams("last"))
+    run_all(engine)
+    assert engine.kv_pool.num_free_blocks == engine.kv_pool.num_blocks
+    engine.add_request("g", text, SamplingParams(max_tokens=2))
+    assert run_all(engine)["g"].metrics.num_cached_tokens == 0  # nothing was indexed
+    engine.add_request("g2", text, SamplingParams(max_tokens=2))
+    assert run_all(engine)["g2"].metrics.num_cached_tokens > 0  # generation still shares
