@@ -29,7 +29,7 @@ from sagellm.engine.layers.rotary import RotaryEmbedding
 from sagellm.engine.models.llama import LlamaForCausalLM
 from sagellm.engine.models.loader import load_weights
 from sagellm.engine.models.source import resolve_model
-from sagellm.engine.runtime.batch import build_step_batch
+from sagellm.engine.runtime.batch import StepBatch, build_step_batch
 from sagellm.engine.runtime.config import NativeRuntimeConfig, parse_spec
 
 __all__ = ["NativeRuntime", "RowOutput", "apply_sparsifier", "resolve_dtype"]
@@ -551,12 +551,27 @@ class NativeRuntime:
         """
         if hidden_ids or prompt_logit_ids:
             return self._execute_rows(plan, set(hidden_ids), set(prompt_logit_ids))
+        vocab = self.model_config.vocab_size
+        batch = self._step_batch(plan)
+        if batch is None:
+            return ModelOutput((), torch.empty(0, vocab, dtype=torch.float32))
+        ids = batch.token_ids
+        if batch.logit_rows.numel() == 0:
+            self.model(ids, batch.positions, self._caches, batch.meta, batch.logit_rows)
+            return ModelOutput((), torch.empty(0, vocab, dtype=torch.float32))
+        logits = self.model(ids, batch.positions, self._caches, batch.meta, batch.logit_rows)
+        if logits.device.type != "cpu":
+            logits = logits.cpu()
+        return ModelOutput(batch.request_ids, logits)
+
+    def _step_batch(self, plan: ExecutionPlan) -> StepBatch | None:
+        """The flattened batch of the plan's compute chunks (None when there are none),
+        its token ids checked against the vocabulary."""
         if self._pool is None:
             raise SageLLMError("NativeRuntime.execute before bind_kv_pool(pool)")
         chunks = plan.compute_chunks
-        vocab = self.model_config.vocab_size
         if not chunks:
-            return ModelOutput((), torch.empty(0, vocab, dtype=torch.float32))
+            return None
         batch = build_step_batch(
             chunks,
             block_size=self._pool.schema.block_size,
@@ -567,16 +582,11 @@ class NativeRuntime:
             paged_decode=self._paged_decode,
         )
         ids = batch.token_ids
+        vocab = self.model_config.vocab_size
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             bad = ids[(ids < 0) | (ids >= vocab)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary 0..{vocab - 1}")
-        if batch.logit_rows.numel() == 0:
-            self.model(ids, batch.positions, self._caches, batch.meta, batch.logit_rows)
-            return ModelOutput((), torch.empty(0, vocab, dtype=torch.float32))
-        logits = self.model(ids, batch.positions, self._caches, batch.meta, batch.logit_rows)
-        if logits.device.type != "cpu":
-            logits = logits.cpu()
-        return ModelOutput(batch.request_ids, logits)
+        return batch
 
     # ------------------------------------------------------------------ every row of a chunk
 
@@ -589,24 +599,12 @@ class NativeRuntime:
         extra rows are taken together; the head runs on the sampled rows and on the rows
         of ``prompt_logit_ids``.
         """
-        assert self._pool is not None
-        chunks = plan.compute_chunks
-        vocab = self.model_config.vocab_size
-        if not chunks:
+        batch = self._step_batch(plan)
+        if batch is None:
+            vocab = self.model_config.vocab_size
             return RowOutput((), torch.empty(0, vocab, dtype=torch.float32))
-        batch = build_step_batch(
-            chunks,
-            block_size=self._pool.schema.block_size,
-            num_blocks=self._pool.num_blocks,
-            max_model_len=self.max_model_len,
-            mask_dtype=self.dtype,
-            device=self.device,
-            paged_decode=self._paged_decode,
-        )
         ids = batch.token_ids
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            bad = ids[(ids < 0) | (ids >= vocab)][0].item()
-            raise ValueError(f"token id {bad} is outside the vocabulary 0..{vocab - 1}")
+        chunks = plan.compute_chunks
         chunk_rows = _chunk_rows(chunks)
         wanted = [rid for rid in chunk_rows if rid in hidden_ids or rid in prompt_logit_ids]
         extra = [r for rid in wanted for r in chunk_rows[rid]]
