@@ -7,6 +7,7 @@ import re
 from importlib import resources
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sagellm.engine.async_engine import AsyncLLMEngine
@@ -35,7 +36,12 @@ def _queried_names(dashboard: dict) -> set[str]:
     return names
 
 
+@pytest.mark.integration  # needs sagellm-speculative for the speculative panels
 def test_dashboard_metrics_are_exported(tiny_model) -> None:
+    # the speculative panels need drafts: an ngram proposer from sagellm-speculative
+    pytest.importorskip(
+        "sagellm.speculative", reason="needs sagellm-speculative (nox -s integration runs it)"
+    )
     llm = make_llm(
         tiny_model,
         num_blocks=128,
