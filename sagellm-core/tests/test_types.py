@@ -97,6 +97,13 @@ def test_isolation_key() -> None:
     assert GenerationRequest(**base, cache_salt="s").isolation_key == "\x00s"
 
 
+def test_prefix_caching_is_on_unless_skipped() -> None:
+    base = {"request_id": "r", "prompt_token_ids": (1,)}
+    assert GenerationRequest(**base).skip_prefix_cache is False
+    skipped = GenerationRequest(**base, skip_prefix_cache=True)
+    assert skipped.skip_prefix_cache is True and skipped.isolation_key == ""
+
+
 def test_kv_cache_schema_sizes() -> None:
     s = KVCacheSchema(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype="bfloat16")
     assert s.bytes_per_token == 2 * 30 * 3 * 64 * 2

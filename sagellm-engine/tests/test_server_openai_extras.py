@@ -12,6 +12,7 @@ import openai
 import pytest
 import torch
 
+from sagellm.core.errors import InvalidRequestError
 from sagellm.engine.async_engine import AsyncLLMEngine
 from sagellm.engine.config import ServerConfig
 from sagellm.engine.llm_engine import PoolingParams
@@ -125,6 +126,65 @@ def test_embedding_batched_with_bf16_state_is_close(tiny_model) -> None:
     assert engine.kv_pool.num_free_blocks == engine.kv_pool.num_blocks
 
 
+def test_llm_embed_alone_batched_normalised_and_as_served(tiny_model) -> None:
+    llm = make_llm(
+        tiny_model, kernels="eager", num_blocks=128, max_num_seqs=16, max_num_batched_tokens=256
+    )
+    pool = llm.engine.kv_pool
+    text = "the quick brown fox"
+    ids = llm.engine.tokenize(text)
+    (alone,) = llm.embed(text, "mean")
+    assert (alone.prompt, alone.prompt_token_ids, alone.finished) == (text, ids, True)
+    vec = alone.outputs.embedding
+    assert type(vec) is list and len(vec) == HIDDEN and {type(v) for v in vec} == {float}
+    assert math.isclose(math.fsum(v * v for v in vec), 1.0, rel_tol=1e-5)
+    prompts = ["something else", {"prompt_token_ids": ids}, text, "more words here"]
+    batch = llm.embed(prompts, PoolingParams("mean"))
+    assert [o.prompt for o in batch] == ["something else", None, text, "more words here"]
+    assert batch[1].prompt_token_ids == ids
+    assert batch[1].outputs.embedding == vec and batch[2].outputs.embedding == vec  # bit for bit
+    assert batch[0].outputs.embedding != vec
+    (raw,) = llm.embed([ids], PoolingParams("mean", normalize=False))
+    norm = math.sqrt(math.fsum(v * v for v in raw.outputs.embedding))
+    assert abs(norm - 1.0) > 1e-3
+    assert [v / norm for v in raw.outputs.embedding] == pytest.approx(vec, abs=1e-6)
+    (last,) = llm.embed(text)  # the default: the last token's state, normalised
+    assert last.outputs.embedding == llm.embed(text, "last")[0].outputs.embedding
+    assert last.outputs.embedding != vec
+    assert pool.num_free_blocks == pool.num_blocks
+    engine = AsyncLLMEngine(llm.engine)
+    with ServerThread(build_app(engine, ServerConfig(port=0, pooling="mean"))) as srv:
+        body = {"model": llm.engine.model_name, "input": [text, "something else"]}
+        served = post(srv, "/v1/embeddings", body).json()["data"]
+    assert [d["embedding"] for d in served] == [vec, batch[0].outputs.embedding]
+
+
+def test_llm_embed_refuses_bad_input(llm) -> None:
+    def refused(*args) -> str:
+        with pytest.raises(InvalidRequestError) as info:
+            llm.embed(*args)
+        assert not llm.engine.has_unfinished_requests()  # nothing stays queued
+        return str(info.value)
+
+    assert refused("x", "max") == "pooling must be 'last', 'mean' or a PoolingParams; got 'max'"
+    assert refused("x", PoolingParams("max")) == (  # type: ignore[arg-type]
+        "PoolingParams.pooling must be 'last' or 'mean'; got 'max'"
+    )
+    assert refused(["fine", ""]) == "the prompt is empty: give at least one token or character"
+    assert refused(["fine", [10**7]]).startswith("token id 10000000 is outside the vocabulary")
+    assert refused(["fine", 3.5]) == (
+        "a prompt is either a string or a sequence of integer token ids"
+    )
+    assert refused(None) == (
+        "prompts must be a text, a list of token ids, a prompt dict or a list of them; got NoneType"
+    )
+    assert refused([list(range(1, 300))]) == (
+        "the prompt has 299 tokens but the context holds 256 (prompt plus at least one "
+        "generated token); shorten the prompt to at most 255 tokens"
+    )
+    assert llm.embed([]) == []
+
+
 def test_prompt_logprobs_match_a_full_forward(tiny_model) -> None:
     llm = make_llm(tiny_model, kernels="eager", num_blocks=64, max_num_batched_tokens=4)
     engine = llm.engine
@@ -223,12 +283,57 @@ def test_completion_prompt_logprobs(server) -> None:
         entry = plp[pos]
         assert str(ids[pos]) in entry and 1 <= len(entry) <= 2
         assert min(e["rank"] for e in entry.values()) == 1
-    err = error_of(post(srv, "/v1/completions", {**body, "stream": True}), 400)
-    assert err["message"] == (
-        "prompt_logprobs is not supported with stream: send it without streaming"
-    )
     plain = post(srv, "/v1/completions", {**body, "prompt_logprobs": None}).json()
     assert "prompt_logprobs" not in plain["choices"][0]
+
+
+def stream_chunks(srv, path: str, body: dict) -> list[dict]:
+    chunks = []
+    with httpx.stream("POST", srv.url + path, json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+def test_streamed_prompt_logprobs_come_in_the_first_chunk(server) -> None:
+    srv, llm = server
+    ids = llm.engine.tokenize("one two three four")
+    body = {
+        "model": llm.engine.model_name,
+        "prompt": ids,
+        "max_tokens": 3,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "prompt_logprobs": 2,
+    }
+    whole = post(srv, "/v1/completions", body).json()["choices"][0]
+    chunks = stream_chunks(srv, "/v1/completions", {**body, "stream": True})
+    choices = [c["choices"][0] for c in chunks]
+    assert "prompt_logprobs" in choices[0]
+    assert all("prompt_logprobs" not in c for c in choices[1:])
+    plp = choices[0]["prompt_logprobs"]
+    assert plp == whole["prompt_logprobs"]  # the same rows, computed alone both times
+    assert len(plp) == len(ids) and plp[0] is None
+    for pos in range(1, len(ids)):
+        entry = plp[pos]
+        assert str(ids[pos]) in entry and 2 <= len(entry) <= 3
+        assert sorted(e["rank"] for e in entry.values())[:2] == [1, 2]
+    assert "".join(c["text"] for c in choices) == whole["text"]
+    assert choices[-1]["finish_reason"] == "length"
+    # n > 1: every choice gets them once, in its own first chunk
+    chunks = stream_chunks(
+        srv, "/v1/completions", {**body, "stream": True, "n": 2, "temperature": 1.0, "seed": 3}
+    )
+    firsts: dict[int, dict] = {}
+    for c in chunks:
+        (choice,) = c["choices"]
+        firsts.setdefault(choice["index"], choice)
+        if choice is not firsts[choice["index"]]:
+            assert "prompt_logprobs" not in choice
+    assert sorted(firsts) == [0, 1]
+    assert [firsts[i]["prompt_logprobs"] == plp for i in (0, 1)] == [True, True]
 
 
 def test_responses_plain_and_streaming(server) -> None:
@@ -274,6 +379,42 @@ def test_responses_plain_and_streaming(server) -> None:
     assert deltas == part["text"] == events[-1]["response"]["output"][0]["content"][0]["text"]
     err = error_of(post(srv, "/v1/responses", {"model": name, "input": []}), 400)
     assert err["message"] == "input must hold at least one message"
+
+
+def test_rows_requests_over_several_chunks_leave_nothing_in_the_prefix_cache(
+    tiny_model,
+) -> None:
+    pytest.importorskip("sagellm.prefix_cache")
+    # 8 tokens a step: the 46-token prompt takes 6 chunks of 2 blocks each but the last
+    llm = make_llm(
+        tiny_model, kernels="eager", prefix_cache="radix", num_blocks=64, max_num_batched_tokens=8
+    )
+    engine = llm.engine
+    pool, index = engine.kv_pool, engine.parts.prefix_index
+    text = "a prompt long enough to fill several blocks of four tokens"
+    assert len(engine.tokenize(text)) == 46
+    engine.add_request("e", text, pooling=PoolingParams("mean"))
+    seen, outs = [], []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+        seen.append((index.num_cached_blocks, pool.num_free_blocks))
+    assert seen == [(0, 62), (0, 60), (0, 58), (0, 56), (0, 54), (0, 64)]
+    (first,) = outs
+    engine.add_request("p", text, SamplingParams(max_tokens=2), prompt_logprobs=1)
+    assert run_all(engine)["p"].metrics.num_cached_tokens == 0
+    assert (index.num_cached_blocks, pool.num_free_blocks) == (0, 64)
+    # nothing of theirs to hit; a plain request caches its 11 full blocks as always
+    engine.add_request("g", text, SamplingParams(max_tokens=2))
+    assert run_all(engine)["g"].metrics.num_cached_tokens == 0
+    assert (index.num_cached_blocks, pool.num_free_blocks) == (11, 53)
+    engine.add_request("g2", text, SamplingParams(max_tokens=2))
+    assert run_all(engine)["g2"].metrics.num_cached_tokens == 44
+    # an embedding does not read that cache either, and leaves it as it was
+    engine.add_request("e2", text, pooling=PoolingParams("mean"))
+    again = run_all(engine)["e2"]
+    assert again.metrics.num_cached_tokens == 0
+    assert (index.num_cached_blocks, pool.num_free_blocks) == (11, 53)
+    assert again.embedding == first.embedding
 
 
 def test_embeddings_leave_nothing_in_the_prefix_cache(tiny_model) -> None:

@@ -164,6 +164,29 @@ def test_prefix_hits_skip_cached_blocks_and_are_isolated(pool):
     assert pool.num_free_blocks == 16
 
 
+def test_skip_prefix_cache_neither_matches_nor_indexes(pool):
+    index = DictPrefixIndex(block_size=4)
+    cfg = FCFSSchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4)
+    s = FCFSScheduler(cfg, kv_pool=pool, max_model_len=64, prefix_index=index)
+    s.add_request(req("a", 10))
+    for _ in range(3):  # 4 + 4 + 2 prompt tokens: blocks 0,1 full and indexed
+        step(s)
+    s.finish_requests(["a"], FinishReason.STOP)
+    assert index.num_cached_blocks == 2 and pool.num_free_blocks == 14
+    s.add_request(req("x", 10, skip_prefix_cache=True))  # the same prompt
+    out = step(s)
+    assert (out.chunks[0].num_computed_tokens, out.chunks[0].block_ids) == (0, (2,))
+    for _ in range(3):  # the rest of the prompt, then one decode: 11 tokens, 2 full blocks
+        step(s)
+    assert s.get_request("x").num_computed_tokens == 11
+    assert index.num_cached_blocks == 2 and pool.num_free_blocks == 11
+    assert [pool.ref_count(b) for b in (2, 3, 4)] == [1, 1, 1]  # no index reference
+    s.finish_requests(["x"], FinishReason.STOP)
+    assert index.num_cached_blocks == 2 and pool.num_free_blocks == 14
+    s.add_request(req("b", 10))  # a plain request still hits what "a" left
+    assert s.schedule().chunks[0].num_computed_tokens == 8
+
+
 def test_full_pool_evicts_prefix_blocks_before_preempting():
     pool = BlockLedger(num_blocks=4, block_size=4)
     index = DictPrefixIndex(block_size=4)

@@ -408,7 +408,9 @@ class Scheduler(Protocol):
     engine, which calls :meth:`finish_requests`.
 
     Context at construction: ``kv_pool=`` (KVPool), ``max_model_len=`` (int), optionally
-    ``prefix_index=`` (PrefixIndex) and ``tiered_store=`` (TieredKVStore).
+    ``prefix_index=`` (PrefixIndex) and ``tiered_store=`` (TieredKVStore). A request with
+    ``skip_prefix_cache`` set is neither matched against the prefix index nor inserted
+    into it.
     """
 
     config_class: ClassVar[type[BaseModel]]

@@ -178,6 +178,10 @@ class GenerationRequest(BaseModel):
     priority: int = 0  # lower value is served first (vLLM's convention)
     tenant: str = ""  # owner, for quotas and fairness
     cache_salt: str = ""  # isolation key: prefixes are shared only within one salt
+    # True: the request neither starts from a cached prefix nor offers its blocks to the
+    # prefix index, so its blocks go straight back to the pool when it ends (requests
+    # that must compute every prompt row: embeddings, prompt logprobs)
+    skip_prefix_cache: bool = False
     kind: RequestKind = RequestKind.COMPLETION
     slo: SLO = SLO()
     eos_token_ids: tuple[int, ...] = ()  # end-of-sequence ids of the model's tokenizer

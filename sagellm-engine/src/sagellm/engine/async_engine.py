@@ -29,7 +29,7 @@ from sagellm.core.types import (
     SamplingParams,
 )
 from sagellm.engine.config import BuildOptions
-from sagellm.engine.llm_engine import LLMEngine, Prompt
+from sagellm.engine.llm_engine import EngineRequestOutput, LLMEngine, Prompt
 
 __all__ = ["AsyncLLMEngine", "EngineDeadError", "RequestStream"]
 
@@ -41,11 +41,13 @@ class EngineDeadError(SageLLMError, RuntimeError):
 
 
 class _Delta:
-    """Turns cumulative outputs of one request into per-step deltas."""
+    """Turns cumulative outputs of one request into per-step deltas; prompt logprobs
+    come once, in the first output that has them."""
 
     def __init__(self) -> None:
         self._text: dict[int, int] = {}
         self._tokens: dict[int, int] = {}
+        self._prompt_logprobs_sent = False
 
     def __call__(self, out: RequestOutput) -> RequestOutput:
         outputs = []
@@ -65,6 +67,10 @@ class _Delta:
                     cumulative_logprob=c.cumulative_logprob,
                 )
             )
+        if isinstance(out, EngineRequestOutput) and out.prompt_logprobs is not None:
+            if self._prompt_logprobs_sent:
+                return dataclasses.replace(out, outputs=outputs, prompt_logprobs=None)
+            self._prompt_logprobs_sent = True
         return dataclasses.replace(out, outputs=outputs)
 
 
@@ -264,7 +270,8 @@ class AsyncLLMEngine:
         """Stream the request's state after every step that advanced it, until it finishes.
 
         With ``delta=True`` each output carries only the text, tokens and logprobs added
-        since the previous one. Invalid requests raise before the first output. Leaving
+        since the previous one (``prompt_logprobs`` only in the first output that has
+        them). Invalid requests raise before the first output. Leaving
         the loop early (or being cancelled) aborts the request.
         """
         stream = await self.add_request(prompt, sampling, request_id, delta=delta, **request_kwargs)

@@ -2,23 +2,26 @@
 
 The prompts are all queued at once and the engine steps until every one has finished,
 so the scheduler batches them (continuous batching); results come back in input order.
+:meth:`LLM.embed` is the offline ``/v1/embeddings``: one pooled final-norm hidden state
+per prompt (``outputs.embedding``, vLLM's shape), computed in the same batches.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from sagellm.core.config import EngineConfig
-from sagellm.core.errors import InvalidRequestError
+from sagellm.core.errors import InvalidRequestError, RequestAbortedError
 from sagellm.core.types import RequestKind, RequestOutput, SamplingParams
 from sagellm.engine.args import make_engine_config
 from sagellm.engine.config import BuildOptions
 from sagellm.engine.cot import CoTOptions
-from sagellm.engine.llm_engine import LLMEngine, Prompt
+from sagellm.engine.llm_engine import EngineRequestOutput, LLMEngine, PoolingParams, Prompt
 
-__all__ = ["LLM", "Message", "apply_chat_template"]
+__all__ = ["LLM", "EmbeddingOutput", "EmbeddingRequestOutput", "Message", "apply_chat_template"]
 
 Message = Mapping[str, Any]
 #: Text, token ids, or a vLLM-style prompt dict ({"prompt": ...} / {"prompt_token_ids": ...}).
@@ -47,6 +50,39 @@ def _message_text(content: Any) -> str:
     raise InvalidRequestError("message content must be a string or a list of text parts")
 
 
+@dataclass(frozen=True, slots=True)
+class EmbeddingOutput:
+    """The vector of one embedded prompt."""
+
+    embedding: list[float]  # pooled final-norm hidden state, hidden_size values
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequestOutput:
+    """What :meth:`LLM.embed` returns per prompt (vLLM's ``EmbeddingRequestOutput``)."""
+
+    request_id: str
+    prompt: str | None  # the text, None for token ids
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+
+
+def _pooling_params(pooling: Any) -> PoolingParams:
+    """``pooling`` of :meth:`LLM.embed` as PoolingParams."""
+    if pooling is None:
+        return PoolingParams()
+    if isinstance(pooling, PoolingParams):
+        if pooling.pooling not in ("last", "mean"):
+            raise InvalidRequestError(
+                f"PoolingParams.pooling must be 'last' or 'mean'; got {pooling.pooling!r}"
+            )
+        return pooling
+    if pooling == "last" or pooling == "mean":
+        return PoolingParams(pooling)
+    raise InvalidRequestError(f"pooling must be 'last', 'mean' or a PoolingParams; got {pooling!r}")
+
+
 _PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "cache_salt"})
 
 #: Message keys kept for the chat template besides role and content.
@@ -61,8 +97,13 @@ def _prompt_batch(
         isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
     ):
         items: list[Any] = [prompts]
+    elif isinstance(prompts, Iterable):
+        items = list(prompts)
     else:
-        items = list(prompts)  # type: ignore[arg-type]
+        raise InvalidRequestError(
+            "prompts must be a text, a list of token ids, a prompt dict or a list of them; "
+            f"got {type(prompts).__name__}"
+        )
     batch: list[Prompt] = []
     salts: list[str] = []
     for item in items:
@@ -256,18 +297,77 @@ class LLM:
             cot=cot,
         )
 
+    def embed(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        pooling: PoolingParams | Literal["last", "mean"] | None = None,
+        *,
+        use_tqdm: bool = False,
+        add_special_tokens: bool = True,
+        tenant: str = "",
+    ) -> list[EmbeddingRequestOutput]:
+        """Embed every prompt; one result per prompt, in input order.
+
+        The offline ``/v1/embeddings``: each vector (``outputs.embedding``, ``hidden_size``
+        floats) is the model's final-norm hidden state pooled over the prompt, the last
+        token's or the mean of all (``pooling``: ``"last"``, ``"mean"`` or a
+        :class:`~sagellm.engine.llm_engine.PoolingParams`; default: the last token's),
+        scaled to unit L2 norm unless ``PoolingParams(normalize=False)``. Prompts are
+        text, token ids or prompt dicts, as in :meth:`generate`; they are batched
+        together, and an embedding request never reads or fills the prefix cache.
+
+        Raises InvalidRequestError for an unknown pooling and for a prompt the engine
+        refuses (empty, too long for the context, token ids outside the vocabulary);
+        nothing is embedded then. RequestAbortedError when the scheduler's admission
+        control rejects a prompt.
+        """
+        params = _pooling_params(pooling)
+        batch, _ = _prompt_batch(prompts, "")
+        outs = self._run(
+            batch,
+            [None] * len(batch),
+            use_tqdm,
+            RequestKind.ONE_OFF,
+            add_special_tokens,
+            tenant,
+            [""] * len(batch),
+            desc="embedding",
+            pooling=params,
+        )
+        results = []
+        for i, out in enumerate(outs):
+            vec = out.embedding if isinstance(out, EngineRequestOutput) else None
+            if vec is None:  # the only other end of an embedding request
+                raise RequestAbortedError(
+                    f"prompt {i} was rejected by the scheduler's admission control (its "
+                    "waiting queue is full): embed fewer prompts at once or raise the "
+                    "scheduler's max_waiting / max_queue_tokens"
+                )
+            results.append(
+                EmbeddingRequestOutput(
+                    request_id=out.request_id,
+                    prompt=out.prompt,
+                    prompt_token_ids=list(out.prompt_token_ids),
+                    outputs=EmbeddingOutput(list(vec)),
+                )
+            )
+        return results
+
     # ------------------------------------------------------------------ helpers
 
     def _run(
         self,
         prompts: list[Prompt],
-        params: list[SamplingParams],
+        params: Sequence[SamplingParams | None],
         use_tqdm: bool,
         kind: RequestKind,
         add_special_tokens: bool,
         tenant: str,
         cache_salts: list[str],
         cot: CoTOptions | None = None,
+        *,
+        desc: str = "generating",
+        **request_kwargs: Any,
     ) -> list[RequestOutput]:
         engine = self.engine
         ids = []
@@ -284,6 +384,7 @@ class LLM:
                     tenant=tenant,
                     cache_salt=cache_salt,
                     cot=cot,
+                    **request_kwargs,
                 )
                 ids.append(rid)
         except Exception:
@@ -294,7 +395,7 @@ class LLM:
         if use_tqdm:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(ids), desc="generating", unit="req")
+            bar = tqdm(total=len(ids), desc=desc, unit="req")
         idle = 0
         try:
             while engine.has_unfinished_requests():

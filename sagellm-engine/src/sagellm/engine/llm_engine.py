@@ -18,10 +18,13 @@ speculative drafts.
 An embedding request (``pooling=``) is a prompt the scheduler batches like any other; the
 runtime returns the final-norm hidden states of its rows, which are pooled (last token or
 mean) instead of sampled, and the request finishes with the chunk that completes its
-prompt, before the scheduler would index its blocks. ``prompt_logprobs=k`` asks the
-runtime for the logits of every prompt row and returns each prompt token's logprob with
-the top ``k``. Both kinds compute every prompt row, so they never start from a cached
-prefix: they run under a cache salt of their own.
+prompt. ``prompt_logprobs=k`` asks the runtime for the logits of every prompt row and
+returns each prompt token's logprob with the top ``k``, in every output from the one of
+the first token on. Both kinds compute every prompt row, so they reach the scheduler with
+``skip_prefix_cache``: they never start from a cached prefix and none of their blocks is
+offered to the prefix index, so every block they held is free again when they end, however
+many chunks their prompt took. A cache salt of their own also keeps them from matching
+another request's prefix under a scheduler that ignores the flag.
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ class EngineRequestOutput(RequestOutput):
     """A :class:`RequestOutput` with what only some requests carry."""
 
     # prompt_logprobs=k: per prompt position, None for the first, else token id -> logprob
-    # of the prompt token and of the k most likely ones
+    # of the prompt token and of the k most likely ones; set in every output from the one
+    # of the first token on (with n > 1: completion 0's first token)
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
     embedding: list[float] | None = None  # pooled hidden state of an embedding request
 
@@ -156,10 +160,33 @@ class _Request:
     embedding: list[float] | None = None  # set when an embedding request finishes
     num_prompt_logprobs: int | None = None  # prompt_logprobs=k
     prompt_logprobs: dict[int, dict[int, PromptLogprob]] = field(default_factory=dict)
+    # the caller's list of prompt logprobs, built once every position has its entry
+    prompt_logprobs_list: list[dict[int, PromptLogprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.sequences)
+
+    @property
+    def prompt_logprobs_done(self) -> bool:
+        """True once every prompt position after the first has its logprobs."""
+        return len(self.prompt_logprobs) >= len(self.prompt_token_ids) - 1
+
+    def _prompt_logprobs_output(self) -> list[dict[int, PromptLogprob] | None] | None:
+        """Per prompt position, None for the first; None before every position has its
+        entry (they all have it by the step that samples the first token, the request's
+        first output), and when the request ends earlier the positions it recorded."""
+        if self.num_prompt_logprobs is None:
+            return None
+        if self.prompt_logprobs_list is None:
+            if not (self.prompt_logprobs_done or self.finished):
+                return None
+            got = self.prompt_logprobs
+            built = [None] + [got.get(p) for p in range(1, len(self.prompt_token_ids))]
+            if not self.prompt_logprobs_done:
+                return built  # ended early (an abort): the missing positions stay None
+            self.prompt_logprobs_list = built
+        return list(self.prompt_logprobs_list)
 
     def output(self) -> RequestOutput:
         seqs = self.sequences
@@ -177,10 +204,6 @@ class _Request:
         metrics.num_cached_tokens = max(s.metrics.num_cached_tokens for s in seqs)
         metrics.num_output_tokens = sum(len(s.output_token_ids) for s in seqs)
         metrics.num_preemptions = sum(s.metrics.num_preemptions for s in seqs)
-        prompt_logprobs = None
-        if self.num_prompt_logprobs is not None and self.finished:
-            got = self.prompt_logprobs
-            prompt_logprobs = [None] + [got.get(p) for p in range(1, len(self.prompt_token_ids))]
         return EngineRequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
@@ -189,7 +212,7 @@ class _Request:
             finished=self.finished,
             metrics=metrics,
             consistency=self.consistency,
-            prompt_logprobs=prompt_logprobs,
+            prompt_logprobs=self._prompt_logprobs_output(),
             embedding=self.embedding,
         )
 
@@ -322,7 +345,9 @@ class LLMEngine:
 
         ``pooling`` makes it an embedding request: its final output carries ``embedding``
         and no completions (``sampling`` is ignored). ``prompt_logprobs=k`` returns the
-        logprob of every prompt token with the ``k`` most likely ones at each position.
+        logprob of every prompt token with the ``k`` most likely ones at each position,
+        from the output of the first token on. Neither kind reads or fills the prefix
+        cache (``cache_salt`` does not matter to them).
 
         ``cot`` asks for self-consistency or DEER's early exit (see :mod:`sagellm.engine.cot`);
         ``sampling.thinking_token_budget`` caps the reasoning between the engine's markers.
@@ -333,9 +358,12 @@ class LLMEngine:
         Raises InvalidRequestError for an empty prompt, one that leaves no room in the
         context, token ids outside the vocabulary or an id already in use.
         """
-        if pooling is not None or prompt_logprobs is not None:
+        rows = pooling is not None or prompt_logprobs is not None
+        if rows:
             self._check_rows_request(pooling, prompt_logprobs, cot)
-            # every prompt row is computed: never start from (or add to) a shared prefix
+            # Every prompt row is computed: the scheduler keeps the request out of the
+            # prefix index (skip_prefix_cache), and a salt of its own keeps even a
+            # scheduler that ignores that flag from matching it against a cached prefix.
             cache_salt = f"{cache_salt}\x00rows:{request_id}:{next(self._auto_ids)}"
         if pooling is not None:
             sampling = SamplingParams(max_tokens=1)
@@ -408,6 +436,7 @@ class LLMEngine:
                     priority=priority,
                     tenant=tenant,
                     cache_salt=cache_salt,
+                    skip_prefix_cache=rows,
                     kind=kind,
                     eos_token_ids=self.eos_token_ids,
                     slo=slo if slo is not None else SLO(),
@@ -602,6 +631,7 @@ class LLMEngine:
                 req.num_prompt_logprobs is not None
                 and seq.index == 0
                 and chunk.num_computed_tokens < num_prompt - 1
+                and not req.prompt_logprobs_done  # a recomputation after preemption
             ):
                 prompt.append(chunk.request_id)
         return hidden, prompt
@@ -611,8 +641,8 @@ class LLMEngine:
     ) -> tuple[list[str], Any]:
         """Pool the hidden states and record the prompt logprobs of this step's rows;
         embedding requests whose prompt is complete finish here (their sampled row is
-        dropped, and the scheduler lets them go before it would index their blocks).
-        The sampled rows that remain, with their logits."""
+        dropped and their blocks go back to the pool). The sampled rows that remain, with
+        their logits."""
         done: list[str] = []
         for chunk in out.chunks:
             rid = chunk.request_id

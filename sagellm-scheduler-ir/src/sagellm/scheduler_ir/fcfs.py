@@ -51,9 +51,12 @@ class FCFSScheduler:
     ``num_computed_tokens`` up with its tokens within the remaining budget; waiting
     requests are then admitted in arrival order while the budget, the sequence cap and the
     pool allow. There is no prefill or decode phase: a long prompt is simply computed in
-    budget-sized chunks. When the pool is full the prefix index (if any) is asked to evict,
-    then the most recently admitted running request is preempted by recompute: its blocks
-    are released and it returns to the front of the queue, keeping its output tokens.
+    budget-sized chunks. Full blocks are offered to the prefix index (if any) as they are
+    computed, except for requests with ``skip_prefix_cache``, which also never start from a
+    cached prefix; their blocks return to the pool when they end. When the pool is full
+    the prefix index is asked to evict, then the most recently admitted running request is
+    preempted by recompute: its blocks are released and it returns to the front of the
+    queue, keeping its output tokens.
     """
 
     config_class: ClassVar[type[FCFSSchedulerConfig]] = FCFSSchedulerConfig
@@ -261,7 +264,11 @@ class FCFSScheduler:
 
     def _match_prefix(self, state: RequestState) -> None:
         """Start a fresh request from its longest cached prefix (never its last token)."""
-        if self.prefix_index is None or state.num_computed_tokens:
+        if (
+            self.prefix_index is None
+            or state.num_computed_tokens
+            or state.request.skip_prefix_cache
+        ):
             return
         match = self.prefix_index.match(state.token_ids[:-1], state.request.isolation_key)
         if not match.hit:
@@ -447,7 +454,7 @@ class FCFSScheduler:
                 state.num_computed_tokens = chunk.num_computed_tokens + len(chunk.token_ids)
                 if chunk.sample:
                     state.token_ids.extend(sampled_token_ids[chunk.request_id])
-            if self.prefix_index is not None:
+            if self.prefix_index is not None and not state.request.skip_prefix_cache:
                 self._index_full_blocks(state)
 
     def _accept_drafts(

@@ -501,12 +501,6 @@ class _Server:
         rid = f"cmpl-{uuid.uuid4().hex}"
         extra: dict[str, Any] = {}
         if req.prompt_logprobs is not None:
-            if req.stream:
-                raise APIError(
-                    400,
-                    "prompt_logprobs is not supported with stream: send it without streaming",
-                    param="prompt_logprobs",
-                )
             extra["prompt_logprobs"] = req.prompt_logprobs
         flight = await self.start(
             request, req, prompts, sampling, rid, kind=RequestKind.COMPLETION, **extra
@@ -562,23 +556,36 @@ class _Server:
     ) -> AsyncIterator[dict[str, Any]]:
         created = int(time.time())
         offsets: dict[int, int] = {}
+        # prompt_logprobs, formatted once per prompt: every choice carries them in one chunk,
+        # its first since they are known (they come with the first token)
+        prompt_logprobs: dict[int, list[dict[str, Any] | None]] = {}
+        pending = (
+            set(range(len(flight.streams) * req.n)) if req.prompt_logprobs is not None else set()
+        )
         if echo_texts is not None:
             for pi, text in enumerate(echo_texts):
                 for i in range(req.n):
                     yield self._completion_chunk(rid, created, pi * req.n + i, text, None, None)
         async for pi, out in _merge(flight.streams):
             flight.observe(pi, out, sum(len(c.token_ids) for c in out.outputs))
+            if pending and isinstance(out, EngineRequestOutput) and out.prompt_logprobs is not None:
+                prompt_logprobs[pi] = self._prompt_logprobs(out)
             for c in out.outputs:
                 index = pi * req.n + c.index
-                if not (c.text or c.finish_reason or c.token_ids):
+                plp = prompt_logprobs.get(pi) if index in pending else None
+                if not (c.text or c.finish_reason or c.token_ids or plp is not None):
                     continue
                 logprobs = None
                 if req.logprobs is not None:
                     logprobs = self._completion_logprobs(c, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
-                yield self._completion_chunk(
+                chunk = self._completion_chunk(
                     rid, created, index, c.text, _finish_reason(c.finish_reason), logprobs
                 )
+                if plp is not None:
+                    chunk["choices"][0]["prompt_logprobs"] = plp
+                    pending.discard(index)
+                yield chunk
         if req.include_usage:
             yield {
                 "id": rid,
