@@ -191,19 +191,27 @@ class _DenseFrom:
         return self.blocks.apply(layer, x)
 
 
-def _with_dense(specs: list[dict[str, Any]], rows: int, dtype: torch.dtype, seed: int) -> None:
-    """Give every projection a float weight from ``rows`` rows on: oneDNN's blocked one on
-    the even layers, a plain ``F.linear`` weight on the odd ones."""
-    from sagellm.kernel_fusion.onednn import OneDNNLinear
+def _with_dense(
+    specs: list[dict[str, Any]],
+    rows: int,
+    dtype: torch.dtype,
+    seed: int,
+    kinds: tuple[str, ...] = ("onednn", "linear"),
+) -> None:
+    """Give every projection another product from ``rows`` rows on, layer ``i`` the kind
+    ``kinds[i % len(kinds)]``: oneDNN's blocked float weight, a plain ``F.linear`` weight,
+    or the W8A8 int8 product."""
+    from sagellm.kernel_fusion.onednn import OneDNNInt8Linear, OneDNNLinear
 
     g = torch.Generator().manual_seed(seed)
     for i, spec in enumerate(specs):
+        kind = kinds[i % len(kinds)]
         for name in ("qkv", "o", "gate_up", "down"):
             proj = spec[name]
             n, k = proj.block_scales.shape[0], proj.block_scales.shape[1] * 32
             proj.weight = nn.Parameter((torch.randn(n, k, generator=g) * 0.05).to(dtype))
-            if i % 2 == 0:
-                proj.dense = OneDNNLinear()
+            if kind != "linear":
+                proj.dense = OneDNNLinear() if kind == "onednn" else OneDNNInt8Linear()
                 proj.dense.process_weights(proj)
             proj.method = _DenseFrom(proj.method, rows)
 
@@ -214,19 +222,24 @@ def _with_dense(specs: list[dict[str, Any]], rows: int, dtype: torch.dtype, seed
     rows=st.integers(1, 7),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 1000),
+    int8=st.booleans(),
 )
 def test_decode_step_switches_to_the_float_product_where_the_layer_does(
-    rows: int, dtype: torch.dtype, seed: int
+    rows: int, dtype: torch.dtype, seed: int, int8: bool
 ) -> None:
-    """From ``dense_min_rows`` on the step multiplies by the layers' float weights (oneDNN
-    blocked or plain), bitwise as the layers do, and so covers every row count."""
-    from sagellm.kernel_fusion.onednn import onednn_available
+    """From ``dense_min_rows`` on the step multiplies by the layers' other product (oneDNN
+    blocked, plain, or W8A8 int8), bitwise as the layers do, and so covers every row
+    count."""
+    from sagellm.kernel_fusion.onednn import int8_linear_available, onednn_available
 
     if not onednn_available(dtype):
         pytest.skip(f"oneDNN linear does not run in {dtype} here")
-    num_layers = 2
+    if int8 and not int8_linear_available():
+        pytest.skip("oneDNN's int8 product does not run here")
+    num_layers = 3 if int8 else 2
     specs = _layers(num_layers, 16, dtype, seed)
-    _with_dense(specs, 4, dtype, seed)
+    kinds = ("onednn", "linear", "int8") if int8 else ("onednn", "linear")
+    _with_dense(specs, 4, dtype, seed, kinds)
     step = make_decode_step(specs, num_kv_heads=HKV, head_dim=D, eps=EPS)
     assert step is not None and step.max_rows > 10**9
     g = torch.Generator().manual_seed(seed)

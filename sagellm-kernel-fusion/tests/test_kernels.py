@@ -12,7 +12,12 @@ from torch.nn import functional as F
 from sagellm.core.protocols import KernelProvider, LinearMethod
 from sagellm.kernel_fusion.config import FusedKernelsConfig
 from sagellm.kernel_fusion.extension import load_kernels
-from sagellm.kernel_fusion.onednn import OneDNNLinear, onednn_available
+from sagellm.kernel_fusion.onednn import (
+    OneDNNInt8Linear,
+    OneDNNLinear,
+    int8_linear_available,
+    onednn_available,
+)
 from sagellm.kernel_fusion.provider import FusedKernels
 
 needs_compiler = pytest.mark.skipif(load_kernels() is None, reason="no C++ compiler here")
@@ -261,6 +266,105 @@ def test_onednn_linear_needs_a_float_weight() -> None:
     layer.weight = None
     with pytest.raises(ValueError, match="needs the layer's float weight"):
         OneDNNLinear().process_weights(layer)
+
+
+needs_int8 = pytest.mark.skipif(
+    load_kernels() is None or not int8_linear_available(), reason="no oneDNN int8 product here"
+)
+
+
+@needs_compiler
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    cols=st.integers(1, 70),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 10_000),
+    zero_row=st.booleans(),
+)
+def test_quantize_per_row_rounds_each_row_on_its_own_scale(
+    rows: int, cols: int, dtype: torch.dtype, seed: int, zero_row: bool
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, cols, generator=g) * 10 ** torch.randn(rows, 1, generator=g)).to(dtype)
+    if zero_row:
+        x[0] = 0
+    module = load_kernels()
+    q, s = module.quantize_per_row(x)
+    assert q.dtype == torch.uint8 and s.dtype == torch.float32
+    assert q.shape == (rows, cols) and s.shape == (rows,)
+    xf = x.float()
+    amax = xf.abs().amax(1)
+    want_s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    assert torch.allclose(s, want_s, rtol=2e-7, atol=0)  # amax / 127, to the last bit or so
+    want_q = torch.round(xf * (1 / s)[:, None]).to(torch.int32) + 128
+    assert torch.equal(q.to(torch.int32), want_q)
+    codes = q.to(torch.int32) - 128
+    assert int(codes.abs().max()) <= 127
+    if zero_row:
+        assert float(s[0]) == 1.0 and bool((q[0] == 128).all())
+    # every value within half a step of its row's scale
+    err = (codes.float() * s[:, None] - xf).abs()
+    assert bool((err <= s[:, None] * 0.5 * (1 + 1e-5)).all())
+
+
+@needs_int8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_is_the_product_of_its_quantized_operands(
+    dtype: torch.dtype, bias: bool
+) -> None:
+    """W8A8: the exact integer product of the per-row input codes and the per-channel
+    weight codes, scaled by both scales (then the bias), rounded once to the dtype."""
+    layer = _Layer(96, 64, bias, dtype)
+    assert layer.weight is not None
+    w = layer.weight.detach().float()
+    method = OneDNNInt8Linear(batch_hint=16)
+    assert isinstance(method, LinearMethod)
+    method.process_weights(layer)
+    assert layer.weight is None and layer.int8_scales.shape == (96,)
+    amax = w.abs().amax(1)
+    assert torch.equal(layer.int8_scales, amax / 127)
+    qw = torch.round(w / (amax / 127)[:, None]).clamp(-127, 127).double()
+    module = load_kernels()
+    for m in (1, 3, 16, 100):
+        x = torch.randn(m, 64).to(dtype)
+        before = x.clone()
+        got = method.apply(layer, x)
+        assert torch.equal(x, before) and got.dtype == dtype and got.shape == (m, 96)
+        q, s = module.quantize_per_row(x)
+        acc = (q.double() - 128) @ qw.T  # exact: integers well inside float64's range
+        want = acc * layer.int8_scales.double()[None, :] * s.double()[:, None]
+        if layer.bias is not None:
+            want = want + layer.bias.double()
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert torch.allclose(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+        # and it stays near the float product (the quantization error of 8-bit operands)
+        ref = F.linear(x.float(), w, None if layer.bias is None else layer.bias.float())
+        rel = float((got.float() - ref).norm() / ref.norm())
+        assert rel < 0.05
+
+
+@needs_int8
+def test_int8_linear_keeps_the_leading_dims_and_refuses_a_missing_weight() -> None:
+    layer = _Layer(32, 64, False, torch.float32)
+    method = OneDNNInt8Linear()
+    method.process_weights(layer)
+    x = torch.randn(2, 3, 64)
+    assert method.apply(layer, x).shape == (2, 3, 32)
+    with pytest.raises(ValueError, match="needs the layer's float weight"):
+        method.process_weights(layer)  # the float weight is gone
+
+
+def test_the_int8_product_is_offered_only_when_asked_for() -> None:
+    assert "int8_dense_linear" not in FusedKernels().available_ops()
+    provider = FusedKernels(FusedKernelsConfig(int8_dense_linear=True))
+    if load_kernels() is None or not int8_linear_available():
+        assert "int8_dense_linear" not in provider.available_ops()
+        return
+    make = provider.get("int8_dense_linear")
+    assert isinstance(make(torch.bfloat16), OneDNNInt8Linear)
+    assert make(torch.float16) is None
 
 
 def test_provider_implements_the_protocol_and_names_missing_ops() -> None:

@@ -113,3 +113,28 @@ def test_float_checkpoints_keep_the_layers(tiny_dir) -> None:  # type: ignore[no
 
     rt = NativeRuntime(NativeRuntimeConfig(model=str(tiny_dir), dtype="float32", num_threads=1))
     assert rt.model.decode_step is None and rt.model.decode_step_rows == 0
+
+
+def test_w8a8_many_row_steps_run_fused_and_layer_by_layer_alike() -> None:
+    """``int8_dense_linear``: the quantized projections' many-row steps (and the tied
+    head's) run on the W8A8 int8 product, in the fused step as layer by layer."""
+    from sagellm.kernel_fusion.onednn import int8_linear_available
+
+    if not int8_linear_available():
+        pytest.skip("oneDNN's int8 product does not run here")
+    fused_rt = _runtime("auto", int8_dense_linear=True)
+    layers = fused_rt.model.projections()
+    assert {layer.dense.name for layer in layers.values()} == {"onednn_int8"}
+    assert fused_rt.model.decode_step_rows == sys.maxsize
+    layered_rt = _runtime("auto", int8_dense_linear=True, decode_step=False)
+    fused, calls = _generate(fused_rt)
+    layered, _ = _generate(layered_rt)
+    assert calls == 15
+    for a, b in zip(fused, layered):
+        assert torch.equal(a, b)
+    # the many-row steps (the 19-row first prefill, the 18-row decodes) differ from the
+    # bfloat16 ones, since the int8 product ran; the first, on the same inputs, stays close
+    plain, _ = _generate(_runtime("auto"))
+    assert not torch.equal(fused[0], plain[0]) and not torch.equal(fused[-1], plain[-1])
+    rel = (fused[0].float() - plain[0].float()).norm() / plain[0].float().norm()
+    assert float(rel) < 0.1

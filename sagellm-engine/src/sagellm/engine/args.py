@@ -147,7 +147,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--kernels",
-        help="kernel provider: eager, fused, ... (default: fused where installed)",
+        metavar="NAME[,key=value...]",
+        help="kernel provider: eager, fused, ... with its options, e.g. "
+        "fused,int8_dense_linear=false (default: fused where installed)",
     )
 
 

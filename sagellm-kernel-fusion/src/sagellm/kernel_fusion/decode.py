@@ -5,10 +5,10 @@ Python costs about as much as the products themselves (the embedded model: ~210 
 calls per token). :func:`make_decode_step` takes a model's layers once, at load time,
 when each of their projections computes on GGUF blocks through :class:`GGUFBlockLinear`
 (directly, or as a quantizer's few-row kernel); :class:`FusedDecodeStep` then runs all
-layers of a step in C++ with the GIL released. A quantizer's method that switches to a
-float product from ``dense_min_rows`` rows on (oneDNN's blocked weight, or a plain
-``F.linear`` weight) switches at the same row count inside the step, so batched decode
-steps run there too. The ops and their order are those of the engine's layers, so the
+layers of a step in C++ with the GIL released. A quantizer's method that switches to
+another product from ``dense_min_rows`` rows on (oneDNN's blocked weight, a plain
+``F.linear`` weight, or the W8A8 int8 product of :class:`~.onednn.OneDNNInt8Linear`)
+switches at the same row count inside the step, so batched decode steps run there too. The ops and their order are those of the engine's layers, so the
 result is bitwise the layer-by-layer one.
 """
 
@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 #: The projections of a layer spec, in the order the layer applies them.
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 
-#: ``(codes, d, c, bits, bias, dense weight, dense kind, dense_min_rows)`` of a projection.
+#: ``(codes, d, c, bits, bias, dense weight, dense kind, dense_min_rows, dense scales)`` of
+#: a projection (the scales: those of a W8A8 dense weight, else None).
 _Operands = tuple[
     torch.Tensor,
     torch.Tensor,
@@ -42,28 +43,38 @@ _Operands = tuple[
     "torch.Tensor | None",
     int,
     int,
+    "torch.Tensor | None",
 ]
 
 #: How a projection multiplies from ``dense_min_rows`` on (``DenseKind`` in decode_step.cpp).
-NO_DENSE, DENSE_ONEDNN, DENSE_LINEAR = 0, 1, 2
+NO_DENSE, DENSE_ONEDNN, DENSE_LINEAR, DENSE_INT8 = 0, 1, 2, 3
 _NEVER = 2**62  # dense_min_rows of a projection that never switches
 
 
-def _dense_operand(linear: nn.Module, dense_min_rows: int) -> tuple[torch.Tensor | None, int]:
-    """``(weight, kind)`` of the float product a quantizer's method switches to from
+def _dense_operand(
+    linear: nn.Module, dense_min_rows: int
+) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+    """``(weight, kind, scales)`` of the product a quantizer's method switches to from
     ``dense_min_rows`` rows on (as ``_WeightOnlyMethod._dense`` chooses it): kind
-    :data:`DENSE_ONEDNN` for a oneDNN blocked weight, :data:`DENSE_LINEAR` for a plain one;
-    ``(None, NO_DENSE)`` when the switch leads back to the blocks (the float weight
+    :data:`DENSE_ONEDNN` for a oneDNN blocked weight, :data:`DENSE_LINEAR` for a plain one,
+    :data:`DENSE_INT8` for a W8A8 weight (with its per-channel scales);
+    ``(None, NO_DENSE, None)`` when the switch leads back to the blocks (the float weight
     dropped); raises LookupError for a float method the step does not run."""
     dense = getattr(linear, "dense", None)
     weight = getattr(linear, "weight", None)
     name = getattr(dense, "name", None)
+    if name == "onednn_int8":
+        return (
+            cast(torch.Tensor, linear.int8_weight),
+            DENSE_INT8,
+            cast(torch.Tensor, linear.int8_scales),
+        )
     if weight is None and (dense is None or name == "dense"):
-        return None, NO_DENSE  # the method computes on its blocks at every row count
+        return None, NO_DENSE, None  # the method computes on its blocks at every row count
     if name == "onednn":
-        return cast(torch.Tensor, linear.onednn_weight), DENSE_ONEDNN
+        return cast(torch.Tensor, linear.onednn_weight), DENSE_ONEDNN, None
     if (dense is None or name == "dense") and isinstance(weight, torch.Tensor):
-        return weight, DENSE_LINEAR
+        return weight, DENSE_LINEAR, None
     raise LookupError(f"its float method {name!r} from {dense_min_rows} rows on")
 
 
@@ -75,6 +86,7 @@ def _block_operands(linear: nn.Module) -> tuple[_Operands, int, int] | str:
     wrapped = getattr(method, "blocks", None)
     blocks: GGUFBlockLinear
     dense: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
     kind, dense_min_rows, rows = NO_DENSE, _NEVER, sys.maxsize
     if isinstance(method, GGUFBlockLinear):
         blocks = method
@@ -84,7 +96,7 @@ def _block_operands(linear: nn.Module) -> tuple[_Operands, int, int] | str:
         found = getattr(method, "dense_min_rows", None)
         if found is not None:
             try:
-                dense, kind = _dense_operand(linear, int(found))
+                dense, kind, scales = _dense_operand(linear, int(found))
             except LookupError:
                 rows = int(found)  # the step stops where the method leaves its blocks
             else:
@@ -103,6 +115,7 @@ def _block_operands(linear: nn.Module) -> tuple[_Operands, int, int] | str:
         dense,
         kind,
         dense_min_rows,
+        scales,
     )
     return operands, blocks.input_bits, rows
 

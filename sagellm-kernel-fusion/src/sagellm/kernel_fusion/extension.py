@@ -33,6 +33,7 @@ _SOURCES = (
     "gguf_linear.cpp",
     "prefill_attention.cpp",
     "decode_step.cpp",
+    "int8_linear.cpp",
 )
 # -fopenmp: at::parallel_for is header code; without it every kernel runs on one thread
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]

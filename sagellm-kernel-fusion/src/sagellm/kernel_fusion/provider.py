@@ -12,7 +12,12 @@ from sagellm.kernel_fusion.config import FusedKernelsConfig
 from sagellm.kernel_fusion.decode import make_decode_step
 from sagellm.kernel_fusion.extension import load_kernels
 from sagellm.kernel_fusion.gguf import BLOCK_FORMATS, GGUFBlockLinear
-from sagellm.kernel_fusion.onednn import OneDNNLinear, onednn_available
+from sagellm.kernel_fusion.onednn import (
+    OneDNNInt8Linear,
+    OneDNNLinear,
+    int8_linear_available,
+    onednn_available,
+)
 
 __all__ = ["FusedKernels"]
 
@@ -33,6 +38,10 @@ class FusedKernels:
 
     * ``dense_linear``: a factory ``(dtype) -> LinearMethod | None`` of float projections on
       oneDNN's prepacked weights (:mod:`.onednn`);
+    * ``int8_dense_linear``: a factory ``(dtype) -> LinearMethod | None`` of W8A8 products
+      (int8 weights per output channel, inputs quantized per row, oneDNN's int8 matmul;
+      :class:`~.onednn.OneDNNInt8Linear`), for the many-row steps of projections that are
+      quantized already (the engine does not use it for a float model);
     * ``paged_decode_attention``: ``(q [B, H, D], k_cache, v_cache [blocks, block_size,
       H_kv, D], block_tables int32 [B, width], context_lens int32 [B], scale) -> [B, H, D]``,
       decode attention reading the pool's blocks in place (C++, :mod:`.extension`);
@@ -69,6 +78,12 @@ class FusedKernels:
             onednn_available(torch.float32) or onednn_available(torch.bfloat16)
         ):
             ops.append("dense_linear")
+        if (
+            self.config.int8_dense_linear
+            and self.config.compiled_kernels
+            and int8_linear_available()
+        ):
+            ops.append("int8_dense_linear")
         if self.config.compiled_kernels and load_kernels() is not None:
             ops += ["paged_decode_attention", "fused_layer_ops"]
             if self.config.prefill_attention and _prefill_kernel_here():
@@ -85,13 +100,21 @@ class FusedKernels:
             raise KeyError(
                 f"kernel {op!r} is not provided here; available: {', '.join(self.available_ops())}"
             )
+        hint = self.config.linear_batch_hint
         if op == "dense_linear":
-            hint = self.config.linear_batch_hint
 
             def make(dtype: torch.dtype) -> OneDNNLinear | None:
                 return OneDNNLinear(hint) if onednn_available(dtype) else None
 
             return make
+        if op == "int8_dense_linear":
+
+            def make_int8(dtype: torch.dtype) -> OneDNNInt8Linear | None:
+                if dtype not in (torch.float32, torch.bfloat16):
+                    return None
+                return OneDNNInt8Linear(hint)
+
+            return make_int8
         if op == "gguf_linear":
 
             def make_blocks(fmt: str) -> GGUFBlockLinear | None:

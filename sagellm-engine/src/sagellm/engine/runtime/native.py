@@ -303,9 +303,8 @@ class NativeRuntime:
         return name
 
     def _kernel_provider_name(self) -> str:
-        name = self.config.kernels
-        if name is not None:
-            return name
+        if self.config.kernels is not None:
+            return parse_spec(self.config.kernels)[0]
         if self.device.type == "cpu" and any(
             p.name == "fused" for p in registry.available("kernels")
         ):
@@ -318,7 +317,10 @@ class NativeRuntime:
             name = self._kernel_provider_name()
             provider = None
             if name != "eager":
-                provider = registry.load("kernels", name, self.config.kernel_options)
+                options = dict(self.config.kernel_options)
+                if self.config.kernels is not None:
+                    options.update(parse_spec(self.config.kernels)[1])
+                provider = registry.load("kernels", name, options)
                 if not isinstance(provider, KernelProvider):
                     raise CapabilityMismatchError(
                         f"kernel provider {name!r} ({type(provider).__name__}) does not "
@@ -367,6 +369,9 @@ class NativeRuntime:
                 for module in self.model.modules():
                     if isinstance(module, Attention):
                         module.prefill_kernel = prefill
+        # the many-row steps of a quantized projection run W8A8 where the provider has
+        # it (the weights are quantized already); a float model stays float
+        make_int8 = provider.get("int8_dense_linear") if "int8_dense_linear" in ops else None
         if "dense_linear" in ops:
             make = provider.get("dense_linear")
             for layer_name, layer in self.model.projections().items():
@@ -375,13 +380,15 @@ class NativeRuntime:
                 tied = layer_name == "lm_head" and self.model_config.tie_word_embeddings
                 if layer.weight is None or tied:
                     continue
-                method = make(self.dtype)
+                quantized = layer.method is not layer.dense
+                method = make_int8(self.dtype) if quantized and make_int8 else None
+                method = method or make(self.dtype)
                 if method is None:
                     logger.info("kernels %s: no dense linear for %s here", name, self.dtype)
                     break
                 layer.set_dense(method)
         self._embed_from_head_blocks(
-            provider.get("dense_linear") if "dense_linear" in ops else None
+            make_int8 or (provider.get("dense_linear") if "dense_linear" in ops else None)
         )
         if "decode_step" in ops and self.model.use_decode_step(provider.get("decode_step")):
             logger.info(
@@ -396,8 +403,8 @@ class NativeRuntime:
     ) -> None:
         """A tied head computing on Q8_0 blocks serves the embedding lookups from them
         too: the float table (the largest tensor of a small model) is dropped, or, given
-        a kernel provider's dense linear, becomes the head's blocked float copy for steps
-        of many rows (a 64-row decode step: 47 -> 10 ms for the embedded model's head in
+        a kernel provider's dense linear, becomes the head's blocked float (or W8A8 int8)
+        copy for steps of many rows (a 64-row decode step: 47 -> 10 ms for the embedded model's head in
         bf16 here, where the block kernel's few-row passes lose to a matrix product)."""
         head, embed = self.model.lm_head, self.model.embed_tokens
         codes = getattr(head, "block_codes", None)

@@ -3,7 +3,8 @@
 // attention, SiLU * mul); dispatched one module call at a time from Python, the calls cost
 // about as much as the products themselves at batch 1. A projection whose layer switches
 // to a float product from some row count on (oneDNN's blocked weight, or a plain weight)
-// switches at the same count here, so batched decode steps run here too. DecodeStep holds each layer's
+// switches at the same count here (or to its W8A8 int8 product), so batched decode steps
+// run here too. DecodeStep holds each layer's
 // weights once and runs the same ops back to back in C++, without the interpreter (and
 // with the GIL released, so a server's event loop runs meanwhile). The ops are the
 // package's own (kernels.h), called exactly as the engine's layers call them, so the
@@ -51,11 +52,13 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight,
   return stack[0].toTensor();
 }
 
-// How a projection multiplies from dense_min_rows rows on (the layer's dense method).
-enum DenseKind : int64_t { kNoDense = 0, kOneDNN = 1, kLinear = 2 };
+// How a projection multiplies from dense_min_rows rows on (the layer's dense method):
+// oneDNN's float product, F.linear, or the W8A8 int8 product (int8_linear.cpp).
+enum DenseKind : int64_t { kNoDense = 0, kOneDNN = 1, kLinear = 2, kInt8 = 3 };
 
 // A projection's GGUF blocks in gguf_linear's layout, its optional bias, and the dense
-// weight its layer switches to on steps of dense_min_rows rows or more.
+// weight its layer switches to on steps of dense_min_rows rows or more (with its
+// per-channel scales when that product is W8A8).
 struct Projection {
   at::Tensor codes, d, c;
   std::optional<at::Tensor> bias;
@@ -63,6 +66,8 @@ struct Projection {
   std::optional<at::Tensor> dense;
   int64_t dense_kind = kNoDense;
   int64_t dense_min_rows = std::numeric_limits<int64_t>::max();
+  std::optional<at::Tensor> dense_scales;
+  at::Tensor dense_zero_points;
 
   int64_t rows() const { return codes.size(0); }
   int64_t cols() const { return bits == 4 ? codes.size(1) * 2 : codes.size(1); }
@@ -70,6 +75,7 @@ struct Projection {
   at::Tensor apply(const at::Tensor& x, int64_t input_bits) const {
     if (dense.has_value() && x.size(0) >= dense_min_rows) {
       if (dense_kind == kOneDNN) return onednn_linear(x, *dense, bias);
+      if (dense_kind == kInt8) return w8a8_linear(x, *dense, *dense_scales, dense_zero_points, bias);
       return at::linear(x, *dense, bias);
     }
     at::Tensor y = gguf_linear(x, codes, d, c, bits, input_bits);
@@ -84,17 +90,26 @@ struct Layer {
   int64_t num_heads = 0;
 };
 
-// (codes, d, c, bits, bias, dense weight, dense kind, dense_min_rows)
+// (codes, d, c, bits, bias, dense weight, dense kind, dense_min_rows, dense scales)
 using ProjectionArgs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, std::optional<at::Tensor>,
-               std::optional<at::Tensor>, int64_t, int64_t>;
+               std::optional<at::Tensor>, int64_t, int64_t, std::optional<at::Tensor>>;
 
 Projection make_projection(const ProjectionArgs& a, const char* name, int64_t layer) {
   Projection p{std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<4>(a),
-               std::get<3>(a), std::get<5>(a), std::get<6>(a), std::get<7>(a)};
+               std::get<3>(a), std::get<5>(a), std::get<6>(a), std::get<7>(a),
+               std::get<8>(a), at::Tensor()};
   TORCH_CHECK(p.bits == 4 || p.bits == 8, "layer ", layer, " ", name, ": bits must be 4 or 8");
-  TORCH_CHECK(p.dense_kind == kNoDense || p.dense_kind == kOneDNN || p.dense_kind == kLinear,
-              "layer ", layer, " ", name, ": dense kind must be 0 (none), 1 (oneDNN) or 2");
+  TORCH_CHECK(p.dense_kind >= kNoDense && p.dense_kind <= kInt8, "layer ", layer, " ", name,
+              ": dense kind must be 0 (none), 1 (oneDNN), 2 (linear) or 3 (int8)");
+  TORCH_CHECK(p.dense_scales.has_value() == (p.dense_kind == kInt8), "layer ", layer, " ", name,
+              ": an int8 dense weight goes with its float32 scales [N] (and no other kind does)");
+  if (p.dense_kind == kInt8) {
+    TORCH_CHECK(p.dense_scales->dim() == 1 && p.dense_scales->size(0) == p.rows() &&
+                    p.dense_scales->scalar_type() == at::kFloat,
+                "layer ", layer, " ", name, ": int8 dense scales must be float32 [", p.rows(), "]");
+    p.dense_zero_points = at::zeros({p.rows()}, p.dense_scales->options().dtype(at::kLong));
+  }
   TORCH_CHECK(p.dense.has_value() == (p.dense_kind != kNoDense), "layer ", layer, " ", name,
               ": a dense weight goes with a dense kind (and none without)");
   TORCH_CHECK(!p.dense.has_value() || p.dense_min_rows >= 1, "layer ", layer, " ", name,
@@ -130,7 +145,7 @@ class DecodeStep {
   }
 
   // projections: qkv, o, gate_up, down, each (codes, d, c, bits, bias or None, dense
-  // weight or None, dense kind, dense_min_rows)
+  // weight or None, dense kind, dense_min_rows, dense scales or None)
   void add_layer(at::Tensor input_norm, at::Tensor post_norm, int64_t num_heads,
                  const std::vector<ProjectionArgs>& projections) {
     const int64_t l = static_cast<int64_t>(layers_.size());

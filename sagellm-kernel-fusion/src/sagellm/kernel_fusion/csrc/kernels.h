@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace sagellm {
@@ -21,6 +22,11 @@ at::Tensor silu_and_mul(const at::Tensor& x);
 // gguf_linear.cpp
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d,
                           torch::Tensor c, int64_t bits, int64_t input_bits);
+
+// int8_linear.cpp
+std::vector<at::Tensor> quantize_per_row(const at::Tensor& x);
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scales,
+                       const at::Tensor& w_zero_points, const std::optional<at::Tensor>& bias);
 
 // paged_attention.cpp
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,

@@ -386,6 +386,7 @@ void register_fused_ops(pybind11::module& m);  // fused_ops.cpp
 void register_gguf_ops(pybind11::module& m);
 void register_prefill_ops(pybind11::module& m);  // prefill_attention.cpp
 void register_decode_step(pybind11::module& m);  // decode_step.cpp
+void register_int8_ops(pybind11::module& m);     // int8_linear.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &sagellm::paged_decode_attention,
@@ -394,4 +395,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_gguf_ops(m);
   register_prefill_ops(m);
   register_decode_step(m);
+  register_int8_ops(m);
 }
