@@ -50,25 +50,37 @@ def baseline(tiny_model: Path) -> list[list[int]]:
     return _run(tiny_model, None, num_blocks=256)[1]
 
 
-@pytest.mark.parametrize("method", ["ngram", "suffix"])
+# model-based proposers: the target itself as its draft model, and the target without
+# its second layer (the tiny model has two)
+METHODS = {
+    "ngram": {},
+    "suffix": {},
+    "draft": {"num_blocks": 128},
+    "layer_skip": {"skip_layers": [1], "num_blocks": 128},
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("prefix", [False, True], ids=["no-prefix-cache", "prefix-cache"])
 def test_greedy_outputs_unchanged(tiny_model: Path, baseline, method: str, prefix: bool) -> None:
     opts = {"num_blocks": 256}
     if prefix:
         opts["prefix_cache"] = "radix"
-    llm, got = _run(
-        tiny_model, {"method": method, "num_speculative_tokens": 4, **ALWAYS}, repeat=2, **opts
-    )
+    spec = {"method": method, "num_speculative_tokens": 4, **METHODS[method], **ALWAYS}
+    llm, got = _run(tiny_model, spec, repeat=2, **opts)
     assert got == baseline
     stats = llm.engine.speculative.total
     assert stats.num_draft_tokens > 0
     assert stats.num_emitted_tokens == stats.num_drafts + stats.num_accepted_tokens
 
 
-def test_greedy_unchanged_under_preemption_and_small_budget(tiny_model: Path, baseline) -> None:
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_greedy_unchanged_under_preemption_and_small_budget(
+    tiny_model: Path, baseline, method: str
+) -> None:
     llm, got = _run(
         tiny_model,
-        {"method": "ngram", "num_speculative_tokens": 5, **ALWAYS},
+        {"method": method, "num_speculative_tokens": 5, **METHODS[method], **ALWAYS},
         num_blocks=14,
         max_model_len=48,
         max_num_batched_tokens=8,
@@ -252,3 +264,17 @@ def test_metrics_publish_the_speculative_series() -> None:
         'sagellm_speculative_mean_accepted_length{model_name="m"} 4.75',
     ):
         assert line in text, line
+
+
+def test_the_draft_model_proposer_frees_its_blocks(tiny_model: Path) -> None:
+    """The draft runtime's own pool holds nothing once every request has finished."""
+    llm, _ = _run(
+        tiny_model,
+        {"method": "draft", "num_speculative_tokens": 3, "num_blocks": 64, **ALWAYS},
+        num_blocks=256,
+    )
+    proposer = llm.engine.speculative.proposer
+    assert proposer.pool.num_free_blocks == proposer.pool.num_blocks == 64
+    # the target as its own draft: every draft is accepted
+    stats = llm.engine.speculative.total
+    assert stats.num_accepted_tokens == stats.num_draft_tokens > 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
@@ -283,3 +286,32 @@ def test_prefill_attention_kernel_matches_sdpa(tiny_dir, kv_cache_dtype) -> None
     for a, b in zip(rows_fast, rows_slow):
         assert (a - b).abs().max() < 0.03 * b.abs().max()
         assert int(a.argmax()) == int(b.argmax())
+
+
+def test_skip_layers_leaves_layers_out_and_can_change_on_a_full_model(tiny_dir: Path) -> None:
+    """``skip_layers`` (the layer_skip proposer's draft): the KV schema has the kept
+    layers, and set_skip_layers on a model loaded whole gives the same numbers."""
+    tokens = [1, 5, 9, 13, 17, 21]
+
+    def make(**kw: Any) -> NativeRuntime:
+        return NativeRuntime(
+            NativeRuntimeConfig(model=str(tiny_dir), dtype="float32", num_threads=1, **kw)
+        )
+
+    skipped = make(skip_layers=(1,))
+    assert skipped.skip_layers == (1,) and len(skipped.model.layers) == 1
+    assert skipped.kv_cache_schema(16).num_layers == 1
+    full = make()
+    whole = full.run_sequence(tokens)
+    full.set_skip_layers([1])
+    assert full.kv_cache_schema(16).num_layers == 1
+    assert torch.equal(full.run_sequence(tokens), skipped.run_sequence(tokens))
+    assert not torch.equal(whole, skipped.run_sequence(tokens))
+    full.set_skip_layers(())
+    assert torch.equal(full.run_sequence(tokens), whole)
+    with pytest.raises(ConfigError, match=r"skip_layers \[2\] are not layers of this model"):
+        make(skip_layers=(2,))
+    with pytest.raises(ConfigError, match="leaves none of the model's 2 layers"):
+        make(skip_layers=(0, 1))
+    with pytest.raises(ConfigError, match="needs a model loaded with every layer"):
+        skipped.set_skip_layers(())

@@ -1,7 +1,9 @@
 """sagellm.speculative: draft proposers and the exact verifier for speculative decoding.
 
 Proposers fill the ``sagellm.speculative`` entry-point group (``ngram``: prompt lookup;
-``suffix``: suffix trees over the request and recent outputs); :mod:`.verify` holds the
+``suffix``: suffix trees over the request and recent outputs; ``draft``: a draft model
+run through the engine's runtime; ``layer_skip``: the target with layers left out);
+:mod:`.verify` holds the
 rejection-sampling rule the engine applies to the target's logits.
 
 Usage::
@@ -16,11 +18,23 @@ Usage::
 
 from sagellm.speculative._version import __version__
 from sagellm.speculative.config import NgramConfig, SpeculativeConfig, SuffixConfig
+from sagellm.speculative.draft import (
+    DraftModelConfig,
+    DraftModelProposer,
+    LayerSkipConfig,
+    LayerSkipProposer,
+    calibrate_skip_layers,
+)
 from sagellm.speculative.ngram import NgramProposer, find_ngram_draft
 from sagellm.speculative.suffix import SuffixProposer, SuffixTree
 from sagellm.speculative.verify import greedy_accept, num_accepted_greedy, rejection_sample
 
 __all__ = [
+    "DraftModelConfig",
+    "DraftModelProposer",
+    "LayerSkipConfig",
+    "LayerSkipProposer",
+    "calibrate_skip_layers",
     "NgramConfig",
     "NgramProposer",
     "SpeculativeConfig",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -204,6 +205,11 @@ class NativeRuntime:
         model.load_weights(weights, progress, packed)
         del weights, packed
         self.model = model.eval()
+        self._full_config = mc
+        self._all_layers = list(model.layers)  # the checkpoint's layers, skipped ones too
+        self.skip_layers: tuple[int, ...] = ()
+        if cfg.skip_layers:
+            self._set_layers(cfg.skip_layers)
         self._pool: KVPool | None = None
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         # a kernel provider's paged decode attention is installed in the layers; decodes
@@ -228,6 +234,49 @@ class NativeRuntime:
             self.kernels,
             self.load_seconds,
         )
+
+    # ------------------------------------------------------------------ skipped layers
+
+    def _set_layers(self, skip: Sequence[int]) -> None:
+        n = len(self._all_layers)
+        bad = sorted({i for i in skip if not 0 <= i < n})
+        if bad:
+            raise ConfigError(f"skip_layers {bad} are not layers of this model (0..{n - 1})")
+        skipped = tuple(sorted(set(skip)))
+        if len(skipped) >= n:
+            raise ConfigError(f"skip_layers leaves none of the model's {n} layers")
+        kept = [layer for i, layer in enumerate(self._all_layers) if i not in skipped]
+        self.model.layers = torch.nn.ModuleList(kept)
+        self.model_config = dataclasses.replace(self._full_config, num_layers=len(kept))
+        self.model.config = self.model_config
+        self.skip_layers = skipped
+
+    def set_skip_layers(self, skip: Sequence[int]) -> None:
+        """Leave the layers ``skip`` out from now on (any set, the earlier ones back in):
+        for a calibration that tries many sets on one loaded model. The KV schema changes
+        with the number of layers, so the pool is unbound: bind one built from
+        :meth:`kv_cache_schema`. Raises ConfigError for an index outside the model, or
+        when a sparsifier shrank the layers (its per-block shapes are by index)."""
+        if self.sparsity != "none":
+            raise ConfigError("set_skip_layers cannot follow a sparsifier; give skip_layers")
+        if self.config.skip_layers:
+            raise ConfigError(
+                "set_skip_layers needs a model loaded with every layer (skip_layers=()): "
+                "layers skipped at load were not quantized"
+            )
+        self._set_layers(skip)
+        provider = self._kernel_provider()
+        if provider is not None and "decode_step" in provider.available_ops():
+            self.model.use_decode_step(provider.get("decode_step"))
+        self._pool = None
+        self._caches = []
+
+    def drop_skipped_layers(self) -> None:
+        """Free the weights of the layers left out (:meth:`set_skip_layers` cannot bring
+        them back afterwards)."""
+        self._all_layers = list(self.model.layers)
+        self._full_config = self.model_config
+        _release_freed_memory()
 
     # ------------------------------------------------------------------ sparsity
 
