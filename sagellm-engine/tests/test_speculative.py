@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from sagellm.core.errors import ConfigError
 from sagellm.core.types import SamplingParams
@@ -278,3 +279,68 @@ def test_the_draft_model_proposer_frees_its_blocks(tiny_model: Path) -> None:
     # the target as its own draft: every draft is accepted
     stats = llm.engine.speculative.total
     assert stats.num_accepted_tokens == stats.num_draft_tokens > 0
+
+
+def _medusa_heads(tiny_model: Path, folder: Path, identity: bool) -> dict:
+    """Heads for the tiny model: random ones, or head 0 equal to the target's own head
+    (zero residual block: it then drafts the token the target just produced)."""
+    from safetensors.torch import load_file
+
+    from sagellm.speculative import save_heads
+
+    weights: dict = {}
+    for f in sorted(tiny_model.glob("*.safetensors")):
+        weights.update(load_file(str(f)))
+    head_w = weights["lm_head.weight"].float()
+    vocab, hidden = head_w.shape
+    g = torch.Generator().manual_seed(7)
+    heads = []
+    for i in range(3):
+        if identity and i == 0:
+            heads.append((torch.zeros(hidden, hidden), torch.zeros(hidden), head_w.clone()))
+        else:
+            heads.append(
+                (
+                    torch.randn(hidden, hidden, generator=g) * 0.02,
+                    torch.zeros(hidden),
+                    torch.randn(vocab, hidden, generator=g),
+                )
+            )
+    save_heads(folder, heads)
+    return {"method": "medusa", "model": str(folder), "num_speculative_tokens": 3, **ALWAYS}
+
+
+@pytest.mark.parametrize("prefix", [False, True], ids=["no-prefix-cache", "prefix-cache"])
+def test_medusa_heads_leave_greedy_outputs_unchanged(
+    tiny_model: Path, baseline, tmp_path: Path, prefix: bool
+) -> None:
+    spec = _medusa_heads(tiny_model, tmp_path, identity=False)
+    opts = {"num_blocks": 256, **({"prefix_cache": "radix"} if prefix else {})}
+    llm, got = _run(tiny_model, spec, repeat=2, **opts)
+    assert got == baseline
+    assert llm.engine.speculative.total.num_draft_tokens > 0
+
+
+def test_medusa_gets_the_hidden_state_of_the_newest_token(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Head 0 is the target's own head: from the hidden state of the row that produced the
+    newest token it drafts that very token, on every proposal (and with drafts accepted,
+    the row of the last accepted one)."""
+    from sagellm.speculative import MedusaProposer
+
+    seen: list[tuple[int, int]] = []
+    original = MedusaProposer.propose
+
+    def recording(self, requests):  # type: ignore[no-untyped-def]
+        drafts = original(self, requests)
+        for r, d in zip(requests, drafts):
+            assert r.hidden_state is not None
+            seen.append((r.output_token_ids[-1], d.token_ids[0]))
+        return drafts
+
+    monkeypatch.setattr(MedusaProposer, "propose", recording)
+    spec = _medusa_heads(tiny_model, tmp_path, identity=True)
+    _run(tiny_model, spec, num_blocks=256)
+    assert len(seen) > 10
+    assert all(newest == first for newest, first in seen)

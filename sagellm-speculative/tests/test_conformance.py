@@ -48,5 +48,6 @@ def test_entry_points_name_the_proposers() -> None:
         "suffix": "sagellm.speculative.suffix:SuffixProposer",
         "draft": "sagellm.speculative.draft:DraftModelProposer",
         "layer_skip": "sagellm.speculative.draft:LayerSkipProposer",
+        "medusa": "sagellm.speculative.medusa:MedusaProposer",
     }
     assert registry.load_class("speculative", "ngram") is NgramProposer

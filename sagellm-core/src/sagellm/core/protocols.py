@@ -989,7 +989,9 @@ class Proposer(Protocol):
     state), and the engine verifies its drafts; a proposer never touches the KV pool.
 
     Context at construction: optionally ``runtime=`` (the target's Runtime) for proposers
-    that run a model through the engine's runtime; others ignore it.
+    that run a model through the engine's runtime; others ignore it. A proposer class
+    with ``needs_hidden_states = True`` gets each request's last hidden state in
+    :attr:`DraftRequest.hidden_state` (heads that draft from the target's features).
     """
 
     config_class: ClassVar[type[BaseModel]]

@@ -627,6 +627,10 @@ class DraftRequest:
     prompt_token_ids: Sequence[int]  # the request's prompt
     output_token_ids: Sequence[int]  # tokens generated so far (the last one has no KV yet)
     num_tokens: int  # most drafts the step can take for this request (0: propose none)
+    # the target's final-norm hidden state at the last token (the row that predicted the
+    # newest output token), float32 [hidden]; given to proposers whose class sets
+    # ``needs_hidden_states = True`` (Medusa- and EAGLE-style heads), None otherwise
+    hidden_state: Any = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -270,6 +270,20 @@ class LLMEngine:
                 )
             self.speculative = SpeculativeDecoder(settings, runtime=self.runtime)
         self._draft_probs: dict[str, Any] = {}  # request id -> draft distributions this step
+        # a proposer that drafts from the target's features (Medusa/EAGLE-style heads)
+        # gets each request's final-norm hidden state at its newest token
+        self._wants_hidden = bool(
+            self.speculative is not None
+            and getattr(self.speculative.proposer, "needs_hidden_states", False)
+        )
+        if self._wants_hidden and not getattr(self.runtime, "execute_returns_rows", False):
+            raise CapabilityMismatchError(
+                f"speculative method {speculative_config!r} drafts from hidden states, which "
+                f"runtime {type(self.runtime).__name__} does not return"
+            )
+        self._step_hidden: dict[str, Any] = {}  # request id -> this step's hidden rows
+        self._drafted: dict[str, Any] = {}  # request id -> the drafts verified this step
+        self._last_hidden: dict[str, Any] = {}  # request id -> hidden state at its newest token
         self.cot = CoTHooks(self)  # forced tokens, trial branches, self-consistency
 
     @classmethod
@@ -555,6 +569,8 @@ class LLMEngine:
                 row_ids, logits = self._take_rows(out, model_out, now, touched)
             logits = self.cot.forced_logits(row_ids, logits)
             emitted = self._select_tokens(out, row_ids, logits)
+            if self._step_hidden:
+                self._keep_hidden(emitted)
             self.clock.advance(out)  # a replay clock moves by the step's predicted cost
             self.scheduler.update_from_output(out, {rid: e[0] for rid, e in emitted.items()})
             if self._observe_step is not None:  # cost-model policies (slo, adaptive) learn here
@@ -627,7 +643,10 @@ class LLMEngine:
                 # last pooling needs only the chunk that reaches the end of the prompt
                 if req.pooling.pooling == "mean" or chunk.sample:
                     hidden.append(chunk.request_id)
-            elif (
+                continue
+            if self._wants_hidden and chunk.sample:
+                hidden.append(chunk.request_id)
+            if (
                 req.num_prompt_logprobs is not None
                 and seq.index == 0
                 and chunk.num_computed_tokens < num_prompt - 1
@@ -651,6 +670,8 @@ class LLMEngine:
                 continue
             req = seq.parent
             states = model_out.hidden.get(rid)
+            if states is not None and req.pooling is None and self._wants_hidden:
+                self._step_hidden[rid] = states
             if states is not None and req.pooling is not None:
                 if req.pooling.pooling == "mean":
                     # a recomputation after preemption starts the sum again
@@ -710,6 +731,18 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ speculation
 
+    def _keep_hidden(self, emitted: dict[str, _Emitted]) -> None:
+        """Keep each request's hidden state at its newest token: of the chunk's rows, the
+        one that predicted the last emitted token (the last row, or after verification
+        the row of the last accepted draft)."""
+        for rid, states in self._step_hidden.items():
+            toks = emitted.get(rid)
+            if toks is None:
+                continue
+            verified = 1 + len(self._drafted.get(rid, ()))
+            self._last_hidden[rid] = states[states.shape[0] - verified + len(toks[0]) - 1]
+        self._step_hidden.clear()
+
     def _propose(self, spec: SpeculativeDecoder) -> None:
         """Draft tokens for the decoding requests and hand them to the scheduler."""
         self._draft_probs.clear()
@@ -735,7 +768,12 @@ class LLMEngine:
                 room = min(room, max_tokens - len(out_ids) - 1)
             num = min(k, room)
             if num > 0:
-                requests.append(DraftRequest(rid, seq.parent.prompt_token_ids, out_ids, num))
+                hidden = self._last_hidden.get(rid) if self._wants_hidden else None
+                if self._wants_hidden and hidden is None:
+                    continue  # no hidden state yet (the row that sampled it was not asked)
+                requests.append(
+                    DraftRequest(rid, seq.parent.prompt_token_ids, out_ids, num, hidden)
+                )
         if not requests:
             return
         drafts = spec.propose(requests)
@@ -760,6 +798,7 @@ class LLMEngine:
         """Tokens (with logprobs) of every sampled chunk, in row order: one sampled token,
         or what verifying the chunk's drafts emitted."""
         drafted = {c.request_id: c.token_ids[1:] for c in out.chunks if c.num_draft_tokens}
+        self._drafted = drafted
         plain_rows: list[int] = []
         spans: list[tuple[str, int, int]] = []
         i = 0
@@ -902,6 +941,7 @@ class LLMEngine:
         seq.metrics.finished_time = now
         seq.metrics.num_output_tokens = len(seq.output_token_ids)
         self._sequences.pop(seq.request_id, None)
+        self._last_hidden.pop(seq.request_id, None)
         if self.speculative is not None:
             self.speculative.observe_finished(
                 seq.request_id, seq.parent.prompt_token_ids, seq.output_token_ids

@@ -2,7 +2,8 @@
 
 Proposers fill the ``sagellm.speculative`` entry-point group (``ngram``: prompt lookup;
 ``suffix``: suffix trees over the request and recent outputs; ``draft``: a draft model
-run through the engine's runtime; ``layer_skip``: the target with layers left out);
+run through the engine's runtime; ``layer_skip``: the target with layers left out;
+``medusa``: heads on the target's last hidden state);
 :mod:`.verify` holds the
 rejection-sampling rule the engine applies to the target's logits.
 
@@ -25,6 +26,7 @@ from sagellm.speculative.draft import (
     LayerSkipProposer,
     calibrate_skip_layers,
 )
+from sagellm.speculative.medusa import MedusaConfig, MedusaHeads, MedusaProposer, save_heads
 from sagellm.speculative.ngram import NgramProposer, find_ngram_draft
 from sagellm.speculative.suffix import SuffixProposer, SuffixTree
 from sagellm.speculative.verify import greedy_accept, num_accepted_greedy, rejection_sample
@@ -34,6 +36,9 @@ __all__ = [
     "DraftModelProposer",
     "LayerSkipConfig",
     "LayerSkipProposer",
+    "MedusaConfig",
+    "MedusaHeads",
+    "MedusaProposer",
     "calibrate_skip_layers",
     "NgramConfig",
     "NgramProposer",
@@ -46,4 +51,5 @@ __all__ = [
     "greedy_accept",
     "num_accepted_greedy",
     "rejection_sample",
+    "save_heads",
 ]
