@@ -1,7 +1,7 @@
 """Device platforms: what a device family offers and how to reach it.
 
 Three platforms are built in: ``cpu``, ``cuda`` (NVIDIA) and ``rocm`` (AMD, through
-torch's HIP build). Others (``ascend``, ``cambricon``, ``hygon``, ``kunlun``) are
+torch's HIP build). Others (``ascend``, ``cambricon``, ``hygon``, ``kunlun``, ``metax``) are
 installed by ``sagellm-domestic-interconnect`` under the ``sagellm.platform`` entry-point
 group and found through :mod:`sagellm.core.registry`.
 
@@ -48,7 +48,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Platforms provided by sagellm-domestic-interconnect (``pip install 'sagellm[comm]'``).
-DOMESTIC_PLATFORMS = ("ascend", "cambricon", "hygon", "kunlun")
+DOMESTIC_PLATFORMS = ("ascend", "cambricon", "hygon", "kunlun", "metax")
 
 _DOMESTIC_DIST = "sagellm-domestic-interconnect"
 _DOMESTIC_EXTRA = "comm"
