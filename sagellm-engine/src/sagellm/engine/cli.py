@@ -161,6 +161,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_router(args: argparse.Namespace) -> int:
+    from sagellm.engine.router import HTTPRouter, RouterConfig, run_router
+
+    if args.port is None:
+        from sagellm.core.ports import get_port
+
+        args.port = get_port("control")
+    try:
+        config = RouterConfig(
+            policy=args.policy,
+            health_interval=args.health_interval,
+            health_timeout=args.health_timeout,
+            health_failures=args.health_failures,
+            health_successes=args.health_successes,
+            cache_threshold=args.cache_threshold,
+            balance_abs_threshold=args.balance_abs_threshold,
+            balance_rel_threshold=args.balance_rel_threshold,
+            max_tree_chars=args.max_tree_chars,
+            scrape_metrics=args.scrape_metrics,
+        )
+        router = HTTPRouter(args.worker_urls, config)
+    except ValueError as exc:
+        raise ConfigError(f"invalid router options: {exc}") from None
+
+    def ready(host: str, port: int) -> None:
+        _progress(
+            f"routing the OpenAI API on http://{host}:{port}/v1 over "
+            f"{len(args.worker_urls)} worker(s), policy {args.policy} (Ctrl-C stops)"
+        )
+
+    run_router(router, args.host, args.port, log_level=args.log_level, on_ready=ready)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     llm = _build_llm(args)
     prompts = list(args.prompt)
@@ -413,6 +447,76 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_server_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "router",
+        help="route the OpenAI API over several servers (control plane)",
+        description="An OpenAI-compatible front (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics) that sends each request to one healthy worker "
+        "serving its model, chosen by a routing policy.",
+    )
+    p.add_argument(
+        "--worker-urls",
+        nargs="+",
+        required=True,
+        metavar="URL",
+        help="workers: URL, or URL@model[,model] to declare the models instead of "
+        "reading them from the worker's /v1/models",
+    )
+    p.add_argument(
+        "--policy",
+        choices=("round_robin", "least_load", "cache_aware"),
+        default="cache_aware",
+        help="routing policy (default: cache_aware)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, help="port (default: sagellm.core.ports 'control', 8100; 0: free)"
+    )
+    p.add_argument(
+        "--health-interval", type=float, default=10.0, metavar="S", help="seconds between checks"
+    )
+    p.add_argument("--health-timeout", type=float, default=5.0, metavar="S")
+    p.add_argument(
+        "--health-failures", type=int, default=3, help="consecutive failures that take a worker out"
+    )
+    p.add_argument(
+        "--health-successes", type=int, default=2, help="consecutive successes that bring it back"
+    )
+    p.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=0.3,
+        help="cache_aware: matched fraction of the prompt above which its worker is chosen",
+    )
+    p.add_argument(
+        "--balance-abs-threshold",
+        type=int,
+        default=64,
+        help="cache_aware: loads are imbalanced when max - min exceeds this ...",
+    )
+    p.add_argument(
+        "--balance-rel-threshold",
+        type=float,
+        default=1.5,
+        help="... and max > min * this; then the least loaded worker is chosen",
+    )
+    p.add_argument(
+        "--max-tree-chars",
+        type=int,
+        default=1 << 22,
+        help="cache_aware: characters kept per worker's prefix tree (LRU eviction)",
+    )
+    p.add_argument(
+        "--scrape-metrics",
+        action="store_true",
+        help="also read running + waiting requests from each worker's /metrics (sageLLM or "
+        "vLLM names) at every health check, as the load",
+    )
+    p.add_argument(
+        "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    p.set_defaults(func=cmd_router)
 
     p = sub.add_parser(
         "generate",
