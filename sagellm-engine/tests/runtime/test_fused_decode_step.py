@@ -138,3 +138,64 @@ def test_w8a8_many_row_steps_run_fused_and_layer_by_layer_alike() -> None:
     assert not torch.equal(fused[0], plain[0]) and not torch.equal(fused[-1], plain[-1])
     rel = (fused[0].float() - plain[0].float()).norm() / plain[0].float().norm()
     assert float(rel) < 0.1
+
+
+def test_the_dense_threshold_is_measured_once_and_kept(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From how many rows the GGUF projections switch to their float product is measured
+    on whole decode steps, kept in a cache file (a second start reads it) and applied to
+    every switching projection, the fused step included; a dense_min_rows given by the
+    user, or tune_dense_rows=False, turns it off."""
+    from sagellm.engine.runtime.config import NativeRuntimeConfig
+    from sagellm.engine.runtime.native import NativeRuntime
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    # whole steps: the float product costs 10 + rows, the blocks 3 * rows (ms)
+    calls: list[tuple[int, int]] = []
+
+    def fake(self: Any, rows: int, context: int = 128, repeats: int = 5) -> float:
+        dense = self.model.projections()["layers.0.qkv_proj"].method.dense_min_rows == rows
+        calls.append((rows, int(dense)))
+        return (10 + rows if dense else 3 * rows) / 1e3
+
+    monkeypatch.setattr(NativeRuntime, "_decode_step_seconds", fake)
+    rt = NativeRuntime(NativeRuntimeConfig(num_threads=2))
+    assert rt.dense_rows == {"rows": 6}  # 10 + r <= 3 r from r = 5: the candidate 6
+    assert sorted(calls) == sorted(
+        (r, d) for r in NativeRuntime.DENSE_ROW_CANDIDATES for d in (0, 1)
+    )
+    methods = [p.method for p in rt.model.projections().values()]
+    assert {m.dense_min_rows for m in methods if getattr(m, "blocks", None)} == {6}
+    (cache,) = (tmp_path / "sagellm" / "tuning").glob("dense-rows-*.json")
+    assert cache.read_text() == '{"rows": 6}\n'
+
+    def unused(self: Any, layers: Any) -> int:
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(NativeRuntime, "_measure_dense_rows", unused)
+    assert NativeRuntime(NativeRuntimeConfig(num_threads=2)).dense_rows == {"rows": 6}
+    fixed = NativeRuntime(
+        NativeRuntimeConfig(num_threads=2, quantization_options={"dense_min_rows": 16})
+    )
+    assert fixed.dense_rows == {}
+    assert NativeRuntime(NativeRuntimeConfig(num_threads=2, tune_dense_rows=False)).dense_rows == {}
+
+
+def test_the_threshold_is_where_the_float_product_keeps_winning(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A count where the float product wins by chance, with a larger one where it loses,
+    is not chosen: the switch is at the start of the last run of wins."""
+    from sagellm.engine.runtime.config import NativeRuntimeConfig
+    from sagellm.engine.runtime.native import NativeRuntime
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    wins = {2: False, 3: True, 4: False, 6: False, 8: True, 12: True, 16: True}
+
+    def fake(self: Any, rows: int, context: int = 128, repeats: int = 5) -> float:
+        dense = self.model.projections()["layers.0.qkv_proj"].method.dense_min_rows == rows
+        return 1.0 if dense == wins[rows] else 2.0
+
+    monkeypatch.setattr(NativeRuntime, "_decode_step_seconds", fake)
+    assert NativeRuntime(NativeRuntimeConfig(num_threads=2)).dense_rows == {"rows": 8}

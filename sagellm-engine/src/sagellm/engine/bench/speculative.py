@@ -126,6 +126,7 @@ def measure(
         drafted0 = before.num_draft_tokens if before else 0
         accepted0 = before.num_accepted_tokens if before else 0
         chunks0, emitted0 = (before.num_drafts, before.num_emitted_tokens) if before else (0, 0)
+        same = True
         for rep in range(reps):
             order = ["plain", "spec"] if rep % 2 == 0 else ["spec", "plain"]
             outs = {}
@@ -134,7 +135,8 @@ def measure(
                 rates[which].append(rate)
                 if log:
                     log(f"{name} rep {rep + 1}/{reps} {which}: {rate:.1f} tok/s")
-            identical &= outs["plain"] == outs["spec"]
+            same &= outs["plain"] == outs["spec"]
+        identical &= same
         total = decoder.total if decoder else None
         drafted = (total.num_draft_tokens - drafted0) if total else 0
         accepted = (total.num_accepted_tokens - accepted0) if total else 0
@@ -148,6 +150,7 @@ def measure(
             "acceptance_rate": round(accepted / drafted, 3) if drafted else None,
             "mean_accepted_length": round(emitted / chunks, 3) if chunks else None,
             "draft_tokens": drafted,
+            "greedy_identical": same,
         }
     spec.engine.speculative = decoder
     result["greedy_identical"] = identical
@@ -190,14 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"speculative_config: {json.dumps(cfg)}")
     print(
-        f"{'workload':<20} {'plain tok/s':>12} {'spec tok/s':>12} {'ratio':>7} {'accept':>7} {'mean len':>9}"
+        f"{'workload':<20} {'plain tok/s':>12} {'spec tok/s':>12} {'ratio':>7} {'accept':>7} "
+        f"{'mean len':>9} {'identical':>9}"
     )
     for name, w in res["workloads"].items():
         acc = "-" if w["acceptance_rate"] is None else f"{w['acceptance_rate']:.2f}"
         mal = "-" if w["mean_accepted_length"] is None else f"{w['mean_accepted_length']:.2f}"
         print(
             f"{name:<20} {w['plain_tok_s']:>12.1f} {w['spec_tok_s']:>12.1f} "
-            f"{w['ratio']:>7.2f} {acc:>7} {mal:>9}"
+            f"{w['ratio']:>7.2f} {acc:>7} {mal:>9} {str(w['greedy_identical']):>9}"
         )
     print(f"greedy outputs identical: {res['greedy_identical']}")
     if args.json:

@@ -53,7 +53,7 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] flat slot (block * block_size + offset) of each token
     positions: torch.Tensor | None = None  # [T] int64 position of each token
-    num_decodes: int = 0  # rows 0..num_decodes-1 are single-token chunks
+    num_decodes: int = 0  # rows 0..num_decodes-1 attend as decodes (one position each)
     decode_slots: torch.Tensor | None = None  # [B * max_len] slots of every position, padded
     decode_mask: torch.Tensor | None = None  # additive [B, 1, 1, max_len]
     # with a paged decode kernel instead of the two above: int32 block tables [B, width]

@@ -10,15 +10,26 @@ import torch
 from sagellm.core.types import SequenceChunk
 from sagellm.engine.layers.attention import AttentionMetadata, ChunkMetadata
 
-__all__ = ["StepBatch", "build_step_batch"]
+__all__ = ["StepBatch", "build_step_batch", "is_decode_chunk"]
+
+
+def is_decode_chunk(chunk: SequenceChunk) -> bool:
+    """Whether the chunk's rows run as decode rows: one token, or a chunk that samples
+    every position (a decode verifying its drafts). Each of its tokens then attends like
+    a decode of its own (block table, context up to its position) after the step's KV is
+    written, so a verification step is a decode step of ``k + 1`` rows per request (the
+    fused decode step and the paged decode kernel take it) instead of a prefill chunk."""
+    n = len(chunk.token_ids)
+    return n == 1 or (chunk.sample and chunk.num_logits == n)
 
 
 @dataclass
 class StepBatch:
     """Inputs of one forward pass.
 
-    Single-token chunks come first (rows ``0..num_decodes-1``) so attention batches them
-    with one padded call; multi-token chunks follow in plan order.
+    Decode rows come first (rows ``0..num_decodes-1``: single-token chunks, and every
+    token of a chunk that samples each of its positions, see :func:`is_decode_chunk`) so
+    attention batches them with one padded call; multi-token chunks follow in plan order.
     """
 
     token_ids: torch.Tensor  # [T] int64
@@ -70,42 +81,43 @@ def build_step_batch(
     """
     for c in chunks:
         _check(c, block_size, num_blocks, max_model_len)
-    decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
-    multis = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+    decodes = [i for i, c in enumerate(chunks) if is_decode_chunk(c)]
+    multis = [i for i, c in enumerate(chunks) if not is_decode_chunk(c)]
     tokens: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     last_row: dict[int, int] = {}
 
-    # decodes: one token each, padded block tables
+    # decode rows: one token each, padded block tables
     tables: list[list[int]] = []
     ctx_lens: list[int] = []
     for i in decodes:
         c = chunks[i]
-        pos = c.start_position
-        tokens.append(c.token_ids[0])
-        positions.append(pos)
-        slots.append(c.block_ids[pos // block_size] * block_size + pos % block_size)
-        nblk = pos // block_size + 1
-        tables.append(list(c.block_ids[:nblk]))
-        ctx_lens.append(pos + 1)
+        for j, tok in enumerate(c.token_ids):
+            pos = c.start_position + j
+            tokens.append(tok)
+            positions.append(pos)
+            slots.append(c.block_ids[pos // block_size] * block_size + pos % block_size)
+            nblk = pos // block_size + 1
+            tables.append(list(c.block_ids[:nblk]))
+            ctx_lens.append(pos + 1)
         last_row[i] = len(tokens) - 1
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long))
     if decodes and paged_decode:
         width = max(len(t) for t in tables)
         flat = [b for t in tables for b in (t + [t[0]] * (width - len(t)))]
-        meta.num_decodes = len(decodes)
+        meta.num_decodes = len(tables)
         meta.decode_block_tables = torch.tensor(flat, dtype=torch.int32, device=device).view(
-            len(decodes), width
+            len(tables), width
         )
         meta.decode_context_lens = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
     elif decodes:
         width = max(len(t) for t in tables)
         flat = [b for t in tables for b in (t + [t[0]] * (width - len(t)))]
-        table = torch.tensor(flat, dtype=torch.long, device=device).view(len(decodes), width)
+        table = torch.tensor(flat, dtype=torch.long, device=device).view(len(tables), width)
         lens = torch.tensor(ctx_lens, dtype=torch.long, device=device).unsqueeze(1)
         offsets = torch.arange(block_size, device=device)
-        slot_grid = (table.unsqueeze(2) * block_size + offsets).view(len(decodes), -1)
+        slot_grid = (table.unsqueeze(2) * block_size + offsets).view(len(tables), -1)
         length = int(max(ctx_lens))
         slot_grid = slot_grid[:, :length]
         allowed = torch.arange(length, device=device).unsqueeze(0) < lens
@@ -113,9 +125,9 @@ def build_step_batch(
         slot_grid = torch.where(allowed, slot_grid, slot_grid[:, :1])
         mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=device)
         mask.masked_fill_(~allowed, float("-inf"))
-        meta.num_decodes = len(decodes)
+        meta.num_decodes = len(tables)
         meta.decode_slots = slot_grid.reshape(-1)
-        meta.decode_mask = mask.view(len(decodes), 1, 1, length)
+        meta.decode_mask = mask.view(len(tables), 1, 1, length)
 
     for i in multis:
         c = chunks[i]

@@ -58,6 +58,10 @@ class NativeRuntimeConfig(BaseModel):
     # to +-127), "fp8_e4m3" and "fp8_e5m2" store 1-byte values with a float16 scale per
     # token and KV head, about half the bytes (twice the blocks in the same memory)
     kv_cache_dtype: Literal["auto", "int8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    # measure, once per machine, model and dtype, from how many rows a quantized layer's
+    # float product beats its few-row kernel, and switch there (the quantizers' default
+    # is 16 rows; a dense_min_rows in quantization_options turns this off)
+    tune_dense_rows: bool = True
     # decoder layers left out of the model (indices into the checkpoint's layers): the
     # self-speculative draft of the layer_skip proposer; the KV schema has the kept ones
     skip_layers: tuple[int, ...] = ()

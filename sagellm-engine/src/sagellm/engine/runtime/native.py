@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import torch
@@ -30,7 +32,7 @@ from sagellm.engine.layers.rotary import RotaryEmbedding
 from sagellm.engine.models.llama import LlamaForCausalLM
 from sagellm.engine.models.loader import load_weights
 from sagellm.engine.models.source import resolve_model
-from sagellm.engine.runtime.batch import StepBatch, build_step_batch
+from sagellm.engine.runtime.batch import StepBatch, build_step_batch, is_decode_chunk
 from sagellm.engine.runtime.config import NativeRuntimeConfig, parse_spec
 
 __all__ = ["NativeRuntime", "RowOutput", "apply_sparsifier", "resolve_dtype"]
@@ -63,18 +65,16 @@ class RowOutput(ModelOutput):
 
 
 def _chunk_rows(chunks: Sequence[SequenceChunk]) -> dict[str, range]:
-    """The rows of each chunk in the flattened batch (decodes first, as the batch puts
-    them; then multi-token chunks in plan order)."""
+    """The rows of each chunk in the flattened batch (decode rows first, as the batch
+    puts them; then multi-token chunks in plan order)."""
     rows: dict[str, range] = {}
-    decodes = [c for c in chunks if len(c.token_ids) == 1]
-    for i, c in enumerate(decodes):
-        rows[c.request_id] = range(i, i + 1)
-    start = len(decodes)
-    for c in chunks:
-        n = len(c.token_ids)
-        if n > 1:
-            rows[c.request_id] = range(start, start + n)
-            start += n
+    start = 0
+    for decode_rows in (True, False):
+        for c in chunks:
+            if is_decode_chunk(c) == decode_rows:
+                n = len(c.token_ids)
+                rows[c.request_id] = range(start, start + n)
+                start += n
     return rows
 
 
@@ -222,6 +222,7 @@ class NativeRuntime:
         self.sparsity = self._sparsify(progress)
         self.quantization = self._quantize(progress)
         self.kernels = self._use_kernels()
+        self.dense_rows = self._tune_dense_rows()
         _release_freed_memory()  # the float copies loading went through
         self.load_seconds = time.perf_counter() - t0
         logger.info(
@@ -234,6 +235,157 @@ class NativeRuntime:
             self.kernels,
             self.load_seconds,
         )
+
+    # ------------------------------------------------------------------ dense threshold
+
+    #: row counts tried for the switch from a quantized layer's few-row kernel to its
+    #: float product (the quantizers' default, 16, is the last)
+    DENSE_ROW_CANDIDATES = (2, 3, 4, 6, 8, 12, 16)
+
+    def _switching_layers(self) -> dict[str, list[Linear]]:
+        """Projections whose method switches from its blocks to a float product at
+        ``dense_min_rows``: the decoder layers', and the head's."""
+        groups: dict[str, list[Linear]] = {"layers": [], "head": []}
+        for name, layer in self.model.projections().items():
+            method = layer.method
+            rows = getattr(method, "dense_min_rows", None)
+            if not isinstance(rows, int) or getattr(method, "blocks", None) is None:
+                continue
+            if layer.weight is None and layer.dense.name == "dense":
+                continue  # no float product to switch to
+            groups["head" if name == "lm_head" else "layers"].append(layer)
+        return groups
+
+    def _dense_rows_cache(self) -> Path:
+        import hashlib
+        import os
+
+        flags = ""
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("flags"):
+                    flags = line
+                    break
+        except OSError:
+            pass
+        key = "|".join(
+            (
+                flags,
+                torch.__version__,
+                self.source.name,
+                str(self.dtype),
+                str(self.quantization),
+                str(self.kernels),
+                str(torch.get_num_threads()),
+            )
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return root / "sagellm" / "tuning" / f"dense-rows-{digest}.json"
+
+    def _decode_step_seconds(self, rows: int, context: int = 128, repeats: int = 5) -> float:
+        """Best seconds of a decode step of ``rows`` rows at ``context`` tokens on scratch
+        KV caches (every layer and the head, through the path execute takes)."""
+        mc = self.model_config
+        bs = 16
+        per_seq = -(-(context + 1) // bs)
+        num_blocks = rows * per_seq
+        caches = [
+            (
+                torch.zeros(num_blocks, bs, mc.num_kv_heads, mc.head_dim, dtype=self.dtype),
+                torch.zeros(num_blocks, bs, mc.num_kv_heads, mc.head_dim, dtype=self.dtype),
+            )
+            for _ in range(mc.num_layers)
+        ]
+        chunks = [
+            SequenceChunk(
+                f"t{i}", (7 + i,), context, tuple(range(i * per_seq, (i + 1) * per_seq)), True
+            )
+            for i in range(rows)
+        ]
+        batch = build_step_batch(
+            chunks,
+            block_size=bs,
+            num_blocks=num_blocks,
+            max_model_len=self.max_model_len,
+            mask_dtype=self.dtype,
+            device=self.device,
+            paged_decode=self._has_decode_kernel,
+        )
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first run warms this shape
+            t0 = time.perf_counter()
+            self.model(batch.token_ids, batch.positions, caches, batch.meta, batch.logit_rows)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def _measure_dense_rows(self, layers: list[Linear]) -> int:
+        """The smallest candidate row count from which whole decode steps are at least as
+        fast with ``layers`` switching to their float product there as on their few-row
+        kernels, at that count and every larger one (whole steps: every layer's weights
+        stream from memory as in serving, which a product timed alone would not show)."""
+        saved = [layer.method.dense_min_rows for layer in layers]  # type: ignore[attr-defined]
+        provider = self._kernel_provider()
+        step = provider.get("decode_step") if provider is not None else None
+        if step is not None and "decode_step" not in provider.available_ops():  # type: ignore[union-attr]
+            step = None
+
+        def timed(rows: int, dense: bool) -> float:
+            for layer in layers:
+                layer.method.dense_min_rows = rows if dense else rows + 1  # type: ignore[attr-defined]
+            if step is not None:
+                self.model.use_decode_step(step)  # it reads the thresholds when built
+            return self._decode_step_seconds(rows)
+
+        cands = self.DENSE_ROW_CANDIDATES
+        try:
+            with torch.inference_mode():
+                faster = [timed(r, True) <= timed(r, False) for r in cands]
+        finally:
+            for layer, rows in zip(layers, saved):
+                layer.method.dense_min_rows = rows  # type: ignore[attr-defined]
+        choice = cands[-1]
+        for i in range(len(cands) - 1, -1, -1):
+            if not faster[i]:
+                break
+            choice = cands[i]
+        return choice
+
+    def _tune_dense_rows(self) -> dict[str, int]:
+        """Set the row count from which the quantized projections switch to their float
+        product to what this machine measures on whole decode steps (kept in a cache file
+        per machine, model, dtype and threads, so every start picks the same and numbers
+        stay reproducible); nothing when the user fixed ``dense_min_rows`` or turned
+        tuning off. The chosen count (``{"rows": n}``)."""
+        if not self.config.tune_dense_rows or "dense_min_rows" in self.config.quantization_options:
+            return {}
+        layers = [layer for group in self._switching_layers().values() for layer in group]
+        if not layers:
+            return {}
+        path = self._dense_rows_cache()
+        chosen: dict[str, int] = {}
+        try:
+            cached = json.loads(path.read_text())
+            if set(cached) == {"rows"} and isinstance(cached["rows"], int):
+                chosen = cached
+        except (OSError, ValueError):
+            pass
+        if not chosen:
+            chosen = {"rows": self._measure_dense_rows(layers)}
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(chosen) + "\n")
+            except OSError:
+                logger.info("could not keep the dense threshold in %s", path)
+        for layer in layers:
+            layer.method.dense_min_rows = chosen["rows"]  # type: ignore[attr-defined]
+        provider = self._kernel_provider()
+        if provider is not None and "decode_step" in provider.available_ops():
+            self.model.use_decode_step(provider.get("decode_step"))  # it reads the thresholds
+        logger.info(
+            "quantized projections switch to their float product from %d rows", chosen["rows"]
+        )
+        return chosen
 
     # ------------------------------------------------------------------ skipped layers
 
