@@ -94,6 +94,17 @@ def test_a_full_pool_drops_the_least_recently_seen_request() -> None:
     assert none.token_ids == () and "huge" not in p._states
 
 
+def test_requests_of_the_same_step_never_evict_each_other() -> None:
+    p = _proposer(k=2, num_blocks=3, block_size=4)  # 12 positions in all
+    a, b = DraftRequest("a", [1] * 6, [], 2), DraftRequest("b", [2] * 6, [], 2)
+    da, db = p.propose([a, b])  # "a" takes 2 blocks; "b" needs 2 and finds 1
+    assert da.token_ids == _greedy([1] * 6, 2) and db.token_ids == ()
+    assert set(p._states) == {"a"} and p.pool.num_free_blocks == 1
+    # in a later step "a" is the least recently seen one, and makes room for "b"
+    [db] = p.propose([b])
+    assert db.token_ids == _greedy([2] * 6, 2) and set(p._states) == {"b"}
+
+
 def test_no_room_in_the_context_means_no_draft() -> None:
     p = _proposer(k=4)
     p.max_model_len = 10

@@ -200,14 +200,17 @@ class DraftModelProposer:
         if state is not None and state.blocks:
             self.pool.free(state.blocks)
 
-    def _ensure_blocks(self, request_id: str, state: _DraftState, num_positions: int) -> bool:
-        """Blocks for ``num_positions`` positions; drops the least recently seen other
-        requests when the pool is short; False when even that does not make room."""
+    def _ensure_blocks(
+        self, request_id: str, state: _DraftState, num_positions: int, keep: set[str]
+    ) -> bool:
+        """Blocks for ``num_positions`` positions; drops the least recently seen requests
+        (never those in ``keep``: this step's) when the pool is short; False when even
+        that does not make room."""
         need = -(-num_positions // self.block_size) - len(state.blocks)
         if need <= 0:
             return True
         while not self.pool.can_allocate(need):
-            victim = next((r for r in self._states if r != request_id), None)
+            victim = next((r for r in self._states if r != request_id and r not in keep), None)
             if victim is None:
                 return False
             self._release(victim)
@@ -230,6 +233,7 @@ class DraftModelProposer:
         drafts: dict[str, list[int]] = {r.request_id: [] for r in requests}
         live: list[tuple[DraftRequest, _DraftState, int]] = []  # request, state, k
         chunks: list[SequenceChunk] = []
+        stepping: set[str] = set()  # requests with a chunk in this step
         for req in requests:
             context = req.token_ids
             k = min(req.num_tokens, k_max, self.max_model_len - len(context))
@@ -243,7 +247,7 @@ class DraftModelProposer:
             while common < limit and state.tokens[common] == context[common]:
                 common += 1
             state.tokens = state.tokens[:common]
-            if not self._ensure_blocks(req.request_id, state, len(context) + k - 1):
+            if not self._ensure_blocks(req.request_id, state, len(context) + k - 1, stepping):
                 self._release(req.request_id)
                 continue
             new = context[common:]
@@ -252,6 +256,7 @@ class DraftModelProposer:
             )
             state.tokens.extend(new)
             live.append((req, state, k))
+            stepping.add(req.request_id)
         if not chunks:
             return [SpeculativeDraft(r.request_id, ()) for r in requests]
         tokens = self._step(chunks)
