@@ -132,7 +132,7 @@ def test_unknown_platform(fake_dist: FakeDist) -> None:
         get_platform("tpu")
     assert str(info.value) == (
         "unknown platform 'tpu'; installed platforms: cpu, cuda, rocm; ascend, cambricon, "
-        "hygon, kunlun come from sagellm-domestic-interconnect (pip install 'sagellm[comm]')"
+        "hygon, kunlun, metax come from sagellm-domestic-interconnect (pip install 'sagellm[comm]')"
     )
 
 
