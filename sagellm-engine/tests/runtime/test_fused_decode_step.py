@@ -199,3 +199,10 @@ def test_the_threshold_is_where_the_float_product_keeps_winning(
 
     monkeypatch.setattr(NativeRuntime, "_decode_step_seconds", fake)
     assert NativeRuntime(NativeRuntimeConfig(num_threads=2)).dense_rows == {"rows": 8}
+    # a provider without the fused decode step measures too (layer by layer)
+    for old in (tmp_path / "sagellm" / "tuning").glob("*.json"):
+        old.unlink()
+    layered = NativeRuntime(
+        NativeRuntimeConfig(num_threads=2, kernel_options={"decode_step": False})
+    )
+    assert layered.dense_rows == {"rows": 8} and layered.model.decode_step is None

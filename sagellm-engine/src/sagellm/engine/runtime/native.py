@@ -326,9 +326,9 @@ class NativeRuntime:
         stream from memory as in serving, which a product timed alone would not show)."""
         saved = [layer.method.dense_min_rows for layer in layers]  # type: ignore[attr-defined]
         provider = self._kernel_provider()
-        step = provider.get("decode_step") if provider is not None else None
-        if step is not None and "decode_step" not in provider.available_ops():  # type: ignore[union-attr]
-            step = None
+        step = None
+        if provider is not None and "decode_step" in provider.available_ops():
+            step = provider.get("decode_step")
 
         def timed(rows: int, dense: bool) -> float:
             for layer in layers:
