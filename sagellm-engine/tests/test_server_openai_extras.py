@@ -429,3 +429,36 @@ def test_embeddings_leave_nothing_in_the_prefix_cache(tiny_model) -> None:
     assert run_all(engine)["g"].metrics.num_cached_tokens == 0  # nothing was indexed
     engine.add_request("g2", text, SamplingParams(max_tokens=2))
     assert run_all(engine)["g2"].metrics.num_cached_tokens > 0  # generation still shares
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_streamed_choices_end_once_when_they_finish_at_different_steps(server, path) -> None:
+    srv, llm = server
+    name = llm.engine.model_name
+    body: dict = {"model": name, "max_tokens": 12, "temperature": 1.0, "seed": 11, "n": 4}
+    if path == "/v1/completions":
+        body["prompt"] = "one two three"
+    else:
+        body["messages"] = [{"role": "user", "content": "one two three"}]
+    # a stop set wide enough that the four samples end at different steps
+    body["stop_token_ids"] = list(range(0, llm.engine.tokenizer.vocab_size, 5))
+    whole = post(srv, path, body).json()["choices"]
+    chunks = stream_chunks(srv, path, {**body, "stream": True})
+    per_index: dict[int, list[dict]] = {}
+    for c in chunks:
+        for choice in c["choices"]:
+            per_index.setdefault(choice["index"], []).append(choice)
+    assert sorted(per_index) == [0, 1, 2, 3]
+    key = "text" if path == "/v1/completions" else "content"
+    for w in whole:
+        got = per_index[w["index"]]
+        finishes = [ch["finish_reason"] for ch in got if ch["finish_reason"] is not None]
+        assert finishes == [w["finish_reason"]]  # exactly one final chunk per choice...
+        assert got[-1]["finish_reason"] == w["finish_reason"]  # ...and it is the last
+        if key == "text":
+            text = "".join(ch["text"] for ch in got)
+            assert text == w["text"]
+        else:
+            text = "".join(ch["delta"].get("content") or "" for ch in got)
+            assert text == w["message"]["content"]
+    assert len({w["finish_reason"] for w in whole} | {len(w.get("text", "")) for w in whole}) > 1

@@ -42,16 +42,26 @@ class EngineDeadError(SageLLMError, RuntimeError):
 
 class _Delta:
     """Turns cumulative outputs of one request into per-step deltas; prompt logprobs
-    come once, in the first output that has them."""
+    come once, in the first output that has them.
+
+    A choice that has finished appears once more, in the delta that carries its
+    ``finish_reason``, and never after: with ``n > 1`` the other choices' later deltas
+    leave it out (as vLLM's per-choice streams do), so a consumer sees each choice end once.
+    """
 
     def __init__(self) -> None:
         self._text: dict[int, int] = {}
         self._tokens: dict[int, int] = {}
+        self._ended: set[int] = set()
         self._prompt_logprobs_sent = False
 
     def __call__(self, out: RequestOutput) -> RequestOutput:
         outputs = []
         for c in out.outputs:
+            if c.index in self._ended:
+                continue
+            if c.finish_reason is not None:
+                self._ended.add(c.index)
             t0 = self._text.get(c.index, 0)
             k0 = self._tokens.get(c.index, 0)
             self._text[c.index] = len(c.text)
