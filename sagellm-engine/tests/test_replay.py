@@ -277,8 +277,31 @@ def test_bench_cli_passes_goodput_flags(monkeypatch: pytest.MonkeyPatch) -> None
     assert runner.run_from_args(args) == 0
     assert got == [
         ["goodput", "--threads", "2", "--seeds", "3", "--clock", "replay", "--workload-shape",
-         "bursty", "--calibration", "c.json", "--slo-scale", "2.0", "0.5", "--no-validate"]
+         "bursty", "--calibration", "c.json", "--slo-scale", "2.0", "0.5", "--no-validate",
+         "--validate-runs", "3"]
     ]  # fmt: skip
+
+
+def test_validation_compares_the_replay_with_the_median_of_the_real_runs() -> None:
+    def run(ttft: list[float], tpot: list[float], wall: float) -> kv_workloads.RunResult:
+        return kv_workloads.RunResult("r", [[1]] * len(ttft), ttft, tpot, wall, {})
+
+    reals = [
+        run([0.1, 0.2, 0.3], [0.010, 0.020, 0.030], 2.0),
+        run([0.4, 0.5, 0.6], [0.040, 0.050, 0.060], 4.0),
+        run([0.2, 0.3, 0.4], [0.020, 0.030, 0.040], 3.0),
+    ]
+    replay = run([0.15, 0.15, 0.15], [0.036, 0.036, 0.036], 2.7)
+    rows = [line.split() for line in kv_workloads.validation_table(reals, replay).splitlines()]
+    by_metric = {" ".join(r[:2]): r[2:] for r in rows if r[0] in ("TTFT", "TPOT")}
+    # TTFT p50 per run: 0.2, 0.5, 0.3 -> median 0.3; replay 0.15 -> 0.50
+    assert by_metric["TTFT p50"] == ["300.0", "200.0-500.0", "150.0", "0.50"]
+    # TPOT p50 per run: 0.02, 0.05, 0.03 -> median 0.03; replay 0.036 -> 1.20
+    assert by_metric["TPOT p50"] == ["30.0", "20.0-50.0", "36.0", "1.20"]
+    (makespan,) = [r for r in rows if r[0] == "makespan"]
+    assert makespan[1:] == ["3000.0", "2000.0-4000.0", "2700.0", "0.90"]
+    with pytest.raises(ValueError, match="at least one real run"):
+        kv_workloads.validation_table([], replay)
 
 
 def test_goodput_workload_shapes_and_slos() -> None:
