@@ -273,6 +273,7 @@ def test_prefill_attention_kernel_matches_sdpa(tiny_dir, kv_cache_dtype) -> None
             kernels="fused",
             kernel_options=options,
             kv_cache_dtype=kv_cache_dtype,
+            tune_prefill_attention=False,  # the kernel, whichever wins on this CPU
         )
         return NativeRuntime(cfg)
 
@@ -286,6 +287,59 @@ def test_prefill_attention_kernel_matches_sdpa(tiny_dir, kv_cache_dtype) -> None
     for a, b in zip(rows_fast, rows_slow):
         assert (a - b).abs().max() < 0.03 * b.abs().max()
         assert int(a.argmax()) == int(b.argmax())
+
+
+def test_prefill_attention_is_the_faster_of_kernel_and_sdpa_and_kept(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether prefill chunks attend through the provider's kernel or SDPA is measured
+    once on the model's head shape, kept in a cache file (a second start reads it), and
+    applied to every layer; tune_prefill_attention=False keeps the kernel."""
+    from sagellm.engine.layers.attention import Attention
+    from sagellm.kernel_fusion.provider import FusedKernels
+
+    if "prefill_attention" not in FusedKernels().available_ops():
+        pytest.skip("no prefill attention kernel on this CPU")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured: list[str] = []
+
+    def fake(winner: str):
+        def seconds(self: Any, tokens: int = 256, repeats: int = 7) -> dict[str, float]:
+            measured.append(winner)
+            return (
+                {"kernel": 1.0, "sdpa": 2.0} if winner == "kernel" else {"kernel": 2.0, "sdpa": 1.0}
+            )
+
+        return seconds
+
+    def runtime(**kw: Any) -> NativeRuntime:
+        kw.setdefault("kernels", "fused")
+        return NativeRuntime(NativeRuntimeConfig(model=str(tiny_dir), dtype="float32", **kw))
+
+    def kernels(rt: NativeRuntime) -> set[bool]:
+        return {
+            m.prefill_kernel is not None for m in rt.model.modules() if isinstance(m, Attention)
+        }
+
+    monkeypatch.setattr(NativeRuntime, "_prefill_attention_seconds", fake("sdpa"))
+    rt = runtime()
+    assert rt.prefill_attention == "sdpa" and kernels(rt) == {False} and measured == ["sdpa"]
+    (cache,) = (tmp_path / "sagellm" / "tuning").glob("prefill-attention-*.json")
+    assert cache.read_text() == '{"use": "sdpa"}\n'
+    monkeypatch.setattr(NativeRuntime, "_prefill_attention_seconds", fake("kernel"))
+    assert runtime().prefill_attention == "sdpa" and measured == ["sdpa"]  # read, not measured
+    cache.unlink()
+    rt = runtime()
+    assert rt.prefill_attention == "kernel" and kernels(rt) == {True}
+    assert measured == ["sdpa", "kernel"]
+    off = runtime(tune_prefill_attention=False)
+    assert off.prefill_attention == "kernel" and kernels(off) == {True}
+    assert runtime(kernels="eager").prefill_attention == ""  # eager: SDPA, nothing to choose
+    # the measurement itself runs on the model's shape and returns both timings
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other"))
+    secs = runtime()._prefill_attention_seconds(tokens=32, repeats=2)
+    assert set(secs) == {"kernel", "sdpa"} and all(t > 0 for t in secs.values())
 
 
 def test_skip_layers_leaves_layers_out_and_can_change_on_a_full_model(tiny_dir: Path) -> None:

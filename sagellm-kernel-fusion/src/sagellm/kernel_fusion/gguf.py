@@ -3,7 +3,7 @@
 :class:`GGUFBlockLinear` is a :class:`~sagellm.core.protocols.LinearMethod` for the few-row
 steps of decoding: its ``process_weights`` takes the layer's ``packed`` blocks (a
 :class:`~sagellm.core.types.PackedWeight`) into the kernel's layout (4-bit codes as
-stored, float32 block scales and constant terms), and ``apply`` rounds the input rows onto
+stored, float16 block scales and constant terms as stored), and ``apply`` rounds the input rows onto
 integers in blocks of 32 and takes integer dot products (``csrc/gguf_linear.cpp``). The
 weights are the checkpoint's own; the input's rounding is the only other error:
 ``input_bits=16`` (the default) keeps it near float32's, ``input_bits=8`` is GGUF's own CPU
@@ -33,16 +33,17 @@ BLOCK_FORMATS: dict[str, tuple[int, int]] = {"q4_0": (18, 4), "q4_1": (20, 4), "
 
 
 def _half(raw: torch.Tensor) -> torch.Tensor:
-    """float32 of little-endian float16 byte pairs ``raw [..., 2]``."""
-    return raw.contiguous().view(torch.float16).squeeze(-1).float()
+    """float16 of little-endian float16 byte pairs ``raw [..., 2]``."""
+    return raw.contiguous().view(torch.float16).squeeze(-1)
 
 
 def repack_blocks(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """``(codes, d, c, bits)`` of a GGUF weight for :func:`gguf_linear`.
 
     ``codes``: uint8 ``[N, K/2]`` (4-bit, each block's 16 bytes as stored) or int8
-    ``[N, K]``; ``d`` and ``c``: float32 ``[N, K/32]`` (``c`` empty for Q8_0). Raises
-    ValueError for another format or blocks that do not fit ``packed.shape``.
+    ``[N, K]``; ``d`` and ``c``: float16 ``[N, K/32]`` as the blocks store them (``c``
+    empty for Q8_0; Q4_0's ``-8 d`` is exact in float16). Raises ValueError for another
+    format or blocks that do not fit ``packed.shape``.
     """
     fmt = packed.format
     if fmt not in BLOCK_FORMATS:
@@ -65,8 +66,13 @@ def repack_blocks(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, tor
     elif fmt == "q4_1":
         c = _half(blocks[..., 2:4]).contiguous()
         codes = blocks[..., 4:].reshape(n, k // 2).contiguous()
-    else:  # q4_0: w = d * (q - 8)
-        c = (-8.0 * d).contiguous()
+    else:  # q4_0: w = d * (q - 8); -8 d is exact in float16 unless it overflows
+        c = (-8.0 * d.float()).half().contiguous()
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError(
+                "q4_0 block scales above 8188 overflow the kernel's float16 terms; "
+                "run this weight on the quantizer's own kernel (gguf_blocks off)"
+            )
         codes = blocks[..., 2:].reshape(n, k // 2).contiguous()
     return codes, d.contiguous(), c, bits
 

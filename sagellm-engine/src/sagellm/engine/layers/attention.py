@@ -156,7 +156,12 @@ class Attention(nn.Module):
                 scale=self.scale,
                 enable_gqa=self.group > 1,
             )
-            out[c.start : c.end] = o[0].transpose(0, 1)
+            rows = o[0].transpose(0, 1)
+            # one chunk and nothing else: CPU flash attention's output is [n, H, D] already
+            whole = not b and len(meta.chunks) == 1 and rows.shape[0] == num_tokens
+            if whole and rows.is_contiguous():
+                return rows.view(num_tokens, h * d)
+            out[c.start : c.end] = rows
         return out.view(num_tokens, h * d)
 
     def _forward_quantized(

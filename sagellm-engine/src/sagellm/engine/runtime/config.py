@@ -62,6 +62,9 @@ class NativeRuntimeConfig(BaseModel):
     # float product beats its few-row kernel, and switch there (the quantizers' default
     # is 16 rows; a dense_min_rows in quantization_options turns this off)
     tune_dense_rows: bool = True
+    # measure once per machine whether the kernel provider's prefill attention beats
+    # SDPA (it does without AMX, SDPA does with it) and attend with the faster
+    tune_prefill_attention: bool = True
     # decoder layers left out of the model (indices into the checkpoint's layers): the
     # self-speculative draft of the layer_skip proposer; the KV schema has the kept ones
     skip_layers: tuple[int, ...] = ()

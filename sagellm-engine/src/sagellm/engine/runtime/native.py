@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from sagellm.core.types import (
     ModelOutput,
     SequenceChunk,
 )
-from sagellm.engine.layers.attention import Attention
+from sagellm.engine.layers.attention import Attention, AttentionMetadata, ChunkMetadata
 from sagellm.engine.layers.linear import Linear
 from sagellm.engine.layers.rotary import RotaryEmbedding
 from sagellm.engine.models.llama import LlamaForCausalLM
@@ -223,6 +224,7 @@ class NativeRuntime:
         self.quantization = self._quantize(progress)
         self.kernels = self._use_kernels()
         self.dense_rows = self._tune_dense_rows()
+        self.prefill_attention = self._tune_prefill_attention()
         _release_freed_memory()  # the float copies loading went through
         self.load_seconds = time.perf_counter() - t0
         logger.info(
@@ -257,6 +259,11 @@ class NativeRuntime:
         return groups
 
     def _dense_rows_cache(self) -> Path:
+        return self._tuning_cache("dense-rows")
+
+    def _tuning_cache(self, kind: str) -> Path:
+        """The file keeping a ``kind`` of measured choice for this machine (CPU flags),
+        torch, model, dtype, quantization, kernels and thread count."""
         import hashlib
         import os
 
@@ -281,7 +288,7 @@ class NativeRuntime:
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        return root / "sagellm" / "tuning" / f"dense-rows-{digest}.json"
+        return root / "sagellm" / "tuning" / f"{kind}-{digest}.json"
 
     def _decode_step_seconds(self, rows: int, context: int = 128, repeats: int = 5) -> float:
         """Best seconds of a decode step of ``rows`` rows at ``context`` tokens on scratch
@@ -386,6 +393,84 @@ class NativeRuntime:
             "quantized projections switch to their float product from %d rows", chosen["rows"]
         )
         return chosen
+
+    # ------------------------------------------------------------------ prefill attention
+
+    def _attention_modules(self) -> list[Attention]:
+        return [m for m in self.model.modules() if isinstance(m, Attention)]
+
+    def _prefill_attention_seconds(self, tokens: int = 256, repeats: int = 7) -> dict[str, float]:
+        """Median seconds of one layer's causal attention over a fresh ``tokens``-token
+        chunk through the kernel provider's prefill kernel and through SDPA, A B
+        interleaved, on the path :class:`Attention` takes (the model's head shape)."""
+        mc = self.model_config
+        (attn, *_) = self._attention_modules()
+        kernel = attn.prefill_kernel
+        probe = Attention(mc.num_heads, mc.num_kv_heads, mc.head_dim)
+        gen = torch.Generator().manual_seed(0)
+
+        def rand(heads: int) -> torch.Tensor:
+            x = torch.randn(tokens, heads, mc.head_dim, generator=gen)
+            return x.to(self.dtype)
+
+        q, k, v = rand(mc.num_heads), rand(mc.num_kv_heads), rand(mc.num_kv_heads)
+        cache = torch.zeros(1, 16, mc.num_kv_heads, mc.head_dim, dtype=self.dtype)
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(0, dtype=torch.long),
+            chunks=[ChunkMetadata(0, tokens, None, tokens, None)],
+        )
+        times: dict[str, list[float]] = {"kernel": [], "sdpa": []}
+        with torch.inference_mode():
+            for i in range(repeats + 1):  # the first pass warms both
+                for name, fn in (("kernel", kernel), ("sdpa", None)):
+                    probe.prefill_kernel = fn
+                    t0 = time.perf_counter()
+                    probe(q, k, v, cache, cache, meta, kv_written=True)
+                    if i:
+                        times[name].append(time.perf_counter() - t0)
+        return {name: statistics.median(ts) for name, ts in times.items()}
+
+    def _tune_prefill_attention(self) -> str:
+        """Keep the kernel provider's prefill attention only where it beats SDPA on this
+        machine: measured once on the model's head shape and kept in a cache file (as the
+        dense threshold is), since which wins depends on the CPU (a flash kernel on
+        AVX512-BF16 dot products wins on CPUs without AMX; torch's SDPA, whose CPU flash
+        attention runs oneDNN's AMX micro-kernels, wins 2-3x where AMX is). What prefill
+        chunks attend with: ``"kernel"``, ``"sdpa"``, or ``""`` when no kernel is
+        installed (SDPA) or tuning is off (the kernel)."""
+        modules = self._attention_modules()
+        if not modules or modules[0].prefill_kernel is None:
+            return ""
+        if not self.config.tune_prefill_attention:
+            return "kernel"
+        path = self._tuning_cache("prefill-attention")
+        choice = ""
+        try:
+            cached = json.loads(path.read_text())
+            if isinstance(cached, dict) and cached.get("use") in ("kernel", "sdpa"):
+                choice = cached["use"]
+        except (OSError, ValueError):
+            pass
+        if not choice:
+            secs = self._prefill_attention_seconds()
+            choice = "kernel" if secs["kernel"] <= secs["sdpa"] else "sdpa"
+            logger.info(
+                "prefill attention: kernel %.2f ms, SDPA %.2f ms per layer (256 tokens)",
+                1e3 * secs["kernel"],
+                1e3 * secs["sdpa"],
+            )
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"use": choice}) + "\n")
+            except OSError:
+                logger.info("could not keep the prefill attention choice in %s", path)
+        if choice == "sdpa":
+            for module in modules:
+                module.prefill_kernel = None
+        logger.info(
+            "prefill chunks attend through %s", "SDPA" if choice == "sdpa" else "the kernel"
+        )
+        return choice
 
     # ------------------------------------------------------------------ skipped layers
 
