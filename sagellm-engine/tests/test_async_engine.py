@@ -149,3 +149,46 @@ def test_a_failing_step_fails_every_request_and_frees_blocks(llm: LLM, monkeypat
     results = run(main())
     assert "simulated device failure" in results
     assert_no_leak(llm)
+
+
+def test_build_makes_and_steps_the_engine_in_one_thread(llm: LLM) -> None:
+    """AsyncLLMEngine.build runs the factory in the engine thread, the thread every step
+    then runs in (one OpenMP team per process); a failing factory raises as it is."""
+    import threading
+
+    seen: dict[str, set[int]] = {"make": set(), "step": set()}
+    inner = llm.engine
+    real_step = inner.step
+
+    def step(**kw):
+        seen["step"].add(threading.get_ident())
+        return real_step(**kw)
+
+    def make():
+        seen["make"].add(threading.get_ident())
+        return inner
+
+    inner.step = step  # type: ignore[method-assign]
+    try:
+
+        async def main() -> list[int]:
+            engine = AsyncLLMEngine.build(make)
+            last = None
+            async for out in engine.generate([5, 6, 7], GREEDY):
+                last = out
+            await engine.shutdown()
+            assert last is not None
+            return list(last.outputs[0].token_ids)
+
+        ids = run(main())
+    finally:
+        del inner.step
+    assert len(ids) == 8
+    assert len(seen["make"]) == 1 and seen["step"] == seen["make"]
+    assert seen["make"] != {threading.get_ident()}
+
+    def broken():
+        raise InvalidRequestError("no model here")
+
+    with pytest.raises(InvalidRequestError, match="no model here"):
+        AsyncLLMEngine.build(broken)

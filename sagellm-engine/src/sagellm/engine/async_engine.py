@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from sagellm.core.config import EngineConfig
@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(SageLLMError, RuntimeError):
     """The engine loop stopped; no request can be served until the engine is rebuilt."""
+
+
+def _engine_thread() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagellm-engine")
 
 
 class _Delta:
@@ -142,11 +146,12 @@ class AsyncLLMEngine:
             print(out.outputs[0].text, end="", flush=True)
     """
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(
+        self, engine: LLMEngine, *, executor: concurrent.futures.ThreadPoolExecutor | None = None
+    ) -> None:
         self.engine = engine
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="sagellm-engine"
-        )
+        # the engine thread: every step, request and stats call runs there, serialised
+        self._executor = executor or _engine_thread()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._pending_aborts: set[str] = set()
         self._wakeup: asyncio.Event | None = None
@@ -156,11 +161,31 @@ class AsyncLLMEngine:
         self._dead: BaseException | None = None
 
     @classmethod
+    def build(cls, make: Callable[[], LLMEngine]) -> AsyncLLMEngine:
+        """Serve the engine ``make()`` returns, built in the thread that will step it.
+
+        Prefer this to ``AsyncLLMEngine(engine)`` for an engine that computes on the CPU:
+        OpenMP (libgomp) keeps one thread team per thread that ever ran a parallel
+        region, and once teams of two threads hold more threads than there are cores,
+        every team stops spinning between regions and sleeps instead. A model loaded (and
+        its kernels tuned) in the main thread and then stepped in the engine thread so
+        pays a wake-up per parallel region: batch-1 decode ran 2.4x slower that way here
+        (63 against 150 tokens/s).
+        """
+        executor = _engine_thread()
+        try:
+            engine = executor.submit(make).result()
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(engine, executor=executor)
+
+    @classmethod
     def from_config(
         cls, config: EngineConfig | None = None, options: BuildOptions | None = None, **kwargs: Any
     ) -> AsyncLLMEngine:
-        """Build an :class:`LLMEngine` from ``config`` and serve it."""
-        return cls(LLMEngine.from_config(config, options, **kwargs))
+        """Build an :class:`LLMEngine` from ``config`` (in the engine thread) and serve it."""
+        return cls.build(lambda: LLMEngine.from_config(config, options, **kwargs))
 
     # ------------------------------------------------------------------ properties
 
@@ -313,30 +338,51 @@ class AsyncLLMEngine:
             return []
         return self.engine.step()
 
+    def _has_work(self) -> bool:
+        return bool(self._pending_aborts) or self.engine.has_unfinished_requests()
+
+    def _submit_step(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[list[RequestOutput]]:
+        aborts = list(self._pending_aborts)
+        self._pending_aborts.clear()
+        return loop.run_in_executor(self._executor, self._step, aborts)
+
     async def _run(self) -> None:
+        """Step the engine while it holds work, one step always in flight.
+
+        As soon as a step returns, the next one is handed to the engine thread, and the
+        outputs of the finished step go to their streams while it runs: the engine never
+        waits for the handlers (formatting, network writes) of the previous step, which
+        run on the event loop while the step's kernels run without the GIL. The outputs
+        of a step are copies, so the next step cannot change them under a handler.
+        """
         loop = asyncio.get_running_loop()
         assert self._wakeup is not None
+        pending: asyncio.Future[list[RequestOutput]] | None = None
         try:
             while not self._closed:
-                if not self._pending_aborts and not self.engine.has_unfinished_requests():
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                aborts = list(self._pending_aborts)
-                self._pending_aborts.clear()
+                if pending is None:
+                    if not self._has_work():
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+                        continue
+                    pending = self._submit_step(loop)
                 try:
-                    outputs = await loop.run_in_executor(self._executor, self._step, aborts)
+                    outputs = await pending
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a failed step must not hang its callers
+                    pending = None
                     logger.exception("engine step failed; failing the requests in flight")
                     await self._fail_all(exc)
                     continue
+                pending = None
+                if not self._closed and self._has_work():
+                    pending = self._submit_step(loop)  # the next step runs meanwhile
                 for out in outputs:
                     q = self._streams.get(out.request_id)
                     if q is not None:
                         q.put_nowait(out)
-                # Let handlers consume (and the server flush) before the next step.
+                # Let handlers consume (and the server flush) while the next step runs.
                 await asyncio.sleep(0)
         except asyncio.CancelledError:
             raise

@@ -138,13 +138,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args, host=config.host, port=config.port, served_model_name=config.served_model_name
     )
     t0 = time.perf_counter()
-    parts = EngineBuilder(config, options, progress=_progress).build()
-    _progress(
-        f"engine ready in {time.perf_counter() - t0:.1f} s: {parts.model_name}, "
-        f"max_model_len={parts.max_model_len}, {parts.kv_pool.num_blocks} KV blocks of "
-        f"{parts.schema.block_size} tokens"
-    )
-    engine = AsyncLLMEngine(LLMEngine(parts, speculative_config=options.speculative_config))
+
+    def make() -> LLMEngine:
+        parts = EngineBuilder(config, options, progress=_progress).build()
+        _progress(
+            f"engine ready in {time.perf_counter() - t0:.1f} s: {parts.model_name}, "
+            f"max_model_len={parts.max_model_len}, {parts.kv_pool.num_blocks} KV blocks of "
+            f"{parts.schema.block_size} tokens"
+        )
+        return LLMEngine(parts, speculative_config=options.speculative_config)
+
+    # built in the thread that steps it: one OpenMP team in the process
+    engine = AsyncLLMEngine.build(make)
     app = build_app(engine, server_config)
     num_keys = len(server_config.api_keys)
     num_tenants = len({k.tenant_name() for k in server_config.api_keys})

@@ -366,8 +366,10 @@ bool fused_ops_vectorized(torch::ScalarType dtype) {
 void register_fused_ops(pybind11::module& m) {
   m.def("fused_ops_vectorized", &fused_ops_vectorized,
         "whether the element-wise ops are vectorised for this dtype on this CPU");
-  m.def("rms_norm", &sagellm::rms_norm, "RMSNorm over the last dim");
-  m.def("add_rms_norm", &sagellm::add_rms_norm, "residual += x, then RMSNorm of it");
-  m.def("rotary_write_kv", &sagellm::rotary_write_kv, "rotate q and k in place, write k and v to the cache");
-  m.def("silu_and_mul", &sagellm::silu_and_mul, "silu(gate) * up");
+  m.def("rms_norm", &sagellm::rms_norm, "RMSNorm over the last dim", pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("add_rms_norm", &sagellm::add_rms_norm, "residual += x, then RMSNorm of it",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rotary_write_kv", &sagellm::rotary_write_kv,
+        "rotate q and k in place, write k and v to the cache", pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("silu_and_mul", &sagellm::silu_and_mul, "silu(gate) * up", pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -411,5 +411,6 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d,
 
 void register_gguf_ops(pybind11::module& m) {
   m.def("gguf_linear", &sagellm::gguf_linear,
-        "x @ W.T on GGUF Q4_0/Q4_1/Q8_0 blocks, inputs rounded to 8 or 16 bits per block");
+        "x @ W.T on GGUF Q4_0/Q4_1/Q8_0 blocks, inputs rounded to 8 or 16 bits per block",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

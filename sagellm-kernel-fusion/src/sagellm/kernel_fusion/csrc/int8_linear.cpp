@@ -209,9 +209,11 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 
 void register_int8_ops(pybind11::module& m) {
   m.def("quantize_per_row", &sagellm::quantize_per_row,
-        "rows -> (uint8 codes with zero point 128, float32 scales amax/127)", pybind11::arg("x"));
+        "rows -> (uint8 codes with zero point 128, float32 scales amax/127)", pybind11::arg("x"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("w8a8_linear", &sagellm::w8a8_linear,
         "x @ W.T with x quantized per row and W per channel (oneDNN int8 product)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("w_scales"),
-        pybind11::arg("w_zero_points"), pybind11::arg("bias") = pybind11::none());
+        pybind11::arg("w_zero_points"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

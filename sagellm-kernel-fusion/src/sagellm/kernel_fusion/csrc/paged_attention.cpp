@@ -390,7 +390,7 @@ void register_int8_ops(pybind11::module& m);     // int8_linear.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &sagellm::paged_decode_attention,
-        "decode attention over a paged KV cache, read in place");
+        "decode attention over a paged KV cache, read in place", pybind11::call_guard<pybind11::gil_scoped_release>());
   register_fused_ops(m);
   register_gguf_ops(m);
   register_prefill_ops(m);

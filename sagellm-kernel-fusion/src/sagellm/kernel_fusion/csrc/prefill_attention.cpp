@@ -455,7 +455,8 @@ void prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const tor
 
 void register_prefill_ops(pybind11::module& m) {
   m.def("prefill_attention", &prefill_attention,
-        "causal flash attention of a chunk after `start` cached positions, into out");
+        "causal flash attention of a chunk after `start` cached positions, into out",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("prefill_attention_supported", &prefill_attention_supported,
         "whether prefill_attention has a kernel for this dtype and head_dim here");
 }
