@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -154,6 +155,10 @@ class AsyncLLMEngine:
         self._executor = executor or _engine_thread()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._pending_aborts: set[str] = set()
+        # calls queued for the engine thread that have not started: the step loop yields
+        # to them (requests, aborts, stats) between steps
+        self._calls_waiting = 0
+        self._lock = threading.Lock()  # guards the two above across the threads
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -240,16 +245,14 @@ class AsyncLLMEngine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        loop = asyncio.get_running_loop()
         ids = list(self._streams) + list(self._pending_aborts)
         with contextlib.suppress(Exception):
-            await loop.run_in_executor(self._executor, self.engine.abort_request, ids)
+            await self._call(self.engine.abort_request, ids)
         self._executor.shutdown(wait=False)
 
     async def run_in_engine(self, fn: Any, *args: Any) -> Any:
         """Run ``fn(*args)`` in the engine thread, serialised with the steps."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await self._call(fn, *args)
 
     async def collect_stats(self) -> dict[str, object]:
         """Stats snapshots of the engine and every component, taken between steps."""
@@ -280,11 +283,9 @@ class AsyncLLMEngine:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[rid] = queue  # before adding: no output can be missed
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(
-                self._executor,
-                lambda: self.engine.add_request(rid, prompt, sampling, **request_kwargs),
+            await self._call(
+                lambda: self.engine.add_request(rid, prompt, sampling, **request_kwargs)
             )
         except BaseException:
             self._streams.pop(rid, None)
@@ -325,64 +326,80 @@ class AsyncLLMEngine:
 
     def _abort_soon(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self._pending_aborts.add(request_id)
+        with self._lock:
+            self._pending_aborts.add(request_id)
         if self._wakeup is not None:
             self._wakeup.set()
 
     # ------------------------------------------------------------------ the loop
 
-    def _step(self, aborts: list[str]) -> list[RequestOutput]:
-        if aborts:
-            self.engine.abort_request(aborts)
-        if not self.engine.has_unfinished_requests():
-            return []
-        return self.engine.step()
+    def _call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Run ``fn(*args)`` in the engine thread; the step loop yields to it."""
+        with self._lock:
+            self._calls_waiting += 1
+
+        def run() -> Any:
+            with self._lock:
+                self._calls_waiting -= 1
+            return fn(*args)
+
+        return asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    def _take_aborts(self) -> list[str]:
+        with self._lock:
+            aborts = list(self._pending_aborts)
+            self._pending_aborts.clear()
+        return aborts
 
     def _has_work(self) -> bool:
         return bool(self._pending_aborts) or self.engine.has_unfinished_requests()
 
-    def _submit_step(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[list[RequestOutput]]:
-        aborts = list(self._pending_aborts)
-        self._pending_aborts.clear()
-        return loop.run_in_executor(self._executor, self._step, aborts)
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """On the event loop: hand one step's outputs to their streams."""
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def _steps(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In the engine thread: step while the engine holds work and no call waits,
+        handing every step's outputs to the event loop as it ends.
+
+        The engine thread so goes from one step to the next without a round trip through
+        the event loop, whose handlers (formatting, network writes) run while the next
+        step's kernels run without the GIL. Outputs are copies: a later step cannot change
+        them under a handler. A failing step raises here, after the outputs of the steps
+        before it were handed out (the event loop runs its callbacks in order).
+        """
+        while not self._closed and not self._calls_waiting:
+            aborts = self._take_aborts()
+            if aborts:
+                self.engine.abort_request(aborts)
+            if not self.engine.has_unfinished_requests():
+                return
+            outputs = self.engine.step()
+            if outputs:
+                loop.call_soon_threadsafe(self._dispatch, outputs)
 
     async def _run(self) -> None:
-        """Step the engine while it holds work, one step always in flight.
-
-        As soon as a step returns, the next one is handed to the engine thread, and the
-        outputs of the finished step go to their streams while it runs: the engine never
-        waits for the handlers (formatting, network writes) of the previous step, which
-        run on the event loop while the step's kernels run without the GIL. The outputs
-        of a step are copies, so the next step cannot change them under a handler.
-        """
         loop = asyncio.get_running_loop()
         assert self._wakeup is not None
-        pending: asyncio.Future[list[RequestOutput]] | None = None
         try:
             while not self._closed:
-                if pending is None:
-                    if not self._has_work():
-                        self._wakeup.clear()
-                        await self._wakeup.wait()
-                        continue
-                    pending = self._submit_step(loop)
+                if not self._has_work():
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
                 try:
-                    outputs = await pending
+                    await loop.run_in_executor(self._executor, self._steps, loop)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a failed step must not hang its callers
-                    pending = None
                     logger.exception("engine step failed; failing the requests in flight")
+                    await asyncio.sleep(0)  # the outputs handed out before it go first
                     await self._fail_all(exc)
                     continue
-                pending = None
-                if not self._closed and self._has_work():
-                    pending = self._submit_step(loop)  # the next step runs meanwhile
-                for out in outputs:
-                    q = self._streams.get(out.request_id)
-                    if q is not None:
-                        q.put_nowait(out)
-                # Let handlers consume (and the server flush) while the next step runs.
+                # Let handlers consume (and the server flush) before stepping again.
                 await asyncio.sleep(0)
         except asyncio.CancelledError:
             raise
@@ -397,14 +414,10 @@ class AsyncLLMEngine:
         for rid in ids:
             q = self._streams.pop(rid)
             q.put_nowait(exc)
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(
-                self._executor,
-                self.engine.abort_request,
-                ids + [r for r in self._pending_aborts if r not in ids],
+            await self._call(
+                self.engine.abort_request, ids + [r for r in self._take_aborts() if r not in ids]
             )
-            self._pending_aborts.clear()
         except Exception:  # the engine is broken beyond aborting: stop serving
             logger.exception("aborting after a failed step failed too; the engine is dead")
             self._dead = exc
@@ -413,4 +426,4 @@ class AsyncLLMEngine:
         leftover = [r for r in self.engine.live_request_ids() if r not in self._streams]
         if leftover:
             with contextlib.suppress(Exception):
-                await loop.run_in_executor(self._executor, self.engine.abort_request, leftover)
+                await self._call(self.engine.abort_request, leftover)

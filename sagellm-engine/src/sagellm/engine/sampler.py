@@ -4,9 +4,12 @@ Order of operations (as in vLLM v1): the grammar mask of rows with a structured 
 (:mod:`sagellm.engine.structured`), logprobs of the resulting distribution, penalties
 (repetition on prompt and output, presence and frequency on output), greedy rows take the
 argmax, other rows are divided by their temperature, then min-p, top-k and top-p mask the
-tail and a token is drawn with the exponential race ``argmax(p / q)``, ``q ~ Exp(1)``.
+tail and a token is drawn by inverting the distribution's cumulative sum at one uniform
+draw per row (one random number per row instead of one per vocabulary entry: the
+exponential race ``argmax(p / q)``, ``q ~ Exp(1)``, drew 49,152 numbers per row and cost
+~10% of a 32-row step with CPU generators, which fill tensors one element at a time).
 
-Randomness is reproducible per request: row ``i`` draws its noise from a generator seeded
+Randomness is reproducible per request: row ``i`` draws its number from a generator seeded
 with ``mix(seed_i, token_index_i)``, where ``token_index`` is the number of tokens the
 request has already generated. The draw therefore does not depend on which other requests
 share the batch, nor on preemption (a recomputed request resamples the same index with the
@@ -29,6 +32,7 @@ __all__ = ["Sampler", "SamplerOutput", "SamplingRow", "mix_seed"]
 #: but the distribution is a point mass in all but name).
 _GREEDY_EPS = 1e-5
 _MASK64 = (1 << 64) - 1
+_UNIT53 = 2.0**-53  # mix_seed's 63 bits >> 10: 53 bits, + 1 lies in 1 .. 2^53
 
 
 def mix_seed(seed: int, index: int) -> int:
@@ -247,16 +251,19 @@ class Sampler:
         greedy = greedy.to(device)
         greedy_ids = logits.argmax(dim=-1)
         probs = torch.softmax(Sampler._filtered_logits(logits, params), dim=-1)
-        noise = torch.empty_like(probs)
-        gen = torch.Generator(device=device)
-        for i, r in enumerate(rows):
-            if r.params.temperature < _GREEDY_EPS:
-                noise[i].fill_(1.0)
-                continue
-            gen.manual_seed(mix_seed(r.seed, r.token_index))
-            noise[i].exponential_(generator=gen)
-        noise.clamp_(min=1e-30)  # an exact 0 draw would turn p / q into inf or nan
-        random_ids = (probs / noise).argmax(dim=-1)
+        # one uniform in (0, 1] per row: the top 53 bits of the row's splitmix64 mix,
+        # already a well-mixed hash of (seed, token index), so no generator is seeded
+        u = torch.tensor(
+            [[((mix_seed(r.seed, r.token_index) >> 10) + 1) * _UNIT53] for r in rows],
+            dtype=torch.float64,
+        )
+        # the first token whose cumulative probability reaches u of the row's total: a
+        # token of probability zero adds nothing to the sum, so it is never the first
+        # (float32: a sum of non-negative terms never decreases, and its rounding moves a
+        # boundary by ~1e-7 of the row's mass; a float64 copy cost more than the sampling)
+        cdf = probs.cumsum_(dim=-1)
+        target = (u.to(device=device, dtype=cdf.dtype) * cdf[:, -1:]).contiguous()
+        random_ids = torch.searchsorted(cdf, target).squeeze(1).clamp_(max=probs.shape[1] - 1)
         return torch.where(greedy, greedy_ids, random_ids)
 
     @staticmethod
