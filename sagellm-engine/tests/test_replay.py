@@ -37,7 +37,26 @@ def test_step_shape_of_scheduler_output() -> None:
     shape = StepShape.of(out)
     # pairs: 8*4 + 36, 1*20 + 1, 3*30 + 6
     assert shape == StepShape(8, 2, 4, 68 + 21 + 96)
-    assert shape.features() == (1.0, 10.0, 2.0, 0.185)  # 2 draft tokens count as prefill-like
+    # 2 draft tokens count as prefill-like; no dense threshold: no regime features
+    assert shape.features() == (1.0, 10.0, 2.0, 0.185, 0.0, 0.0)
+    # 12 tokens in the step: on the float product from 6 rows, on the blocks below 16
+    assert shape.features(6) == (1.0, 10.0, 2.0, 0.185, 1.0, 0.0)
+    assert shape.features(16) == (1.0, 10.0, 2.0, 0.185, 0.0, 2.0)
+
+
+def test_fit_follows_the_two_regimes_of_a_dense_threshold() -> None:
+    """Steps below the threshold cost per block row, steps from it a fixed float product:
+    the fit recovers both, where one line in the rows cannot."""
+    samples = []
+    for rows in range(1, 33):
+        cost = 0.010 + (0.004 * rows if rows < 6 else 0.012) + 0.001 * rows
+        samples.append((StepShape(0, rows, rows, rows * 33), cost))
+    fit = StepCostPredictor.fit(samples, dense_rows=6)
+    assert fit.dense_rows == 6 and fit.residual < 0.02
+    assert fit.predict(StepShape(0, 5, 5, 5 * 33)) == pytest.approx(0.035, rel=0.05)
+    assert fit.predict(StepShape(0, 6, 6, 6 * 33)) == pytest.approx(0.028, rel=0.05)
+    legacy = StepCostPredictor.fit(samples)  # no threshold: one line, a poor fit here
+    assert legacy.residual > fit.residual
 
 
 def test_fit_recovers_known_coefficients() -> None:

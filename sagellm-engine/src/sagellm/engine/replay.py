@@ -40,7 +40,18 @@ __all__ = [
 ]
 
 #: Names of the predictor's coefficients, in the order of :meth:`StepShape.features`.
-FEATURES = ("intercept", "prefill_tokens", "decode_rows", "attention_kpairs")
+FEATURES = (
+    "intercept",
+    "prefill_tokens",
+    "decode_rows",
+    "attention_kpairs",
+    # the two regimes of a quantized model's projections (see StepShape.features): the
+    # fixed cost of a step on the float product, the extra cost per row on the blocks
+    "dense_step",
+    "block_rows",
+)
+#: The first four: what a calibration made before the regimes had (the rest are 0).
+_BASE_FEATURES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +79,22 @@ class StepShape:
             pairs += n * c.num_computed_tokens + n * (n + 1) // 2
         return cls(prefill, rows, decode, pairs)
 
-    def features(self) -> tuple[float, ...]:
-        """The regressors of :data:`FEATURES` (draft tokens count as prefill-like tokens)."""
+    def features(self, dense_rows: int = 0) -> tuple[float, ...]:
+        """The regressors of :data:`FEATURES` (draft tokens count as prefill-like tokens).
+
+        ``dense_rows``: from how many rows the engine's quantized projections switch from
+        their few-row block kernels to the float product (0: no switch). A step of fewer
+        rows pays per row on the blocks (``block_rows``); a step of more pays the float
+        product's fixed cost (``dense_step``, the bf16 weights read once): a cost that a
+        single line in the row count cannot follow (4-5 block rows cost more than 6 dense
+        ones on a 2-core Xeon).
+        """
         extra = self.decode_tokens - self.decode_rows
+        tokens = self.prefill_tokens + self.decode_tokens
+        dense = 1.0 if dense_rows and tokens >= dense_rows else 0.0
+        few = float(self.decode_rows) if dense_rows and tokens < dense_rows else 0.0
         return (1.0, float(self.prefill_tokens + extra), float(self.decode_rows),
-                self.attention_pairs / 1000.0)  # fmt: skip
+                self.attention_pairs / 1000.0, dense, few)  # fmt: skip
 
 
 def cpu_model_name() -> str:
@@ -97,16 +119,21 @@ class StepCostPredictor:
     cpu: str = ""  # CPU model name of the timed machine
     engine_options: dict[str, Any] | None = None  # options of the timed engine
     residual: float = 0.0  # median relative error of the fit on its own samples
+    dense_rows: int = 0  # rows from which the projections take the float product (0: none)
 
     def __post_init__(self) -> None:
-        if len(self.coefficients) != len(FEATURES):
+        coef = tuple(self.coefficients)
+        if len(coef) == _BASE_FEATURES:  # a predictor without the regimes
+            object.__setattr__(self, "coefficients", coef + (0.0,) * (len(FEATURES) - len(coef)))
+        elif len(coef) != len(FEATURES):
             raise ValueError(f"expected {len(FEATURES)} coefficients, got {self.coefficients}")
 
     def predict(self, shape: StepShape) -> float:
         """Predicted seconds of a step of ``shape`` (0 for a step that computes nothing)."""
         if not (shape.prefill_tokens or shape.decode_rows):
             return 0.0
-        return max(0.0, sum(c * f for c, f in zip(self.coefficients, shape.features())))
+        features = shape.features(self.dense_rows)
+        return max(0.0, sum(c * f for c, f in zip(self.coefficients, features)))
 
     def prefill_seconds(self, num_tokens: int, chunk: int) -> float:
         """Predicted seconds to prefill ``num_tokens`` alone in chunks of ``chunk``."""
@@ -122,7 +149,9 @@ class StepCostPredictor:
         return self.predict(StepShape(0, num_rows, num_rows, num_rows * (context + 1)))
 
     @classmethod
-    def fit(cls, samples: Sequence[tuple[StepShape, float]], **meta: Any) -> StepCostPredictor:
+    def fit(
+        cls, samples: Sequence[tuple[StepShape, float]], dense_rows: int = 0, **meta: Any
+    ) -> StepCostPredictor:
         """Least squares with non-negative coefficients (a feature whose coefficient comes
         out negative is dropped and the rest refitted) on ``(shape, seconds)`` samples.
 
@@ -135,7 +164,7 @@ class StepCostPredictor:
                 f"fitting {len(FEATURES)} coefficients needs at least that many timed steps; "
                 f"got {len(samples)}"
             )
-        x = np.array([s.features() for s, _ in samples], dtype=np.float64)
+        x = np.array([s.features(dense_rows) for s, _ in samples], dtype=np.float64)
         y = np.array([t for _, t in samples], dtype=np.float64)
         # relative error matters (a 2 ms decode step as much as a 200 ms prefill)
         w = 1.0 / np.maximum(y, 1e-6)
@@ -150,7 +179,7 @@ class StepCostPredictor:
             active.pop(int(np.argmin(sol)))
         pred = x @ coef
         residual = float(np.median(np.abs(pred - y) / np.maximum(y, 1e-9)))
-        return cls(tuple(float(c) for c in coef), residual=residual, **meta)
+        return cls(tuple(float(c) for c in coef), residual=residual, dense_rows=dense_rows, **meta)
 
     def to_json(self) -> dict[str, Any]:
         """The predictor as JSON data (coefficients by feature name)."""
@@ -173,7 +202,9 @@ class StepCostPredictor:
         try:
             data = json.loads(Path(path).read_text())
             coef = data["coefficients"]
-            values = tuple(float(coef[name]) for name in FEATURES)
+            values = tuple(float(coef[name]) for name in FEATURES[:_BASE_FEATURES]) + tuple(
+                float(coef.get(name, 0.0)) for name in FEATURES[_BASE_FEATURES:]
+            )
         except FileNotFoundError:
             raise SageLLMError(f"no step-cost calibration at {path}: {how}") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -185,6 +216,7 @@ class StepCostPredictor:
             cpu=str(data.get("cpu", "")),
             engine_options=data.get("engine_options"),
             residual=float(data.get("residual", 0.0)),
+            dense_rows=int(data.get("dense_rows", 0)),
         )
 
 

@@ -36,7 +36,7 @@ CALIBRATION_OPTIONS: dict[str, Any] = {"max_model_len": 1024, "max_num_batched_t
 #: Prefill grid: (prompt tokens, chunk) — chunks past the first see a longer context.
 PREFILL_GRID = (16, 64, 128, 256, 768)
 #: Decode grid: (batch rows, context tokens).
-DECODE_GRID = ((1, 32), (4, 32), (16, 32), (32, 32), (1, 384), (8, 384))
+DECODE_GRID = ((1, 32), (2, 32), (4, 32), (6, 32), (16, 32), (32, 32), (1, 384), (8, 384))
 
 
 class _RecordingClock(RealClock):
@@ -124,7 +124,10 @@ def calibrate_engine(
         rng.shuffle(prompts)
         points.extend(_timed_steps(engine, prompts, 16, f"m{r}"))
     engine.set_clock(RealClock())
-    return StepCostPredictor.fit(points, cpu=cpu_model_name(), **meta)
+    runtime = getattr(getattr(engine, "parts", None), "runtime", None)
+    dense = getattr(runtime, "dense_rows", None)
+    dense_rows = int(dense.get("rows", 0)) if isinstance(dense, dict) else 0
+    return StepCostPredictor.fit(points, dense_rows=dense_rows, cpu=cpu_model_name(), **meta)
 
 
 def _median_point(samples: Sequence[tuple[StepShape, float]]) -> tuple[StepShape, float]:
