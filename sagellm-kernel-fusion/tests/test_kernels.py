@@ -519,3 +519,14 @@ def test_fused_rotary_quantizes_keys_and_values_into_a_quantized_cache(
     with pytest.raises(RuntimeError, match="a quantized cache's rows hold D \\+ 2"):
         bad = torch.zeros(4, bs, hkv, d, dtype=torch.int8)
         ops.rotary_write_kv(qkv, positions, cos, sin, h, hkv, bad, bad.clone(), slots)
+
+
+@needs_compiler
+def test_fingerprint_names_the_compiled_build() -> None:
+    """The provider names the build of its compiled kernels (a digest of sources, torch,
+    flags and CPU), so measured choices are tied to it; none without compiled kernels."""
+    module = load_kernels()
+    assert module is not None
+    fp = FusedKernels().fingerprint
+    assert fp == module.__name__ and fp.startswith("sagellm_kernels_") and len(fp) == 32
+    assert FusedKernels(FusedKernelsConfig(compiled_kernels=False)).fingerprint == ""

@@ -71,6 +71,14 @@ class FusedKernels:
     def __init__(self, config: FusedKernelsConfig | None = None, **_context: object) -> None:
         self.config = config or FusedKernelsConfig()
 
+    @property
+    def fingerprint(self) -> str:
+        """Which build of the compiled kernels serves (its module name, a digest of the
+        sources, torch, flags and CPU), "" without one: a measured choice made with one
+        build (the engine's tuning caches) is not reused with another."""
+        module = load_kernels() if self.config.compiled_kernels else None
+        return str(getattr(module, "__name__", "")) if module is not None else ""
+
     def available_ops(self) -> tuple[str, ...]:
         """Names of the ops this machine can run."""
         ops = []

@@ -283,6 +283,8 @@ class NativeRuntime:
                 str(self.dtype),
                 str(self.quantization),
                 str(self.kernels),
+                # the provider's build, where it names one: new kernels measure again
+                str(getattr(self._kernel_provider(), "fingerprint", "")),
                 str(torch.get_num_threads()),
             )
         )
