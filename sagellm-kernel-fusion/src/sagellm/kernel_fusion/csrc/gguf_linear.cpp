@@ -33,7 +33,7 @@
 
 #include "kernels.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define SAGELLM_GGUF_AVX2 1
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
@@ -53,7 +53,7 @@ constexpr int64_t MAX_TILE = 4;  // input rows sharing one pass over a weight bl
 using Scale = at::Half;
 
 inline float f16(Scale h) {
-#if defined(__F16C__)
+#if defined(SAGELLM_GGUF_AVX2)
   return _cvtsh_ss(h.x);
 #else
   return static_cast<float>(h);
