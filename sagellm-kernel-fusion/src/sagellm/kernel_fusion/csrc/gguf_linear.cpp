@@ -1,8 +1,8 @@
 // Matrix products on GGUF weight blocks (Q4_0, Q4_1, Q8_0), for the few-row steps of
 // decoding. Weights stay in their 4- or 8-bit blocks of 32; each call rounds its input
 // rows onto integers in blocks of 32 (one float scale per block, as GGUF's Q8 activation
-// blocks do) and takes the integer dot products 32 at a time with AVX2's integer
-// multiply-adds:
+// blocks do) and takes the integer dot products 32 at a time with AVX2's (or, for 16-bit
+// inputs, AVX-512's) integer multiply-adds:
 //
 //   y[m, n] = sum_b d[n, b] * dx[m, b] * dot(q[n, b], qx[m, b]) + c[n, b] * xs[m, b]
 //
@@ -36,7 +36,7 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define SAGELLM_GGUF_AVX2 1
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // int16 inputs: a whole block (32 weights widened to int16) per 512-bit multiply-add
 #define SAGELLM_GGUF_AVX512 1
 #endif
@@ -130,22 +130,10 @@ inline __m256i unpack_q4(const uint8_t* p) {
 #endif
 
 #ifdef SAGELLM_GGUF_AVX512
-// sum_b c[b] * xs[b] over a row's blocks (the Q4 constant term), 16 blocks at a time
-inline float dot_blocks(const Scale* c, const float* xs, int64_t nb) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; b += 16) {
-    const __mmask16 m = nb - b >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                     : static_cast<__mmask16>((1u << (nb - b)) - 1u);
-    const __m512 cv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, c + b));
-    acc = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(m, xs + b), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
 // The int16-input product with AVX-512: a block's 32 weights widened to int16 in one
-// register, one multiply-add per block and row (16 pair sums), half the instructions of
-// the AVX2 loop; the integer block dots are the same, only the float summation order of
-// the scaled dots differs.
+// register, one multiply-add per block and row (16 pair sums) where AVX2 takes two; the
+// integer block dots are the same, only the float summation order of the scaled dots
+// differs.
 template <bool Q4>
 inline __m512i widen_block(const uint8_t* codes, int64_t b) {
   if constexpr (Q4) {
@@ -161,8 +149,8 @@ inline __m512i widen_block(const uint8_t* codes, int64_t b) {
 }
 
 template <bool Q4, int TILE>
-void row_tile_wide512(const uint8_t* codes, const Scale* d, const Scale* c,
-                      const QuantizedInput& in, int64_t k, int64_t m0, float* acc_out) {
+void row_tile_wide512(const uint8_t* codes, const Scale* d, const QuantizedInput& in,
+                      int64_t k, int64_t m0, float* acc_out) {
   const int64_t nb = k / QK;
   // two accumulators per row, even and odd blocks: the multiply-adds of one row do not
   // wait on each other's latency
@@ -205,10 +193,31 @@ void row_tile_wide512(const uint8_t* codes, const Scale* d, const Scale* c,
   }
   for (int t = 0; t < TILE; ++t) {
     acc_out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
-    if (c != nullptr) acc_out[t] += dot_blocks(c, in.xs.data() + (m0 + t) * nb, nb);
   }
 }
 #endif
+
+// acc_out[t] += sum_b c[b] * xs[m0 + t, b]: the constant term (Q4 minima), every path
+template <int TILE>
+void add_constant_terms(const Scale* c, const QuantizedInput& in, int64_t nb, int64_t m0,
+                        float* acc_out) {
+  if (c == nullptr) return;
+  for (int t = 0; t < TILE; ++t) {
+    const float* xs = in.xs.data() + (m0 + t) * nb;
+    float s = 0.f;
+    int64_t b = 0;
+#if defined(SAGELLM_GGUF_AVX2)
+    __m256 sv = _mm256_setzero_ps();  // 8 blocks at a time
+    for (; b + 8 <= nb; b += 8) {
+      const __m256 cv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b)));
+      sv = _mm256_fmadd_ps(cv, _mm256_loadu_ps(xs + b), sv);
+    }
+    s = hsum(sv);
+#endif
+    for (; b < nb; ++b) s += f16(c[b]) * xs[b];
+    acc_out[t] += s;
+  }
+}
 
 // One output row n against input rows m0 .. m0 + TILE - 1.
 template <bool Q4, bool WIDE, int TILE>
@@ -217,7 +226,8 @@ void row_tile(const uint8_t* codes, const Scale* d, const Scale* c, const Quanti
   const int64_t nb = k / QK;
 #ifdef SAGELLM_GGUF_AVX512
   if constexpr (WIDE) {
-    row_tile_wide512<Q4, TILE>(codes, d, c, in, k, m0, acc_out);
+    row_tile_wide512<Q4, TILE>(codes, d, in, k, m0, acc_out);
+    add_constant_terms<TILE>(c, in, nb, m0, acc_out);
     return;
   }
 #endif
@@ -283,23 +293,7 @@ void row_tile(const uint8_t* codes, const Scale* d, const Scale* c, const Quanti
     }
     if (j < span) block(b0 + j, j, acc0);
   }
-  for (int t = 0; t < TILE; ++t) {
-    acc_out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t]));
-    if (c != nullptr) {  // the constant term, 8 blocks at a time
-      const float* xs = in.xs.data() + (m0 + t) * nb;
-      __m256 sv = _mm256_setzero_ps();
-      int64_t b = 0;
-      for (; b + 8 <= nb; b += 8) {
-        const __m256 cv =
-            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b)));
-        sv = _mm256_fmadd_ps(cv, _mm256_loadu_ps(xs + b), sv);
-      }
-      float s = hsum(sv);
-      for (; b < nb; ++b) s += f16(c[b]) * xs[b];
-      acc_out[t] += s;
-    }
-  }
-  return;
+  for (int t = 0; t < TILE; ++t) acc_out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t]));
 #else
   for (int t = 0; t < TILE; ++t) {
     const int64_t m = m0 + t;
@@ -323,14 +317,7 @@ void row_tile(const uint8_t* codes, const Scale* d, const Scale* c, const Quanti
     acc_out[t] = total;
   }
 #endif
-  if (c != nullptr) {
-    for (int t = 0; t < TILE; ++t) {
-      const float* xs = in.xs.data() + (m0 + t) * nb;
-      float s = 0.f;
-      for (int64_t b = 0; b < nb; ++b) s += f16(c[b]) * xs[b];
-      acc_out[t] += s;
-    }
-  }
+  add_constant_terms<TILE>(c, in, nb, m0, acc_out);
 }
 
 template <bool Q4, bool WIDE>
