@@ -145,7 +145,13 @@ def test_repack_reads_each_formats_fields() -> None:
     packed, w = make_blocks("q4_0", 2, 64, seed=6)
     codes, d, c, bits = repack_blocks(packed)
     assert (codes.dtype, tuple(codes.shape), bits) == (torch.uint8, (2, 32), 4)
-    torch.testing.assert_close(c, -8 * d)
+    assert d.dtype == c.dtype == torch.float16  # as the blocks store them
+    assert torch.equal(c.float(), -8 * d.float())  # exact in float16
+    # a Q4_0 scale whose -8 d leaves float16's range is refused with what to do
+    big = packed.data.clone().reshape(2, 2, 18)
+    big[0, 0, 0:2] = torch.tensor([9000.0], dtype=torch.float16).view(torch.uint8)
+    with pytest.raises(ValueError, match="overflow the kernel's float16 terms"):
+        repack_blocks(PackedWeight(format="q4_0", data=big.reshape(2, 36), shape=(2, 64)))
     packed8, _ = make_blocks("q8_0", 2, 64, seed=7)
     codes8, d8, c8, bits8 = repack_blocks(packed8)
     assert (codes8.dtype, tuple(codes8.shape), tuple(d8.shape), c8.numel(), bits8) == (

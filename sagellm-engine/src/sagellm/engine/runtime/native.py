@@ -258,12 +258,9 @@ class NativeRuntime:
             groups["head" if name == "lm_head" else "layers"].append(layer)
         return groups
 
-    def _dense_rows_cache(self) -> Path:
-        return self._tuning_cache("dense-rows")
-
     def _tuning_cache(self, kind: str) -> Path:
         """The file keeping a ``kind`` of measured choice for this machine (CPU flags),
-        torch, model, dtype, quantization, kernels and thread count."""
+        torch, model, dtype, quantization, kernels (name and build) and thread count."""
         import hashlib
         import os
 
@@ -291,6 +288,27 @@ class NativeRuntime:
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         return root / "sagellm" / "tuning" / f"{kind}-{digest}.json"
+
+    def _measured_once(
+        self, kind: str, valid: Callable[[Any], bool], measure: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The choice kept in the ``kind`` tuning file when it is ``valid``; else
+        ``measure()``, kept there for the next start (a file that cannot be written is
+        logged, not fatal), so every start on this machine picks the same."""
+        path = self._tuning_cache(kind)
+        try:
+            cached = json.loads(path.read_text())
+            if isinstance(cached, dict) and valid(cached):
+                return cached
+        except (OSError, ValueError):
+            pass
+        chosen = measure()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(chosen) + "\n")
+        except OSError:
+            logger.info("could not keep the %s choice in %s", kind, path)
+        return chosen
 
     def _decode_step_seconds(self, rows: int, context: int = 128, repeats: int = 5) -> float:
         """Best seconds of a decode step of ``rows`` rows at ``context`` tokens on scratch
@@ -371,30 +389,19 @@ class NativeRuntime:
         layers = [layer for group in self._switching_layers().values() for layer in group]
         if not layers:
             return {}
-        path = self._dense_rows_cache()
-        chosen: dict[str, int] = {}
-        try:
-            cached = json.loads(path.read_text())
-            if set(cached) == {"rows"} and isinstance(cached["rows"], int):
-                chosen = cached
-        except (OSError, ValueError):
-            pass
-        if not chosen:
-            chosen = {"rows": self._measure_dense_rows(layers)}
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(chosen) + "\n")
-            except OSError:
-                logger.info("could not keep the dense threshold in %s", path)
+        chosen = self._measured_once(
+            "dense-rows",
+            lambda c: set(c) == {"rows"} and isinstance(c["rows"], int),
+            lambda: {"rows": self._measure_dense_rows(layers)},
+        )
+        rows = int(chosen["rows"])
         for layer in layers:
-            layer.method.dense_min_rows = chosen["rows"]  # type: ignore[attr-defined]
+            layer.method.dense_min_rows = rows  # type: ignore[attr-defined]
         provider = self._kernel_provider()
         if provider is not None and "decode_step" in provider.available_ops():
             self.model.use_decode_step(provider.get("decode_step"))  # it reads the thresholds
-        logger.info(
-            "quantized projections switch to their float product from %d rows", chosen["rows"]
-        )
-        return chosen
+        logger.info("quantized projections switch to their float product from %d rows", rows)
+        return {"rows": rows}
 
     # ------------------------------------------------------------------ prefill attention
 
@@ -445,27 +452,20 @@ class NativeRuntime:
             return ""
         if not self.config.tune_prefill_attention:
             return "kernel"
-        path = self._tuning_cache("prefill-attention")
-        choice = ""
-        try:
-            cached = json.loads(path.read_text())
-            if isinstance(cached, dict) and cached.get("use") in ("kernel", "sdpa"):
-                choice = cached["use"]
-        except (OSError, ValueError):
-            pass
-        if not choice:
+
+        def measure() -> dict[str, Any]:
             secs = self._prefill_attention_seconds()
-            choice = "kernel" if secs["kernel"] <= secs["sdpa"] else "sdpa"
             logger.info(
                 "prefill attention: kernel %.2f ms, SDPA %.2f ms per layer (256 tokens)",
                 1e3 * secs["kernel"],
                 1e3 * secs["sdpa"],
             )
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"use": choice}) + "\n")
-            except OSError:
-                logger.info("could not keep the prefill attention choice in %s", path)
+            return {"use": "kernel" if secs["kernel"] <= secs["sdpa"] else "sdpa"}
+
+        kept = self._measured_once(
+            "prefill-attention", lambda c: c.get("use") in ("kernel", "sdpa"), measure
+        )
+        choice = str(kept["use"])
         if choice == "sdpa":
             for module in modules:
                 module.prefill_kernel = None
