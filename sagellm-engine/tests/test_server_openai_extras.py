@@ -461,4 +461,5 @@ def test_streamed_choices_end_once_when_they_finish_at_different_steps(server, p
         else:
             text = "".join(ch["delta"].get("content") or "" for ch in got)
             assert text == w["message"]["content"]
-    assert len({w["finish_reason"] for w in whole} | {len(w.get("text", "")) for w in whole}) > 1
+    # the case under test: the choices ended at different steps (their chunk counts differ)
+    assert len({len(chunks) for chunks in per_index.values()}) > 1

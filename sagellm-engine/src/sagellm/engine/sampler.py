@@ -5,13 +5,13 @@ Order of operations (as in vLLM v1): the grammar mask of rows with a structured 
 (repetition on prompt and output, presence and frequency on output), greedy rows take the
 argmax, other rows are divided by their temperature, then min-p, top-k and top-p mask the
 tail and a token is drawn by inverting the distribution's cumulative sum at one uniform
-draw per row (one random number per row instead of one per vocabulary entry: the
-exponential race ``argmax(p / q)``, ``q ~ Exp(1)``, drew 49,152 numbers per row and cost
-~10% of a 32-row step with CPU generators, which fill tensors one element at a time).
+number per row (the exponential race ``argmax(p / q)``, ``q ~ Exp(1)``, used before drew
+one number per vocabulary entry: 35 ms for 32 rows of SmolLM2's 49,152 entries on 2 cores,
+against 3.9 ms now).
 
-Randomness is reproducible per request: row ``i`` draws its number from a generator seeded
-with ``mix(seed_i, token_index_i)``, where ``token_index`` is the number of tokens the
-request has already generated. The draw therefore does not depend on which other requests
+Randomness is reproducible per request: row ``i``'s number is ``mix(seed_i,
+token_index_i)`` (a splitmix64 hash) scaled into (0, 1], where ``token_index`` is the
+number of tokens the request has already generated. The draw therefore does not depend on which other requests
 share the batch, nor on preemption (a recomputed request resamples the same index with the
 same seed).
 """

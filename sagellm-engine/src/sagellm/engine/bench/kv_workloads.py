@@ -586,10 +586,6 @@ def goodput_table(runs: Sequence[GoodputRun], baseline: str = "fcfs") -> str:
     )
 
 
-def _latency_row(label: str, values: Sequence[float]) -> list[str]:
-    return [label, f"{1e3 * _p(values, 0.5):.1f}", f"{1e3 * _p(values, 0.9):.1f}"]
-
-
 def validation_table(reals: Sequence[RunResult], replay: RunResult) -> str:
     """TTFT and TPOT medians and p90 of the same workload run on the real clock and
     replayed, with the ratio replay / real.
