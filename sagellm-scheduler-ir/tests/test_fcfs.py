@@ -267,3 +267,76 @@ def test_ledger_rejects_a_bad_free_without_changing_anything():
     assert (ledger.ref_count(0), ledger.ref_count(1), ledger.num_free_blocks) == (1, 1, 2)
     ledger.free([1, 0])
     assert ledger.allocate(4) == [1, 0, 2, 3]  # the first freed is handed out first
+
+
+# ---------------------------------------------------------------------- prefilled requests
+
+
+def test_prefilled_request_computes_only_its_last_prompt_token(pool):
+    index = DictPrefixIndex(block_size=4)
+    cfg = FCFSSchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)
+    s = FCFSScheduler(cfg, kv_pool=pool, max_model_len=64, prefix_index=index)
+    blocks = pool.allocate(3)  # KV of positions 0..9 arrived from another instance
+    s.add_prefilled_request(req("a", 11), blocks, 10)
+    out = step(s, token=42)
+    (c,) = out.chunks
+    assert (c.token_ids, c.num_computed_tokens, c.block_ids, c.sample, c.is_prefill) == (
+        (110,),
+        10,
+        (0, 1, 2),
+        True,
+        False,
+    )
+    assert out.num_scheduled_tokens == 1
+    assert s.make_stats().num_external_tokens == 10
+    assert index.num_cached_blocks == 2  # its full blocks reach the index as usual
+    out = step(s)
+    assert out.chunks[0].token_ids == (42,)
+    s.finish_requests(["a"], FinishReason.STOP)
+    pool.free(index.clear())
+    assert pool.num_free_blocks == 16
+
+
+def test_prefilled_request_keeps_its_blocks_while_it_waits(pool):
+    s = make(pool, seqs=1, budget=64)
+    s.add_request(req("a", 6))
+    step(s)  # "a" runs and holds the only sequence slot
+    blocks = pool.allocate(2)
+    s.add_prefilled_request(req("b", 9, start=300), blocks, 8)
+    for _ in range(3):
+        out = step(s)
+        assert [c.request_id for c in out.chunks] == ["a"]
+        assert s.get_request("b").block_ids == blocks
+    s.finish_requests(["a"], FinishReason.STOP)
+    out = step(s)
+    assert [(c.request_id, c.token_ids, c.num_computed_tokens) for c in out.chunks] == [
+        ("b", (308,), 8)
+    ]
+
+
+def test_preempted_prefilled_request_recomputes_its_prompt():
+    pool = BlockLedger(num_blocks=5, block_size=4)
+    s = make(pool, budget=64)
+    s.add_request(req("a", 8))
+    step(s)  # a: blocks 0,1
+    s.add_prefilled_request(req("b", 8, start=300), pool.allocate(2), 7)  # blocks 2,3
+    step(s)  # a decodes (position 8: block 4), b computes position 7
+    out = s.schedule()  # b needs a block for position 8: the pool is empty, b is preempted
+    assert out.preempted_request_ids == ("b",)
+    s.update_from_output(out, {c.request_id: [1] for c in out.chunks if c.sample})
+    state = s.get_request("b")
+    assert (state.num_computed_tokens, state.block_ids, state.num_external_tokens) == (0, [], 0)
+    s.finish_requests(["a"], FinishReason.STOP)
+    out = step(s)
+    assert [(c.request_id, c.num_computed_tokens, len(c.token_ids)) for c in out.chunks] == [
+        ("b", 0, 9)
+    ]
+
+
+def test_prefilled_request_rejects_inconsistent_blocks(pool):
+    s = make(pool)
+    with pytest.raises(InvalidRequestError, match="give 1..9"):
+        s.add_prefilled_request(req("a", 10), pool.allocate(3), 10)
+    with pytest.raises(InvalidRequestError, match=r"2 block\(s\) cannot hold exactly 9 tokens"):
+        s.add_prefilled_request(req("a", 10), [0, 1], 9)
+    assert not s.has_unfinished_requests()

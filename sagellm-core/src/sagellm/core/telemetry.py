@@ -72,6 +72,7 @@ class SchedulerStats:
     num_preemptions: int = 0  # counter
     num_rejected: int = 0  # counter: refused by admission control
     num_prefix_hit_tokens: int = 0  # counter: prompt tokens served from a prefix cache
+    num_external_tokens: int = 0  # counter: prompt tokens whose KV another instance computed
     num_slo_met: int = 0  # counter: finished requests that met their SLOs
     num_slo_missed: int = 0  # counter
 

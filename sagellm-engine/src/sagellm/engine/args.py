@@ -16,6 +16,7 @@ from typing import Any
 from sagellm.core.config import EngineConfig, load_engine_config
 from sagellm.core.errors import ConfigError
 from sagellm.engine.config import DEFAULT_KV_CACHE_MIB, BuildOptions
+from sagellm.engine.disagg import KVTransferSettings
 from sagellm.engine.speculation import SpeculativeSettings
 
 __all__ = [
@@ -60,6 +61,9 @@ def make_engine_config(
     speculative_config = kwargs.pop("speculative_config", None)
     if speculative_config is not None:
         speculative_config = SpeculativeSettings.parse(speculative_config).model_dump()
+    kv_transfer_config = kwargs.pop("kv_transfer_config", None)
+    if kv_transfer_config is not None:
+        kv_transfer_config = KVTransferSettings.parse(kv_transfer_config).model_dump()
     fields = set(EngineConfig.model_fields)
     for key, value in kwargs.items():
         if value is None:
@@ -85,7 +89,9 @@ def make_engine_config(
             raise ConfigError(f"unknown engine option {key!r}; valid options: {', '.join(valid)}")
     config = load_engine_config(config_path, environ=environ, overrides=overrides)
     options = BuildOptions(
-        kv_cache_mib=kv_cache_mib or DEFAULT_KV_CACHE_MIB, speculative_config=speculative_config
+        kv_cache_mib=kv_cache_mib or DEFAULT_KV_CACHE_MIB,
+        speculative_config=speculative_config,
+        kv_transfer_config=kv_transfer_config,
     )
     return config, options
 
@@ -141,6 +147,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "needs sagellm-speculative; default: none)",
     )
     g.add_argument(
+        "--kv-transfer-config",
+        metavar="JSON",
+        help="prefill/decode disaggregation as vLLM spells it: this instance's role and "
+        'where the pair meets, e.g. \'{"kv_connector": "torch", "kv_role": "kv_producer", '
+        '"kv_port": 29600}\' (prefill) or \'{"kv_connector": "torch", "kv_role": '
+        '"kv_consumer", "kv_ip": "10.0.0.1", "kv_port": 29600}\' (decode); connectors: '
+        "torch, mooncake, nixl (needs sagellm-kv-transfer; default: none)",
+    )
+    g.add_argument(
         "--kv-cache-dtype",
         choices=["auto", "int8", "fp8_e4m3", "fp8_e5m2"],
         help="KV cache element type (default: auto, the compute dtype)",
@@ -176,6 +191,7 @@ _ARG_KEYS = (
     "kv_cache_dtype",
     "kernels",
     "speculative_config",
+    "kv_transfer_config",
 )
 
 

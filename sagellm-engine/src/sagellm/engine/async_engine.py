@@ -36,6 +36,9 @@ __all__ = ["AsyncLLMEngine", "EngineDeadError", "RequestStream"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between two background polls of an idle engine that holds KV offers.
+BACKGROUND_POLL_S = 0.05
+
 
 class EngineDeadError(SageLLMError, RuntimeError):
     """The engine loop stopped; no request can be served until the engine is rebuilt."""
@@ -248,6 +251,12 @@ class AsyncLLMEngine:
         ids = list(self._streams) + list(self._pending_aborts)
         with contextlib.suppress(Exception):
             await self._call(self.engine.abort_request, ids)
+        close = getattr(self.engine, "close", None)
+        if callable(close):
+            try:
+                await self._call(close)
+            except Exception:
+                logger.exception("closing the engine failed")
         self._executor.shutdown(wait=False)
 
     async def run_in_engine(self, fn: Any, *args: Any) -> Any:
@@ -354,6 +363,10 @@ class AsyncLLMEngine:
     def _has_work(self) -> bool:
         return bool(self._pending_aborts) or self.engine.has_unfinished_requests()
 
+    def _background(self) -> bool:
+        check = getattr(self.engine, "has_background_work", None)
+        return bool(check is not None and check())
+
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         """On the event loop: hand one step's outputs to their streams."""
         for out in outputs:
@@ -388,7 +401,14 @@ class AsyncLLMEngine:
             while not self._closed:
                 if not self._has_work():
                     self._wakeup.clear()
-                    await self._wakeup.wait()
+                    if self._background():
+                        # KV offers held for a decode instance: reap their leases while idle
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wakeup.wait(), BACKGROUND_POLL_S)
+                        if not self._has_work():
+                            await self._call(self.engine.poll_background)
+                    else:
+                        await self._wakeup.wait()
                     continue
                 try:
                     await loop.run_in_executor(self._executor, self._steps, loop)

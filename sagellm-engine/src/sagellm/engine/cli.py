@@ -146,7 +146,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"max_model_len={parts.max_model_len}, {parts.kv_pool.num_blocks} KV blocks of "
             f"{parts.schema.block_size} tokens"
         )
-        return LLMEngine(parts, speculative_config=options.speculative_config)
+        return LLMEngine(
+            parts,
+            speculative_config=options.speculative_config,
+            kv_transfer_config=options.kv_transfer_config,
+        )
 
     # built in the thread that steps it: one OpenMP team in the process
     engine = AsyncLLMEngine.build(make)
@@ -186,14 +190,23 @@ def cmd_router(args: argparse.Namespace) -> int:
             max_tree_chars=args.max_tree_chars,
             scrape_metrics=args.scrape_metrics,
         )
-        router = HTTPRouter(args.worker_urls, config)
+        prefill, decode = args.prefill or [], args.decode or []
+        if len(prefill) != len(decode):
+            raise ConfigError(
+                f"--prefill and --decode pair up in order: got {len(prefill)} prefill and "
+                f"{len(decode)} decode URL(s); give one --decode per --prefill"
+            )
+        if not args.worker_urls and not prefill:
+            raise ConfigError("give --worker-urls, or --prefill and --decode pairs")
+        router = HTTPRouter(args.worker_urls or [], config, pd_pairs=list(zip(prefill, decode)))
     except ValueError as exc:
         raise ConfigError(f"invalid router options: {exc}") from None
 
     def ready(host: str, port: int) -> None:
         _progress(
             f"routing the OpenAI API on http://{host}:{port}/v1 over "
-            f"{len(args.worker_urls)} worker(s), policy {args.policy} (Ctrl-C stops)"
+            f"{len(args.worker_urls or [])} worker(s) and {len(args.prefill or [])} "
+            f"prefill/decode pair(s), policy {args.policy} (Ctrl-C stops)"
         )
 
     run_router(router, args.host, args.port, log_level=args.log_level, on_ready=ready)
@@ -463,10 +476,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--worker-urls",
         nargs="+",
-        required=True,
         metavar="URL",
         help="workers: URL, or URL@model[,model] to declare the models instead of "
         "reading them from the worker's /v1/models",
+    )
+    p.add_argument(
+        "--prefill",
+        action="append",
+        metavar="URL",
+        help="prefill/decode disaggregation: a prefill worker (a server started with "
+        "kv_role kv_producer); repeat it, each paired in order with one --decode",
+    )
+    p.add_argument(
+        "--decode",
+        action="append",
+        metavar="URL",
+        help="the decode worker (kv_role kv_consumer, paired with that producer) of the "
+        "--prefill worker in the same position",
     )
     p.add_argument(
         "--policy",

@@ -71,6 +71,9 @@ class BuildOptions(BaseModel):
     load_tokenizer: bool = True  # False: token ids in, token ids out (no text)
     # vLLM's speculative_config ({"method": "ngram", ...}); None: no speculation
     speculative_config: dict[str, Any] | None = None
+    # vLLM's kv_transfer_config ({"kv_connector": "torch", "kv_role": "kv_producer", ...}):
+    # prefill/decode disaggregation (sagellm.engine.disagg); None: a standalone instance
+    kv_transfer_config: dict[str, Any] | None = None
 
 
 class APIKey(BaseModel):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -58,6 +59,7 @@ from sagellm.engine.builder import EngineBuilder, EngineParts
 from sagellm.engine.config import BuildOptions
 from sagellm.engine.cot import CoTHooks, CoTOptions
 from sagellm.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from sagellm.engine.disagg import KVTransferHooks, KVTransferSettings
 from sagellm.engine.metrics import EngineStats
 from sagellm.engine.replay import RealClock
 from sagellm.engine.sampler import Sampler, SamplingRow, mix_seed
@@ -100,6 +102,9 @@ class EngineRequestOutput(RequestOutput):
     # of the first token on (with n > 1: completion 0's first token)
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
     embedding: list[float] | None = None  # pooled hidden state of an embedding request
+    # a kv_producer's offer of the prompt's KV (vLLM's kv_transfer_params): hand it to
+    # the decode instance with the same prompt; set in the final output
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 @dataclass
@@ -162,6 +167,8 @@ class _Request:
     prompt_logprobs: dict[int, dict[int, PromptLogprob]] = field(default_factory=dict)
     # the caller's list of prompt logprobs, built once every position has its entry
     prompt_logprobs_list: list[dict[int, PromptLogprob] | None] | None = None
+    kv_offer: bool = False  # kv_producer: offer the prompt's KV when the request finishes
+    kv_transfer_params: dict[str, Any] | None = None  # the offer made
 
     @property
     def finished(self) -> bool:
@@ -214,6 +221,7 @@ class _Request:
             consistency=self.consistency,
             prompt_logprobs=self._prompt_logprobs_output(),
             embedding=self.embedding,
+            kv_transfer_params=self.kv_transfer_params,
         )
 
 
@@ -235,6 +243,7 @@ class LLMEngine:
         parts: EngineParts,
         *,
         speculative_config: str | Mapping[str, Any] | SpeculativeSettings | None = None,
+        kv_transfer_config: str | Mapping[str, Any] | KVTransferSettings | None = None,
         clock: RealClock | None = None,
     ) -> None:
         self.parts = parts
@@ -285,6 +294,15 @@ class LLMEngine:
         self._drafted: dict[str, Any] = {}  # request id -> the drafts verified this step
         self._last_hidden: dict[str, Any] = {}  # request id -> hidden state at its newest token
         self.cot = CoTHooks(self)  # forced tokens, trial branches, self-consistency
+        # prefill/decode disaggregation: the kv_transfer slot's channel (sagellm.engine.disagg)
+        self.kv_transfer: KVTransferHooks | None = None
+        if kv_transfer_config is not None:
+            self.kv_transfer = KVTransferHooks(
+                KVTransferSettings.parse(kv_transfer_config),
+                kv_pool=self.kv_pool,
+                scheduler=self.scheduler,
+                prefix_index=parts.prefix_index,
+            )
 
     @classmethod
     def from_config(
@@ -292,8 +310,15 @@ class LLMEngine:
     ) -> LLMEngine:
         """Build the components of ``config`` through the registry and wrap them."""
         speculative = options.speculative_config if options is not None else None
+        kv_transfer = options.kv_transfer_config if options is not None else None
         parts = EngineBuilder(config or EngineConfig(), options, **kwargs).build()
-        return cls(parts, speculative_config=speculative)
+        return cls(parts, speculative_config=speculative, kv_transfer_config=kv_transfer)
+
+    def close(self) -> None:
+        """Release what outlives the engine object: the KV transfer channel (a producer
+        frees the blocks it still offers, a consumer drops its loads)."""
+        if self.kv_transfer is not None:
+            self.kv_transfer.close()
 
     def set_clock(self, clock: RealClock) -> None:
         """Read time from ``clock`` from now on (:class:`sagellm.engine.replay.ReplayClock`:
@@ -354,6 +379,7 @@ class LLMEngine:
         cot: CoTOptions | None = None,
         pooling: PoolingParams | None = None,
         prompt_logprobs: int | None = None,
+        kv_transfer_params: Mapping[str, Any] | None = None,
     ) -> str:
         """Queue a request (text or token ids); returns its id.
 
@@ -368,6 +394,12 @@ class LLMEngine:
 
         ``slo`` (TTFT/TPOT objectives) reaches the scheduler with the request; SLO-aware
         policies (``slo``, ``adaptive``) order and size their steps by it.
+
+        ``kv_transfer_params`` (an engine built with ``kv_transfer_config``, vLLM's
+        spelling): ``{"do_remote_decode": true}`` on a kv_producer keeps the prompt's KV
+        when the request ends and puts the offer in its final output's
+        ``kv_transfer_params``; that offer on a kv_consumer loads the prompt's KV from the
+        producer instead of computing it (see :mod:`sagellm.engine.disagg`).
 
         Raises InvalidRequestError for an empty prompt, one that leaves no room in the
         context, token ids outside the vocabulary or an id already in use.
@@ -408,10 +440,24 @@ class LLMEngine:
                     "a prompt is either a string or a sequence of integer token ids"
                 ) from exc
         self.validate(token_ids, sampling)
+        remote = None
+        if kv_transfer_params:
+            if self.kv_transfer is None:
+                raise InvalidRequestError(
+                    "kv_transfer_params need an engine started with a kv_transfer_config "
+                    "(sagellm serve --kv-transfer-config '{\"kv_role\": ...}')"
+                )
+            if rows:
+                raise InvalidRequestError(
+                    "kv_transfer_params do not apply to embeddings or prompt_logprobs requests"
+                )
+            self.kv_transfer.check_params(kv_transfer_params, sampling.n)
+            remote = self.kv_transfer.remote_offer(kv_transfer_params, token_ids)
         arrival = self.clock.now() if arrival_time is None else arrival_time
         req = _Request(request_id, text, token_ids, sampling, arrival)
         req.pooling = pooling
         req.num_prompt_logprobs = prompt_logprobs
+        req.kv_offer = bool(kv_transfer_params and kv_transfer_params.get("do_remote_decode"))
         base_seed = sampling.seed if sampling.seed is not None else self._seed_rng.getrandbits(63)
         child_sampling = sampling.model_copy(update={"n": 1}) if sampling.n != 1 else sampling
         for i in range(sampling.n):
@@ -457,7 +503,11 @@ class LLMEngine:
                 )
                 if self.cot.defer(seq, gen):  # a later self-consistency window
                     continue
-                self.scheduler.add_request(gen)
+                if remote is not None:
+                    assert self.kv_transfer is not None
+                    self.kv_transfer.start(gen, *remote)  # queued once its KV is here
+                else:
+                    self.scheduler.add_request(gen)
                 added.append(seq.request_id)
                 self._sequences[seq.request_id] = seq
                 self.cot.start(seq)
@@ -486,6 +536,9 @@ class LLMEngine:
             if req is None:
                 continue
             live = [s for s in req.sequences if not s.finished]
+            if self.kv_transfer is not None:
+                for seq in live:
+                    self.kv_transfer.abort(seq.request_id)
             self.scheduler.finish_requests([s.request_id for s in live], FinishReason.ABORT)
             for seq in live:
                 seq.finish_reason = FinishReason.ABORT
@@ -509,6 +562,17 @@ class LLMEngine:
         """Ids of the caller requests not yet finished."""
         return list(self._requests)
 
+    def has_background_work(self) -> bool:
+        """True while something outside the requests needs :meth:`poll_background`: KV
+        offers a kv_producer holds for their consumers (freed on acknowledgement or when
+        their lease runs out), loads still in flight."""
+        return self.kv_transfer is not None and self.kv_transfer.busy
+
+    def poll_background(self) -> None:
+        """Release what the KV transfer channel is done with (also done by every step)."""
+        if self.kv_transfer is not None:
+            self.kv_transfer.poll()
+
     def get_num_unfinished_requests(self) -> int:
         """Caller requests not yet finished."""
         return len(self._requests)
@@ -522,6 +586,10 @@ class LLMEngine:
         skip building outputs they would discard).
         """
         t0 = self.clock.start_step()
+        if self.kv_transfer is not None:
+            self.kv_transfer.poll()  # queue requests whose KV arrived; free released offers
+            if self.kv_transfer.num_loading and not self.scheduler.has_unfinished_requests():
+                time.sleep(0.0005)  # only loads in flight: leave the cores to them
         if self.speculative is not None:
             self._propose(self.speculative)
         out = self.scheduler.schedule()
@@ -596,6 +664,8 @@ class LLMEngine:
             self._stats.num_scheduled_tokens += out.num_scheduled_tokens
 
         for reason, ids in finished.items():
+            if self.kv_transfer is not None and reason in (FinishReason.STOP, FinishReason.LENGTH):
+                self._offer_kv(ids)
             self.scheduler.finish_requests(ids, reason)
 
         outputs = []
@@ -852,6 +922,9 @@ class LLMEngine:
                 out[name] = make()
         if self.speculative is not None:
             out["speculative"] = self.speculative.make_stats()
+        if self.kv_transfer is not None:
+            out["kv_transfer"] = self.kv_transfer.make_stats()
+            out["kv_channel"] = self.kv_transfer.channel.make_stats()
         return out
 
     # ------------------------------------------------------------------ helpers
@@ -947,6 +1020,14 @@ class LLMEngine:
                 seq.request_id, seq.parent.prompt_token_ids, seq.output_token_ids
             )
         self.cot.finished(seq)
+
+    def _offer_kv(self, request_ids: Sequence[str]) -> None:
+        """kv_producer: keep the prompt KV of finished requests that asked for it."""
+        assert self.kv_transfer is not None
+        for rid in request_ids:
+            req = self._requests.get(rid)
+            if req is not None and req.kv_offer:
+                req.kv_transfer_params = self.kv_transfer.offer(rid, req.prompt_token_ids)
 
     def _retire(self, req: _Request) -> None:
         self._requests.pop(req.request_id, None)

@@ -36,6 +36,9 @@ class RequestState:
     status: RequestStatus = RequestStatus.WAITING
     prefix_match: PrefixMatch | None = None  # locked prefix-cache hit, released on finish/preempt
     num_indexed_blocks: int = 0  # leading full blocks already offered to the prefix index
+    # tokens whose KV arrived computed elsewhere (add_prefilled_request): the blocks are
+    # kept while the request waits; a preemption drops them like any other
+    num_external_tokens: int = 0
     num_preemptions: int = 0
     draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens to verify
 
@@ -120,7 +123,7 @@ class FCFSScheduler:
         """The tracked state of a live request (None when unknown or finished)."""
         return self._requests.get(request_id)
 
-    def add_request(self, request: GenerationRequest) -> None:
+    def _check_new(self, request: GenerationRequest) -> None:
         rid = request.request_id
         if rid in self._requests:
             raise InvalidRequestError(
@@ -139,6 +142,10 @@ class FCFSScheduler:
                 f"prompt of request {rid!r} needs {need} KV blocks but the pool has "
                 f"{self.pool.num_blocks}: shorten the prompt or give the KV pool more memory"
             )
+
+    def add_request(self, request: GenerationRequest) -> None:
+        self._check_new(request)
+        rid = request.request_id
         state = RequestState(request=request, token_ids=list(request.prompt_token_ids))
         if self._overflow or not self._can_queue(state):
             if self.config.admission == "reject":
@@ -150,6 +157,48 @@ class FCFSScheduler:
             return
         self._requests[rid] = state
         self._enqueue(state)
+
+    def add_prefilled_request(
+        self, request: GenerationRequest, block_ids: Sequence[int], num_computed_tokens: int
+    ) -> None:
+        """Queue a request whose first ``num_computed_tokens`` prompt tokens already have
+        their KV in ``block_ids`` (computed by another instance and transferred here).
+
+        The scheduler takes over the caller's reference to each block. The request is
+        queued like any other (the policy orders it; admission control does not hold it
+        back, since its prompt is already computed) and, once admitted, computes only its
+        remaining tokens, at least the last prompt token, whose logits give the first
+        output token. Its full blocks reach the prefix index as they would after a local
+        prefill. A preemption releases the blocks and recomputes locally.
+
+        Raises InvalidRequestError as :meth:`add_request` does, and when the blocks do
+        not hold exactly ``num_computed_tokens`` positions or leave no prompt token to
+        compute; nothing is queued then and the caller still owns the blocks.
+        """
+        self._check_new(request)
+        n = len(request.prompt_token_ids)
+        bs = self.block_size
+        if not 0 < num_computed_tokens < n:
+            raise InvalidRequestError(
+                f"request {request.request_id!r}: {num_computed_tokens} computed tokens for a "
+                f"prompt of {n}; give 1..{n - 1} (the last prompt token is computed here)"
+            )
+        if len(block_ids) != -(-num_computed_tokens // bs):
+            raise InvalidRequestError(
+                f"request {request.request_id!r}: {len(block_ids)} block(s) cannot hold "
+                f"exactly {num_computed_tokens} tokens in blocks of {bs}; give "
+                f"{-(-num_computed_tokens // bs)}"
+            )
+        state = RequestState(
+            request=request,
+            token_ids=list(request.prompt_token_ids),
+            num_computed_tokens=num_computed_tokens,
+            block_ids=[int(b) for b in block_ids],
+            num_external_tokens=num_computed_tokens,
+        )
+        self._requests[request.request_id] = state
+        self._enqueue(state)
+        self._stats.num_external_tokens += num_computed_tokens
 
     # ------------------------------------------------------------------ policy hooks
     # Subclasses change the order of service through these methods; the step logic
@@ -253,6 +302,13 @@ class FCFSScheduler:
             state.prefix_match = None
         state.num_computed_tokens = 0
         state.num_indexed_blocks = 0
+        state.num_external_tokens = 0
+
+    def _unadmit(self, state: RequestState) -> None:
+        """Undo an admission attempt: drop a prefix match (its blocks were only shared
+        for this step); a prefilled request keeps the KV it brought."""
+        if not state.num_external_tokens:
+            self._release(state)
 
     def _preempt(self, state: RequestState) -> None:
         self._release(state)
@@ -380,14 +436,14 @@ class FCFSScheduler:
             self._match_prefix(state)
             remaining = len(state.token_ids) - state.num_computed_tokens
             if not cfg.enable_chunked_prefill and remaining > budget:
-                self._release(state)
+                self._unadmit(state)
                 break
             num_new = self._chunk_len(state, budget)
             if num_new <= 0:  # a policy's cap left no room for this request
-                self._release(state)
+                self._unadmit(state)
                 break
             if not self._allocate(state, state.num_computed_tokens + num_new):
-                self._release(state)
+                self._unadmit(state)
                 rival = self._admission_victim(state)
                 if rival is None:
                     break

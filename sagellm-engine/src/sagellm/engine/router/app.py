@@ -2,7 +2,13 @@
 
 ``POST /v1/completions`` and ``/v1/chat/completions`` go to one worker chosen by the
 policy among the healthy workers serving the request's model, and come back unchanged
-(server-sent events chunk by chunk, JSON whole). A worker that cannot be reached or
+(server-sent events chunk by chunk, JSON whole). A prefill worker registered with a decode
+partner (``--prefill URL --decode URL``: prefill/decode disaggregation) is chosen the same
+way; the request then runs in two legs: the prefill worker computes the prompt with
+``max_tokens=1`` and ``kv_transfer_params={"do_remote_decode": true}``, and the decode
+worker gets the original request plus the ``kv_transfer_params`` the prefill returned,
+loads the prompt's KV instead of computing it, and answers the client (streaming or
+not). A pair whose decode worker is down is not chosen. A worker that cannot be reached or
 answers 5xx counts as a health failure and the request is tried once more on another
 worker, as long as nothing has been sent to the client; a stream that breaks later ends
 with an error event. Workers are checked with ``GET /health`` every ``health_interval``
@@ -189,15 +195,24 @@ class _ProxyStream(StreamingResponse):
 class _Failed(Exception):
     """A worker failed a request before anything reached the client."""
 
-    def __init__(self, detail: str, response: Response | None = None) -> None:
+    def __init__(
+        self, detail: str, response: Response | None = None, worker: Worker | None = None
+    ) -> None:
         super().__init__(detail)
         self.response = response
+        self.worker = worker  # the one that failed, when not the one the request was sent to
 
 
 class HTTPRouter:
     """Workers, policy, HTTP client and health checks of one ``sagellm router``."""
 
-    def __init__(self, worker_specs: Sequence[str], config: RouterConfig | None = None) -> None:
+    def __init__(
+        self,
+        worker_specs: Sequence[str],
+        config: RouterConfig | None = None,
+        *,
+        pd_pairs: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.config = config or RouterConfig()
         self.pool = WorkerPool(self.config.make_policy())
         self.metrics = _Metrics()
@@ -205,6 +220,8 @@ class HTTPRouter:
         self._health_task: asyncio.Task[None] | None = None
         for spec in worker_specs:
             self.add_url(spec)
+        for prefill, decode in pd_pairs:
+            self.add_pair(prefill, decode)
 
     @property
     def policy(self) -> Policy:
@@ -221,6 +238,25 @@ class HTTPRouter:
         )
         return self.pool.add(worker)
 
+    def add_pair(self, prefill_spec: str, decode_spec: str) -> Worker:
+        """Register a prefill worker (a ``kv_producer``) and its decode partner (the
+        ``kv_consumer`` paired with it); only the prefill worker is routed to."""
+        worker = self.add_url(prefill_spec)
+        url, models = parse_worker_spec(decode_spec)
+        worker.decode = Worker(
+            name=url,
+            url=url,
+            models=dict.fromkeys(models),
+            declared=bool(models),
+            health=self.config.health,
+        )
+        return worker
+
+    def _all_workers(self) -> list[Worker]:
+        """Every worker with a URL, decode partners included."""
+        out = [w for w in self.pool.workers if w.url is not None]
+        return out + [w.decode for w in out if w.decode is not None]
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
@@ -232,7 +268,7 @@ class HTTPRouter:
                 limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256),
                 trust_env=False,
             )
-        await asyncio.gather(*(self.discover(w) for w in self.pool.workers))
+        await asyncio.gather(*(self.discover(w) for w in self._all_workers()))
         if self._health_task is None and self.config.health_interval > 0:
             self._health_task = asyncio.create_task(self._health_loop(), name="router-health")
 
@@ -304,7 +340,7 @@ class HTTPRouter:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.health_interval)
-            workers = [w for w in self.pool.workers if w.url is not None]
+            workers = self._all_workers()
             await asyncio.gather(*(self.check(w) for w in workers), return_exceptions=True)
 
     def remove(self, name: str) -> None:
@@ -335,9 +371,11 @@ class HTTPRouter:
         headers["content-type"] = "application/json"
         tried: list[Worker] = []
         failure: _Failed | None = None
+        # a pair whose decode partner is down cannot serve
+        broken = [w for w in self.pool.workers if w.decode is not None and not w.decode.healthy]
         for attempt in range(2):
             try:
-                worker = self.pool.select(route, exclude=tried)
+                worker = self.pool.select(route, exclude=tried + broken)
             except RoutingError as exc:
                 self.metrics.rejected.labels(exc.code).inc()
                 if failure is not None:
@@ -351,10 +389,12 @@ class HTTPRouter:
             self.metrics.routed.labels(worker.name, self.policy.name, decision).inc()
             tried.append(worker)
             try:
+                if worker.decode is not None:
+                    return await self._disaggregated(worker, path, body, headers, stream)
                 return await self._forward(worker, path, raw, headers, stream)
             except _Failed as exc:
                 failure = exc
-                self._failed(worker, str(exc))
+                self._failed(exc.worker or worker, str(exc))
         assert failure is not None
         if failure.response is not None:
             return failure.response
@@ -426,6 +466,46 @@ class HTTPRouter:
                 await close()
 
         return _ProxyStream(body(), close)
+
+    async def _disaggregated(
+        self,
+        prefill: Worker,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        stream: bool,
+    ) -> Response:
+        """Prefill on ``prefill`` (one token, KV kept), then decode on its partner."""
+        decode = prefill.decode
+        assert decode is not None
+        first = {k: v for k, v in body.items() if k != "stream_options"}
+        first.update(max_tokens=1, stream=False, n=1, kv_transfer_params={"do_remote_decode": True})
+        if "max_completion_tokens" in first:
+            first["max_completion_tokens"] = 1
+        answer = await self._forward(prefill, path, json.dumps(first).encode(), headers, False)
+        if answer.status_code != 200:
+            return answer  # the client's error (4xx), as the prefill worker put it
+        try:
+            params = json.loads(bytes(answer.body)).get("kv_transfer_params")
+        except (ValueError, AttributeError):
+            params = None
+        if not isinstance(params, dict):
+            raise _Failed(
+                "its answer has no kv_transfer_params: start it with --kv-transfer-config "
+                "and kv_role kv_producer",
+                _error(
+                    502,
+                    f"the prefill worker {prefill.name} returned no kv_transfer_params; "
+                    'start it with --kv-transfer-config \'{"kv_role": "kv_producer", ...}\'',
+                    code="worker_failed",
+                ),
+            )
+        second = dict(body)
+        second["kv_transfer_params"] = params
+        try:
+            return await self._forward(decode, path, json.dumps(second).encode(), headers, stream)
+        except _Failed as exc:
+            raise _Failed(f"decode worker: {exc}", exc.response, worker=decode) from exc
 
     def models(self) -> dict[str, Any]:
         data = []

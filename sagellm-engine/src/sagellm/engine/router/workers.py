@@ -40,6 +40,9 @@ class Worker:
     reported_load: int | None = None  # running + waiting from the worker's /metrics
     reported_at: float = 0.0
     model_cards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # a prefill instance's decode partner (prefill/decode disaggregation): requests routed
+    # here are prefilled here, then decoded there with the prompt's KV (None: standalone)
+    decode: Worker | None = None
     _failures: int = field(default=0, init=False, repr=False)
     _successes: int = field(default=0, init=False, repr=False)
 
@@ -96,6 +99,7 @@ class Worker:
             "models": dict(self.models),
             "in_flight": self.in_flight,
             "reported_load": self.reported_load,
+            **({"decode": self.decode.describe()} if self.decode is not None else {}),
         }
 
 

@@ -249,6 +249,13 @@ def _finish_reason(reason: FinishReason | None) -> str | None:
     return reason.value
 
 
+def _kv_transfer(outputs: Sequence[Any]) -> dict[str, Any]:
+    """A kv_producer's offer of the prompt's KV (vLLM's top-level ``kv_transfer_params``;
+    nothing when the request did not ask for one)."""
+    params = [p for p in (getattr(o, "kv_transfer_params", None) for o in outputs) if p]
+    return {"kv_transfer_params": params[0]} if params else {}
+
+
 def _consistency(out: Any) -> dict[str, Any]:
     """The self-consistency vote of a reply, under its own key (nothing without one)."""
     vote = getattr(out, "consistency", None)
@@ -435,6 +442,14 @@ class _Server:
         streams: list[RequestStream] = []
         flight = _Flight(admission, streams, num_prompt)
         self_consistency = getattr(req, "self_consistency", None)
+        kv_params = getattr(req, "kv_transfer_params", None)
+        if kv_params:
+            if len(prompts) != 1:
+                flight.close()
+                raise InvalidRequestError(
+                    "kv_transfer_params apply to one prompt: send one request per prompt"
+                )
+            engine_kwargs["kv_transfer_params"] = kv_params
         try:
             for i, ids in enumerate(prompts):
                 rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
@@ -544,6 +559,7 @@ class _Server:
                 "model": self.model_name,
                 "choices": choices,
                 "usage": _usage(flight),
+                **_kv_transfer(outputs),
             }
         )
 
@@ -981,6 +997,7 @@ class _Server:
                 "choices": choices,
                 "usage": _usage(flight),
                 **_consistency(out),
+                **_kv_transfer([out]),
             }
         )
 

@@ -100,6 +100,9 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: StrictBool = True
     priority: StrictInt = 0  # lower runs first; default: the API key's priority, else 0
     cache_salt: str | None = None  # prefix-cache isolation within the tenant (vLLM's field)
+    # prefill/decode disaggregation (vLLM's field): {"do_remote_decode": true} to a
+    # kv_producer, the producer's returned object to the kv_consumer
+    kv_transfer_params: dict[str, Any] | None = None
     thinking_token_budget: StrictInt | None = Field(None, ge=0)  # vLLM's reasoning cap
     # sagellm: {"n": 16, "method": "esc", "window": 4, "options": {...}}; returns the vote
     self_consistency: SelfConsistency | None = None
