@@ -1,5 +1,5 @@
 """Pair processes fork from a forkserver that has imported these once (fast starts)."""
 
-from sagellm.kv_transfer.launch import _context
+from sagellm.kv_transfer.launch import preload
 
-_context(["sagellm.core.testing.kv_transfer", "pair_programs"])
+preload(["sagellm.core.testing.kv_transfer", "pair_programs"])

@@ -1,8 +1,9 @@
 """Run a producer and a consumer program in two local processes, for tests and benchmarks.
 
-``run_pair(producer_fn, consumer_fn, ...)`` forks both from a forkserver that imported
-torch once, builds a :class:`HostKVPool` and a channel in each (the producer on port 0,
-its address handed to the consumer), calls ``fn(channel, pool, link, *args)`` and returns
+``run_pair(producer_fn, consumer_fn, ...)`` runs both as the two ranks of
+:func:`sagellm.core.testing.ranks.run_programs` (forkserver processes with torch imported
+once), builds a :class:`HostKVPool` and a channel in each (the producer on port 0, its
+address handed to the consumer), calls ``fn(channel, pool, link, *args)`` and returns
 each side's :class:`Outcome`. ``link`` carries small objects between the two programs
 (``put(obj)``, ``get(timeout_s)``). Whatever happens (an error, a side killed, a hang
 past ``timeout_s``), both processes are stopped and joined before this returns.
@@ -10,17 +11,16 @@ past ``timeout_s``), both processes are stopped and joined before this returns.
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import contextlib
+import importlib
 import os
-import pickle
-import queue as queue_mod
-import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CHANNELS", "Link", "Outcome", "PairError", "run_pair"]
+from sagellm.core.testing.ranks import RankContext, preload, run_programs
+from sagellm.core.testing.ranks import RankOutcome as Outcome
+
+__all__ = ["CHANNELS", "Link", "Outcome", "PairError", "preload", "run_pair"]
 
 #: Channel name -> (module, class, config class), as the entry points name them.
 CHANNELS: dict[str, tuple[str, str, str]] = {
@@ -28,100 +28,57 @@ CHANNELS: dict[str, tuple[str, str, str]] = {
     "mooncake": ("sagellm.kv_transfer.mooncake", "MooncakeKVChannel", "MooncakeChannelConfig"),
     "nixl": ("sagellm.kv_transfer.nixl", "NixlKVChannel", "NixlChannelConfig"),
 }
+ROLES = ("producer", "consumer")  # rank 0, rank 1
 
 
 class PairError(RuntimeError):
     """A side of :func:`run_pair` failed; the message holds its traceback or exit code."""
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """How one side ended: ``status`` is ``ok`` (``value`` returned), ``error``
-    (``value`` is the traceback), ``exit`` (``value`` is the exit code) or ``timeout``."""
-
-    status: str
-    value: Any
-
-
 class Link:
     """Small objects between the two programs of a pair."""
 
-    def __init__(self, out_q: Any, in_q: Any) -> None:
-        self._out, self._in = out_q, in_q
+    def __init__(self, ctx: RankContext) -> None:
+        self._ctx = ctx
 
     def put(self, obj: Any) -> None:
         """Hand ``obj`` to the other side."""
-        self._out.put(obj)
+        self._ctx.send(1 - self._ctx.rank, obj)
 
     def get(self, timeout_s: float = 30.0) -> Any:
         """The next object the other side put; ``TimeoutError`` after ``timeout_s``."""
-        try:
-            return self._in.get(timeout=timeout_s)
-        except queue_mod.Empty:
-            raise TimeoutError(f"the other side sent nothing within {timeout_s:g} s") from None
+        return self._ctx.recv(timeout_s)
 
 
 def _side(
-    role: str,
+    ctx: RankContext,
     kind: str,
     schema_json: str,
     num_blocks: int,
     options: dict[str, Any],
     fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    to_peer: Any,
-    from_peer: Any,
-    results: Any,
-    threads: int,
-) -> None:  # pragma: no cover - runs in the child
-    import importlib
-
-    import torch
-
+    *args: Any,
+) -> Any:  # pragma: no cover - runs in the child
     from sagellm.core.types import KVCacheSchema
     from sagellm.kv_transfer.host_pool import HostKVPool, HostKVPoolConfig
 
-    torch.set_num_threads(threads)
-    channel = None
-    link = Link(to_peer, from_peer)
+    link = Link(ctx)
+    module, cls_name, cfg_name = CHANNELS[kind]
+    cls = getattr(importlib.import_module(module), cls_name)
+    cfg_cls = getattr(importlib.import_module("sagellm.kv_transfer.config"), cfg_name)
+    schema = KVCacheSchema.model_validate_json(schema_json)
+    pool = HostKVPool(HostKVPoolConfig(num_blocks=num_blocks), schema=schema)
+    if ROLES[ctx.rank] == "producer":
+        channel = cls(cfg_cls(role="producer", address="127.0.0.1:0", **options), pool=pool)
+        link.put(channel.address)
+    else:
+        address = link.get(60.0)
+        channel = cls(cfg_cls(role="consumer", address=address, **options), pool=pool)
     try:
-        module, cls_name, cfg_name = CHANNELS[kind]
-        mod = importlib.import_module(module)
-        cls = getattr(mod, cls_name)
-        cfg_cls = getattr(importlib.import_module("sagellm.kv_transfer.config"), cfg_name)
-        schema = KVCacheSchema.model_validate_json(schema_json)
-        pool = HostKVPool(HostKVPoolConfig(num_blocks=num_blocks), schema=schema)
-        opts = dict(options)
-        if role == "producer":
-            channel = cls(cfg_cls(role="producer", address="127.0.0.1:0", **opts), pool=pool)
-            link.put(channel.address)
-        else:
-            address = link.get(60.0)
-            channel = cls(cfg_cls(role="consumer", address=address, **opts), pool=pool)
-        value = fn(channel, pool, link, *args)
-        payload = (role, "ok", pickle.dumps(value))
-    except BaseException:
-        payload = (role, "error", pickle.dumps(traceback.format_exc()))
+        return fn(channel, pool, link, *args)
     finally:
-        if channel is not None:
-            try:
-                channel.close()
-            except Exception:
-                pass
-    results.put(payload)
-
-
-_CTX: Any = None
-_PRELOAD = ["torch", "torch.distributed", "sagellm.kv_transfer.torch_channel"]
-
-
-def _context(modules: list[str]) -> Any:
-    global _CTX
-    if _CTX is None:
-        _PRELOAD.extend(m for m in modules if m not in _PRELOAD)
-        _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(list(_PRELOAD))
-    return _CTX
+        with contextlib.suppress(Exception):  # the program's result or error matters more
+            channel.close()
 
 
 def run_pair(
@@ -142,79 +99,25 @@ def run_pair(
 
     ``options`` go to both sides' channel config, ``producer_options`` /
     ``consumer_options`` to one. ``check``: raise :class:`PairError` unless both
-    returned. A side still running after ``timeout_s`` is killed (``timeout``).
+    returned. A side still running after ``timeout_s`` is killed (``timeout``); a side
+    that ends without returning (killed, ``os._exit``) is ``exit``, and the other side
+    runs on.
     """
     if kind not in CHANNELS:
         raise ValueError(f"unknown channel {kind!r}; channels: {', '.join(CHANNELS)}")
-    ctx = _context([producer_fn.__module__, consumer_fn.__module__])
-    p2c, c2p, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    preload(["sagellm.kv_transfer.torch_channel", producer_fn.__module__, consumer_fn.__module__])
     schema_json = schema.model_dump_json()
-    sides = {
-        "producer": (producer_fn, {**(options or {}), **(producer_options or {})}, p2c, c2p),
-        "consumer": (consumer_fn, {**(options or {}), **(consumer_options or {})}, c2p, p2c),
-    }
-    procs = {
-        role: ctx.Process(
-            target=_side,
-            args=(
-                role,
-                kind,
-                schema_json,
-                num_blocks,
-                opts,
-                fn,
-                args,
-                out_q,
-                in_q,
-                results,
-                threads,
-            ),
-            daemon=True,
-        )
-        for role, (fn, opts, out_q, in_q) in sides.items()
-    }
-    got: dict[str, Outcome] = {}
-    try:
-        for p in procs.values():
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        while len(got) < 2 and time.monotonic() < deadline:
-            try:
-                role, status, blob = results.get(timeout=0.2)
-                got[role] = Outcome(status, pickle.loads(blob))
-            except queue_mod.Empty:
-                for role, p in procs.items():
-                    if role not in got and p.exitcode is not None:
-                        # a side that died without reporting (killed, os._exit)
-                        time.sleep(0.05)
-                        try:
-                            while True:
-                                r, status, blob = results.get_nowait()
-                                got[r] = Outcome(status, pickle.loads(blob))
-                        except queue_mod.Empty:
-                            pass
-                        if role not in got:
-                            got[role] = Outcome("exit", p.exitcode)
-    finally:
-        for role, p in procs.items():
-            if p.pid is None:
-                continue
-            if p.is_alive():
-                p.kill()
-                got.setdefault(role, Outcome("timeout", timeout_s))
-            p.join(timeout=10)
-        for q in (p2c, c2p, results):
-            q.close()
-            q.join_thread()
-    out = (
-        got.get("producer", Outcome("timeout", timeout_s)),
-        got.get("consumer", Outcome("timeout", timeout_s)),
-    )
+    sides = [(producer_fn, producer_options), (consumer_fn, consumer_options)]
+    programs = [
+        (_side, (kind, schema_json, num_blocks, {**(options or {}), **(own or {})}, fn, *args))
+        for fn, own in sides
+    ]
+    p, c = run_programs(programs, timeout_s=timeout_s, threads=threads, stop_on_error=False)
     if check:
-        for role, o in zip(("producer", "consumer"), out):
+        for role, o in zip(ROLES, (p, c)):
             if o.status != "ok":
                 raise PairError(f"{role} {o.status}: {o.value}")
-    return out
+    return p, c
 
 
 def kill_self() -> None:
