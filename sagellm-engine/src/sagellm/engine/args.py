@@ -31,6 +31,11 @@ SLOT_SHORTHANDS: Mapping[str, tuple[str, str]] = {
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "num_blocks": ("kv_pool", "num_blocks"),
+    # tensor parallelism (the native runtime's ranks)
+    "tensor_parallel_size": ("runtime", "tensor_parallel_size"),
+    "tensor_parallel_workers": ("runtime", "tensor_parallel_workers"),
+    "master_addr": ("runtime", "master_addr"),
+    "master_port": ("runtime", "master_port"),
 }
 
 #: Keyword -> slot whose implementation it names.
@@ -77,7 +82,12 @@ def make_engine_config(
             if isinstance(value, str):
                 entry["name"] = value
             elif isinstance(value, Mapping):
+                # options merge with those shorthands set (tensor_parallel_size, ...)
+                value = dict(value)
+                options = value.pop("options", None)
                 entry.update(value)
+                if options:
+                    entry.setdefault("options", {}).update(options)
             else:
                 raise ConfigError(
                     f"{key} takes an implementation name or a {{name, options}} mapping"
@@ -147,6 +157,25 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "needs sagellm-speculative; default: none)",
     )
     g.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        help="ranks that each hold 1/N of every layer (worker processes; the threads are "
+        "split between them; default: 1)",
+    )
+    g.add_argument(
+        "--tensor-parallel-workers",
+        choices=["spawn", "external"],
+        help="spawn: this process starts ranks 1..N-1 on this host (default); external: "
+        "they are started with `sagellm tp-worker --rank R` (other hosts)",
+    )
+    g.add_argument(
+        "--master-addr", help="where the tensor-parallel ranks meet (default: 127.0.0.1)"
+    )
+    g.add_argument(
+        "--master-port", type=int, help="its port (default: a free one; external: required)"
+    )
+    g.add_argument(
         "--kv-transfer-config",
         metavar="JSON",
         help="prefill/decode disaggregation as vLLM spells it: this instance's role and "
@@ -192,6 +221,10 @@ _ARG_KEYS = (
     "kernels",
     "speculative_config",
     "kv_transfer_config",
+    "tensor_parallel_size",
+    "tensor_parallel_workers",
+    "master_addr",
+    "master_port",
 )
 
 

@@ -213,6 +213,36 @@ def cmd_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tp_worker(args: argparse.Namespace) -> int:
+    from sagellm.engine.builder import EngineBuilder
+    from sagellm.engine.runtime.config import NativeRuntimeConfig
+    from sagellm.engine.runtime.native import NativeRuntime
+    from sagellm.engine.runtime.tensor_parallel import serve_worker
+
+    config, options = engine_config_from_args(args)
+    if config.runtime.name != "native":
+        raise ConfigError("tensor parallelism is a feature of the native runtime")
+    runtime_options = EngineBuilder(config, options).runtime_options()
+    runtime_options.update(tensor_parallel_rank=args.rank, tensor_parallel_workers="external")
+    rt_config = NativeRuntimeConfig.model_validate(runtime_options)
+    if rt_config.tensor_parallel_size < 2 or rt_config.master_port == 0:
+        raise ConfigError(
+            "sagellm tp-worker needs --tensor-parallel-size (2 or more) and the --master-addr "
+            "and --master-port that rank 0 was started with"
+        )
+    _progress(
+        f"tensor-parallel rank {args.rank} of {rt_config.tensor_parallel_size}: joining "
+        f"{rt_config.master_addr}:{rt_config.master_port}"
+    )
+    runtime = NativeRuntime(rt_config, progress=None)
+    _progress(f"rank {args.rank} ready; serving rank 0's steps (ends with it)")
+    try:
+        serve_worker(runtime)
+    finally:
+        runtime.close()
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     llm = _build_llm(args)
     prompts = list(args.prompt)
@@ -465,6 +495,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_server_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "tp-worker",
+        help="run one tensor-parallel rank (1..N-1) for a rank 0 on another host",
+        description="Load this rank's slice of the model and run the steps that rank 0 "
+        "(sagellm serve --tensor-parallel-size N --tensor-parallel-workers external "
+        "--master-addr A --master-port P) sends, until it stops. Give the same model "
+        "flags as rank 0.",
+    )
+    add_engine_arguments(p)
+    p.add_argument("--rank", type=int, required=True, help="this rank, 1..N-1")
+    p.set_defaults(func=cmd_tp_worker)
 
     p = sub.add_parser(
         "router",

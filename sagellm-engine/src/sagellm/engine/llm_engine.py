@@ -316,9 +316,13 @@ class LLMEngine:
 
     def close(self) -> None:
         """Release what outlives the engine object: the KV transfer channel (a producer
-        frees the blocks it still offers, a consumer drops its loads)."""
+        frees the blocks it still offers, a consumer drops its loads) and the runtime's
+        processes (tensor-parallel workers)."""
         if self.kv_transfer is not None:
             self.kv_transfer.close()
+        close = getattr(self.runtime, "close", None)
+        if callable(close):  # a tensor-parallel runtime stops its workers
+            close()
 
     def set_clock(self, clock: RealClock) -> None:
         """Read time from ``clock`` from now on (:class:`sagellm.engine.replay.ReplayClock`:

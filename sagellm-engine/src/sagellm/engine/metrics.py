@@ -69,6 +69,9 @@ GAUGE_FIELDS = frozenset(
         # speculative decoding (sagellm.engine.speculation): rates of the snapshot's drafts
         "acceptance_rate",
         "mean_accepted_length",
+        # prefill/decode disaggregation (sagellm.engine.disagg): loads and offers held now
+        "num_loading",
+        "num_offered",
     }
 )
 

@@ -137,6 +137,8 @@ class LlamaForCausalLM(nn.Module):
         # layers one by one
         self.decode_step: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self.decode_step_rows = 0  # decode steps of fewer rows than this use it
+        # (rank, world) once sharded for tensor parallelism (sagellm.engine.models.shard)
+        self.tensor_parallel: tuple[int, int] | None = None
 
     def use_kernels(self, ops: Any) -> None:
         """Route norms, SwiGLU and rotary + KV write through ``ops`` (a kernel module with
@@ -168,6 +170,8 @@ class LlamaForCausalLM(nn.Module):
         self.decode_step, self.decode_step_rows = None, 0
         if not self.fused_rotary:
             return False  # the step rotates and writes KV as the fused kernels do
+        if self.tensor_parallel is not None:
+            return False  # the step has no all-reduce between its layers' halves
         specs = []
         for module in self.layers:
             layer: LlamaDecoderLayer = module  # type: ignore[assignment]

@@ -71,3 +71,15 @@ class NativeRuntimeConfig(BaseModel):
     # kernel provider in sagellm.kernels; None: eager PyTorch
     kernels: str | None = None
     kernel_options: dict[str, Any] = Field(default_factory=dict)  # the provider's
+    # tensor parallelism (sagellm.engine.runtime.tensor_parallel): ranks that each hold
+    # 1/N of every layer; num_threads is split between them
+    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_rank: int = Field(0, ge=0)  # this process's rank (workers: 1..N-1)
+    # "spawn": rank 0 starts ranks 1..N-1 on its host; "external": they are started with
+    # `sagellm tp-worker` (on other hosts) and meet rank 0 at master_addr:master_port
+    tensor_parallel_workers: Literal["spawn", "external"] = "spawn"
+    master_addr: str = "127.0.0.1"  # torch.distributed TCP rendezvous of the ranks
+    master_port: int = Field(0, ge=0, le=65535)  # 0: rank 0 picks a free port (spawn only)
+    comm_backend: str = "torch"  # implementation in sagellm.comm_backend
+    comm_options: dict[str, Any] = Field(default_factory=dict)  # its config, e.g. shm off
+    tensor_parallel_timeout_s: float = Field(60.0, gt=0.0)  # longest wait in a collective

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -35,6 +36,7 @@ from sagellm.engine.models.loader import load_weights
 from sagellm.engine.models.source import resolve_model
 from sagellm.engine.runtime.batch import StepBatch, build_step_batch, is_decode_chunk
 from sagellm.engine.runtime.config import NativeRuntimeConfig, parse_spec
+from sagellm.engine.runtime.tensor_parallel import TensorParallelError, TensorParallelGroup
 
 __all__ = ["NativeRuntime", "RowOutput", "apply_sparsifier", "resolve_dtype"]
 
@@ -182,8 +184,14 @@ class NativeRuntime:
             raise ConfigError(f"device {cfg.device!r} is not a torch device: {exc}") from exc
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {cfg.device!r} asked for but CUDA is not available")
-        if cfg.num_threads is not None:
-            torch.set_num_threads(cfg.num_threads)
+        self.tp_size, self.tp_rank = cfg.tensor_parallel_size, cfg.tensor_parallel_rank
+        self._loaded = False  # set once loading (sharding, quantization, tuning) is done
+        self._check_tensor_parallel()
+        threads = cfg.num_threads
+        if self.tp_size > 1:  # the cores are split between the ranks of one host
+            threads = max(1, (threads or os.cpu_count() or 1) // self.tp_size)
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         t0 = time.perf_counter()
         self.source = resolve_model(cfg.model)
@@ -205,6 +213,11 @@ class NativeRuntime:
         ).to(self.device)
         model.load_weights(weights, progress, packed)
         del weights, packed
+        self.tp_comm: Any = None  # the comm backend joining the ranks (tensor parallelism)
+        self._tp: TensorParallelGroup | None = None  # rank 0: the workers
+        if self.tp_size > 1:
+            self.model_config = self._shard(model)
+            mc = self.model_config
         self.model = model.eval()
         self._full_config = mc
         self._all_layers = list(model.layers)  # the checkpoint's layers, skipped ones too
@@ -226,6 +239,7 @@ class NativeRuntime:
         self.dense_rows = self._tune_dense_rows()
         self.prefill_attention = self._tune_prefill_attention()
         _release_freed_memory()  # the float copies loading went through
+        self._loaded = True
         self.load_seconds = time.perf_counter() - t0
         logger.info(
             "loaded %s (%s, %s, sparsity %s, quantization %s, kernels %s) in %.1f s",
@@ -237,6 +251,71 @@ class NativeRuntime:
             self.kernels,
             self.load_seconds,
         )
+
+    # ------------------------------------------------------------------ tensor parallelism
+
+    def _check_tensor_parallel(self) -> None:
+        cfg = self.config
+        if cfg.tensor_parallel_rank >= cfg.tensor_parallel_size:
+            raise ConfigError(
+                f"tensor_parallel_rank={cfg.tensor_parallel_rank} is not below "
+                f"tensor_parallel_size={cfg.tensor_parallel_size}"
+            )
+        if cfg.tensor_parallel_size == 1:
+            return
+        if cfg.sparsity not in (None, "", "none"):
+            raise ConfigError(
+                "sparsity with tensor_parallel_size > 1 is not supported (pruning reshapes "
+                "the matrices the ranks split); prune and save the model first, or use one rank"
+            )
+        if cfg.quantization == "gguf":
+            raise ConfigError(
+                "quantization 'gguf' computes on the checkpoint's quantized blocks, which "
+                "tensor parallelism does not split; use --quantization none, int8 or int4 "
+                "(each rank quantizes its own slices)"
+            )
+        if cfg.skip_layers:
+            raise ConfigError("skip_layers cannot be combined with tensor parallelism")
+        if cfg.tensor_parallel_workers == "external" and cfg.master_port == 0:
+            raise ConfigError(
+                "tensor_parallel_workers='external' needs a master_port every rank knows "
+                "(--master-port)"
+            )
+
+    def _shard(self, model: LlamaForCausalLM) -> Any:
+        """Start or join the group (rank 0 starts local workers) and keep this rank's slice."""
+        from sagellm.engine.models.shard import check_shardable, shard_model
+        from sagellm.engine.runtime.tensor_parallel import make_comm
+
+        check_shardable(self.model_config, self.tp_size)
+        if self.tp_rank == 0:
+            if self.config.master_port == 0:
+                from sagellm.core.ports import find_free_port
+
+                self.config = self.config.model_copy(update={"master_port": find_free_port()})
+            self._tp = TensorParallelGroup(self.config)
+            self.tp_comm = self._tp.join()
+        else:
+            self.tp_comm = make_comm(self.config, self.tp_rank)
+        local = shard_model(model, self.tp_rank, self.tp_size, self.tp_comm)
+        logger.info(
+            "tensor parallel rank %d of %d: %d query heads, %d KV heads, MLP width %d",
+            self.tp_rank,
+            self.tp_size,
+            local.num_heads,
+            local.num_kv_heads,
+            local.intermediate_size,
+        )
+        return local
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (rank 0) or leave their group (a worker)."""
+        if self._tp is not None:
+            self._tp.close()
+            self._tp = None
+        elif self.tp_comm is not None:
+            self.tp_comm.close()
+        self.tp_comm = None
 
     # ------------------------------------------------------------------ dense threshold
 
@@ -384,7 +463,11 @@ class NativeRuntime:
         per machine, model, dtype and threads, so every start picks the same and numbers
         stay reproducible); nothing when the user fixed ``dense_min_rows`` or turned
         tuning off. The chosen count (``{"rows": n}``)."""
-        if not self.config.tune_dense_rows or "dense_min_rows" in self.config.quantization_options:
+        if (
+            not self.config.tune_dense_rows
+            or "dense_min_rows" in self.config.quantization_options
+            or self.tp_size > 1  # a rank's timing would run collectives the others do not
+        ):
             return {}
         layers = [layer for group in self._switching_layers().values() for layer in group]
         if not layers:
@@ -498,6 +581,8 @@ class NativeRuntime:
         when a sparsifier shrank the layers (its per-block shapes are by index)."""
         if self.sparsity != "none":
             raise ConfigError("set_skip_layers cannot follow a sparsifier; give skip_layers")
+        if self.tp_size > 1:
+            raise ConfigError("set_skip_layers is not supported with tensor parallelism")
         if self.config.skip_layers:
             raise ConfigError(
                 "set_skip_layers needs a model loaded with every layer (skip_layers=()): "
@@ -731,6 +816,13 @@ class NativeRuntime:
         n = len(token_ids)
         if not 0 < n <= self.max_model_len:
             raise ValueError(f"a sequence of {n} tokens does not fit 1..{self.max_model_len}")
+        if self.tp_size > 1 and self._loaded:
+            # every rank must run the same collectives: only the load (where each rank
+            # calibrates alike) may run sequences outside the plans rank 0 sends
+            raise CapabilityMismatchError(
+                "run_sequence on a tensor-parallel runtime after loading: the other ranks "
+                "would not join its collectives; evaluate with tensor_parallel_size=1"
+            )
         mc = self.model_config
         bs = 16
         num_blocks = -(-n // bs)
@@ -829,6 +921,8 @@ class NativeRuntime:
         self._pool = pool
         self._caches = caches
         self._paged_decode = self._has_decode_kernel and s.dtype in _PAGED_DECODE_KV_DTYPES
+        if self._tp is not None:  # the workers' storage: same block ids, their KV heads
+            self._tp.send(("bind", s, pool.num_blocks))
 
     def execute(
         self,
@@ -842,8 +936,32 @@ class NativeRuntime:
         KV migrations and transfers are not run here (the engine runs them first).
         ``hidden_ids`` / ``prompt_logit_ids``: requests whose chunks also return the
         final-norm hidden states / the logits of every position (embeddings, prompt
-        logprobs); the result is then a :class:`RowOutput`.
+        logprobs); the result is then a :class:`RowOutput`. With tensor parallelism every
+        rank runs the plan (rank 0 sends it first); a rank that is gone or fails raises
+        :class:`~sagellm.engine.runtime.tensor_parallel.TensorParallelError`.
         """
+        if self._tp is None:
+            return self.execute_local(
+                plan, hidden_ids=hidden_ids, prompt_logit_ids=prompt_logit_ids
+            )
+        self._tp.send(("execute", plan, tuple(hidden_ids), tuple(prompt_logit_ids)))
+        try:
+            return self.execute_local(
+                plan, hidden_ids=hidden_ids, prompt_logit_ids=prompt_logit_ids
+            )
+        except Exception as exc:
+            self._tp.check()  # a worker that died: say which
+            self._tp.fail(f"a tensor-parallel step failed ({type(exc).__name__}: {exc})")
+            raise TensorParallelError(f"{self._tp.broken}; restart the engine") from exc
+
+    def execute_local(
+        self,
+        plan: ExecutionPlan,
+        *,
+        hidden_ids: Collection[str] = (),
+        prompt_logit_ids: Collection[str] = (),
+    ) -> ModelOutput:
+        """:meth:`execute` on this rank only (tensor-parallel workers call it)."""
         if hidden_ids or prompt_logit_ids:
             return self._execute_rows(plan, set(hidden_ids), set(prompt_logit_ids))
         vocab = self.model_config.vocab_size
