@@ -251,6 +251,14 @@ def test_settings_spelling() -> None:
         "role": "consumer",
         "address": "10.0.0.2:29600",
     }
+    plain = KVTransferSettings.parse({"kv_role": "kv_producer", "kv_port": 7})
+    assert plain.channel_options() == {
+        "chunk_blocks": 64,
+        "role": "producer",
+        "address": "127.0.0.1:7",
+    }
+    nixl = KVTransferSettings.parse({"kv_connector": "NixlConnector", "kv_role": "kv_producer"})
+    assert (nixl.channel_name, "chunk_blocks" in nixl.channel_options()) == ("nixl", False)
     with pytest.raises(ConfigError, match="'kv_both' is not supported"):
         KVTransferSettings.parse({"kv_role": "kv_both"})
     with pytest.raises(ConfigError, match="needs the producer's kv_ip and kv_port"):

@@ -171,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--model", help="model (default: the embedded model)")
-    p.add_argument("--dtype", default="float32", help="compute dtype of every instance")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="compute dtype of every instance (auto: bf16 where native)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads of the one instance")
     p.add_argument("--pd-threads", type=int, default=1, help="torch threads of P and of D")
     p.add_argument("--connector", default="torch", help="kv_connector (default: torch)")
@@ -270,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ttft_p50_ms": 1e3 * statistics.median(ttft) if ttft else float("nan"),
             "ttft_p90_ms": 1e3 * percentile(ttft, 90),
             "itl_p50_ms": 1e3 * statistics.median(itl) if itl else float("nan"),
+            "itl_p90_ms": 1e3 * percentile(itl, 90),
             "run_ttft_p50_ms": [1e3 * statistics.median(r.ttft) for r in rs if r.ttft],
             "errors": sum(len(r.errors) for r in rs),
         }
@@ -290,18 +295,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.max_tokens} tokens, {args.concurrency} at once; dtype {args.dtype}; "
         f"single: {args.threads} threads; P and D: {args.pd_threads} each"
     )
-    print("| path | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | TTFT p50 per run | errors |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| path | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms | TTFT p50 per run | errors |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name in ("single", "disaggregated"):
         row = summary[name]
         per_run = ", ".join(f"{v:.1f}" for v in row["run_ttft_p50_ms"])
         print(
             f"| {name} | {row['ttft_p50_ms']:.1f} | {row['ttft_p90_ms']:.1f} | "
-            f"{row['itl_p50_ms']:.2f} | {per_run} | {row['errors']} |"
+            f"{row['itl_p50_ms']:.2f} | {row['itl_p90_ms']:.2f} | {per_run} | {row['errors']} |"
         )
     print(
         f"disaggregated / single: TTFT p50 {d['ttft_p50_ms'] / s['ttft_p50_ms']:.2f}x, "
-        f"ITL p50 {d['itl_p50_ms'] / s['itl_p50_ms']:.2f}x"
+        f"ITL p50 {d['itl_p50_ms'] / s['itl_p50_ms']:.2f}x, "
+        f"ITL p90 {d['itl_p90_ms'] / s['itl_p90_ms']:.2f}x"
     )
     print(
         f"KV transfer: {t['loads']} loads ({t['failed_loads']} failed), mean "
