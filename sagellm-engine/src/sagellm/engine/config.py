@@ -288,3 +288,18 @@ def api_keys_from(
     if keys_file is not None:
         result.extend(load_api_keys_file(keys_file))
     return tuple(result)
+
+
+def json_object(value: str | Mapping[str, Any], name: str, example: str) -> dict[str, Any]:
+    """A JSON-object option (``--speculative-config``, ``--kv-transfer-config``) given as
+    text or as a mapping, as a dict; ConfigError naming ``name`` and showing ``example``."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{name} is not valid JSON ({exc}); write it like '{example}'"
+            ) from exc
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name} must be a JSON object or a mapping")
+    return dict(value)

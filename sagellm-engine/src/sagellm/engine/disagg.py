@@ -28,7 +28,6 @@ URL`` pairs them in the order given and orchestrates each request (prefill with
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import struct
 import time
@@ -41,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sagellm.core import registry
 from sagellm.core.errors import CapabilityMismatchError, ConfigError, InvalidRequestError
 from sagellm.core.types import GenerationRequest, TransferPlan
+from sagellm.engine.config import json_object
 
 __all__ = [
     "DisaggregationStats",
@@ -84,23 +84,18 @@ class KVTransferSettings(BaseModel):
         """From a JSON string (``--kv-transfer-config``) or a mapping; ConfigError if bad."""
         if isinstance(value, KVTransferSettings):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"kv_transfer_config is not valid JSON ({exc}); write it like "
-                    '\'{"kv_connector": "torch", "kv_role": "kv_producer", "kv_port": 29600}\''
-                ) from exc
-        if not isinstance(value, Mapping):
-            raise ConfigError("kv_transfer_config must be a JSON object or a mapping")
+        value = json_object(
+            value,
+            "kv_transfer_config",
+            '{"kv_connector": "torch", "kv_role": "kv_producer", "kv_port": 29600}',
+        )
         if value.get("kv_role") == "kv_both":
             raise ConfigError(
                 "kv_role 'kv_both' is not supported: run the prefill instance with "
                 "'kv_producer' and the decode instance with 'kv_consumer'"
             )
         try:
-            settings = cls.model_validate(dict(value))
+            settings = cls.model_validate(value)
         except ValidationError as exc:
             raise ConfigError(f"bad kv_transfer_config: {exc}") from exc
         if settings.kv_role == "kv_consumer" and settings.kv_port == 0:

@@ -19,7 +19,6 @@ acceptance rate over the last ``acceptance_window`` drafts is below
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sagellm.core import registry
 from sagellm.core.errors import ConfigError
 from sagellm.core.types import DraftRequest, SpeculativeDraft
+from sagellm.engine.config import json_object
 from sagellm.engine.sampler import Sampler, SamplingRow, mix_seed
 
 __all__ = ["SpeculativeDecoder", "SpeculativeSettings", "SpeculativeStats"]
@@ -61,16 +61,9 @@ class SpeculativeSettings(BaseModel):
         """From a JSON string (``--speculative-config``) or a mapping; ConfigError if bad."""
         if isinstance(value, SpeculativeSettings):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"speculative_config is not valid JSON ({exc}); write it like "
-                    '\'{"method": "ngram", "num_speculative_tokens": 5}\''
-                ) from exc
-        if not isinstance(value, Mapping):
-            raise ConfigError("speculative_config must be a JSON object or a mapping")
+        value = json_object(
+            value, "speculative_config", '{"method": "ngram", "num_speculative_tokens": 5}'
+        )
         if "method" not in value:
             raise ConfigError(
                 "speculative_config needs a 'method' naming a proposer (ngram, suffix, ...)"

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sagellm.core.ports import find_free_port
-from sagellm.engine.bench.router import percentile
+from sagellm.engine.bench.router import percentile, stream_events
 from sagellm.engine.bench.serve_peers import ServerProcess
 
 __all__ = ["build_parser", "main", "metric_sum"]
@@ -109,19 +109,11 @@ async def _one(
     t0 = time.perf_counter()
     stamps: list[float] = []
     parts: list[str] = []
-    async with client.stream("POST", url + "/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(str(event["error"]))
-            for choice in event.get("choices", []):
-                if choice.get("text"):
-                    stamps.append(time.perf_counter())
-                    parts.append(choice["text"])
+    async for event in stream_events(client, url + "/v1/completions", body):
+        for choice in event.get("choices", []):
+            if choice.get("text"):
+                stamps.append(time.perf_counter())
+                parts.append(choice["text"])
     if not stamps:
         raise RuntimeError("no text streamed")
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]

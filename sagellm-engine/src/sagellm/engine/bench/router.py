@@ -34,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,15 @@ from typing import Any
 from sagellm.core.ports import find_free_port
 from sagellm.engine.bench.serve_peers import ServerProcess
 
-__all__ = ["Workload", "build_parser", "main", "percentile", "run_conversations", "summarize"]
+__all__ = [
+    "Workload",
+    "build_parser",
+    "main",
+    "percentile",
+    "run_conversations",
+    "stream_events",
+    "summarize",
+]
 
 MODEL_NAME = "bench"  # the name every worker serves under
 
@@ -121,6 +129,21 @@ class RunResult:
     seconds: float = 0.0
 
 
+async def stream_events(client: Any, url: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+    """The JSON events of a streamed OpenAI request until ``[DONE]``; RuntimeError on a
+    non-200 answer or an error event."""
+    async with client.stream("POST", url, json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(str(event["error"]))
+            yield event
+
+
 async def _turn(
     client: Any, url: str, messages: list[dict[str, str]], w: Workload
 ) -> tuple[float, str]:
@@ -135,21 +158,13 @@ async def _turn(
     t0 = time.perf_counter()
     ttft = float("nan")
     parts: list[str] = []
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(str(event["error"]))
-            for choice in event.get("choices", []):
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    if not parts:
-                        ttft = time.perf_counter() - t0
-                    parts.append(text)
+    async for event in stream_events(client, url + "/v1/chat/completions", body):
+        for choice in event.get("choices", []):
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                if not parts:
+                    ttft = time.perf_counter() - t0
+                parts.append(text)
     return ttft, "".join(parts)
 
 
