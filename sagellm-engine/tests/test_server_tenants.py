@@ -569,7 +569,7 @@ def test_unknown_fields_are_logged_by_name(server, caplog) -> None:
         "prompt": [5, 6],
         "max_tokens": 2,
         "min_tokens": 1,
-        "kv_transfer_params": {"secret": "value-1234"},
+        "vllm_xargs": {"secret": "value-1234"},
         "stream_options": {"include_usage": False, "continuous_usage_stats": True},
     }
     assert post(srv, "/v1/completions", body, ALPHA).status_code == 200
@@ -577,7 +577,7 @@ def test_unknown_fields_are_logged_by_name(server, caplog) -> None:
     assert record.levelno == logging.WARNING
     assert record.getMessage() == (
         "a request to /v1/completions has fields this server ignores: min_tokens, "
-        "kv_transfer_params, stream_options.continuous_usage_stats"
+        "vllm_xargs, stream_options.continuous_usage_stats"
     )
     assert "value-1234" not in record.getMessage()
 

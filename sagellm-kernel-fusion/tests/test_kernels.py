@@ -297,8 +297,13 @@ def test_quantize_per_row_rounds_each_row_on_its_own_scale(
     amax = xf.abs().amax(1)
     want_s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     assert torch.allclose(s, want_s, rtol=2e-7, atol=0)  # amax / 127, to the last bit or so
-    want_q = torch.round(xf * (1 / s)[:, None]).to(torch.int32) + 128
-    assert torch.equal(q.to(torch.int32), want_q)
+    scaled = xf * (1 / s)[:, None]
+    want_q = torch.round(scaled).to(torch.int32) + 128
+    # exact, except within float32 rounding of a tie (x.5): the kernel's reciprocal and
+    # product (compiled with -ffast-math) may land on the other side of it
+    near_tie = ((scaled - scaled.floor()) - 0.5).abs() <= 4e-7 * scaled.abs().clamp(min=1)
+    off = (q.to(torch.int32) - want_q).abs()
+    assert torch.all(off <= near_tie.to(torch.int32)), (off.max(), scaled[off > 0])
     codes = q.to(torch.int32) - 128
     assert int(codes.abs().max()) <= 127
     if zero_row:

@@ -403,7 +403,8 @@ class LLMEngine:
         spelling): ``{"do_remote_decode": true}`` on a kv_producer keeps the prompt's KV
         when the request ends and puts the offer in its final output's
         ``kv_transfer_params``; that offer on a kv_consumer loads the prompt's KV from the
-        producer instead of computing it (see :mod:`sagellm.engine.disagg`).
+        producer instead of computing it (see :mod:`sagellm.engine.disagg`). An engine
+        without ``kv_transfer_config`` ignores them with a warning, as vLLM does.
 
         Raises InvalidRequestError for an empty prompt, one that leaves no room in the
         context, token ids outside the vocabulary or an id already in use.
@@ -445,12 +446,16 @@ class LLMEngine:
                 ) from exc
         self.validate(token_ids, sampling)
         remote = None
+        if kv_transfer_params and self.kv_transfer is None:
+            # as vLLM does: a standalone instance serves the request as it would any other
+            logger.warning(
+                "request %s has kv_transfer_params but this engine has no kv_transfer_config: "
+                "ignored (start it with --kv-transfer-config to take part in disaggregation)",
+                request_id,
+            )
+            kv_transfer_params = None
         if kv_transfer_params:
-            if self.kv_transfer is None:
-                raise InvalidRequestError(
-                    "kv_transfer_params need an engine started with a kv_transfer_config "
-                    "(sagellm serve --kv-transfer-config '{\"kv_role\": ...}')"
-                )
+            assert self.kv_transfer is not None
             if rows:
                 raise InvalidRequestError(
                     "kv_transfer_params do not apply to embeddings or prompt_logprobs requests"

@@ -40,7 +40,7 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-SHAPE = {
+SHAPE: dict[str, Any] = {
     "vocab_size": 49152,
     "hidden_size": 512,
     "intermediate_size": 1536,
@@ -54,12 +54,19 @@ ENGINE = {"dtype": "float32", "max_model_len": 1024, "seed": 0, "num_blocks": 51
 # ---------------------------------------------------------------------- in a rank-0 process
 
 
+def _seconds(start: float | None, end: float | None) -> float:
+    if start is None or end is None:
+        raise RuntimeError("a request finished without its token times")
+    return end - start
+
+
 def _measure(spec: dict[str, Any]) -> dict[str, float]:
     """Build the engine ``spec`` describes and time its decode and prefill steps."""
     from sagellm.core.types import SamplingParams
     from sagellm.engine.llm import LLM
 
-    llm = LLM(model=spec["model"], **ENGINE, **spec["options"])
+    options: dict[str, Any] = {**ENGINE, **spec["options"]}
+    llm = LLM(model=spec["model"], **options)
     try:
         prompt = [{"prompt_token_ids": list(range(300, 332))}]
         llm.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True))  # warm
@@ -72,7 +79,9 @@ def _measure(spec: dict[str, Any]) -> dict[str, float]:
                     for i in range(n)
                 ]
                 outs = llm.generate(batch, SamplingParams(max_tokens=48, ignore_eos=True))
-                per = [(o.metrics.finished_time - o.metrics.first_token_time) / 47 for o in outs]
+                per = [
+                    _seconds(o.metrics.first_token_time, o.metrics.finished_time) / 47 for o in outs
+                ]
                 vals.append(statistics.median(per))
             return 1e3 * statistics.median(vals)
 
@@ -83,7 +92,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, float]:
                 (out,) = llm.generate(
                     [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, ignore_eos=True)
                 )
-                vals.append(out.metrics.first_token_time - out.metrics.arrival_time)
+                vals.append(_seconds(out.metrics.arrival_time, out.metrics.first_token_time))
             return 1e3 * statistics.median(vals)
 
         return {"decode_1": tpot(1), "decode_8": tpot(8), "prefill_256": prefill()}
@@ -360,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, r in results.items():
         table[name] = dict(r)
         print(f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in rows_of) + " |")
-        link = {"tp2 shm": "shm", "tp2 2 hosts": "tcp"}.get(name)
+        link = {"tp2 shm": "shm", "tp2 2 hosts": "tcp"}.get(name, "")
         if link in fits:
             pred = {
                 k: _predict(base[k], rows, coll[link], fits[link]) for k, rows in rows_of.items()
