@@ -377,7 +377,7 @@ def test_router_reports_a_prefill_worker_without_kv_transfer(
         assert resp.status_code == 502  # the prefill worker offered no KV
         assert resp.json()["error"]["message"] == (
             f"the prefill worker {plain[0].url} returned no kv_transfer_params; start it "
-            "with --kv-transfer-config '{\"kv_role\": \"kv_producer\", ...}'"
+            'with --kv-transfer-config \'{"kv_role": "kv_producer", ...}\''
         )
     finally:
         rt.stop()
