@@ -127,6 +127,8 @@ class RunResult:
     ttft_later: list[float] = field(default_factory=list)  # turns after the first
     errors: int = 0
     seconds: float = 0.0
+    hit_tokens: float = 0.0  # prompt tokens the workers served from their prefix caches
+    prompt_tokens: float = 0.0  # prompt tokens the workers received
 
 
 async def stream_events(client: Any, url: str, body: dict[str, Any]) -> AsyncIterator[Any]:
@@ -223,6 +225,7 @@ def summarize(runs: Sequence[RunResult], baseline: str) -> dict[str, dict[str, f
             "p90_ms": 1e3 * percentile(all_ttft, 90),
             "later_turns_mean_ms": 1e3 * statistics.fmean(later) if later else float("nan"),
             "seconds": sum(r.seconds for r in rs),
+            "hit_rate": _ratio(sum(r.hit_tokens for r in rs), sum(r.prompt_tokens for r in rs)),
         }
     base = out.get(baseline)
     for stats in out.values():
@@ -232,16 +235,47 @@ def summarize(runs: Sequence[RunResult], baseline: str) -> dict[str, dict[str, f
     return out
 
 
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else float("nan")
+
+
+_HIT = "sagellm_scheduler_num_prefix_hit_tokens_total"
+_PROMPT = "sagellm_prompt_tokens_total"
+
+
+def cache_counters(urls: Sequence[str]) -> tuple[float, float]:
+    """(prefix-hit prompt tokens, prompt tokens) summed over the workers' /metrics (sageLLM
+    workers; 0 for others)."""
+    import re
+    import urllib.request
+
+    hit = prompt = 0.0
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            m = re.match(r"^(\S+?)(?:\{[^}]*\})? ([0-9.eE+-]+)$", line)
+            if m and m.group(1) == _HIT:
+                hit += float(m.group(2))
+            elif m and m.group(1) == _PROMPT:
+                prompt += float(m.group(2))
+    return hit, prompt
+
+
 def format_table(summary: dict[str, dict[str, float]], baseline: str) -> str:
     head = (
         f"{'contender':<24} {'n':>5} {'err':>4} {'mean ms':>9} {'p50 ms':>9} {'p90 ms':>9} "
-        f"{'turn>1 ms':>10} {'mean/' + baseline:>18} {'p50/' + baseline:>18}"
+        f"{'turn>1 ms':>10} {'hits':>6} {'mean/' + baseline:>18} {'p50/' + baseline:>18}"
     )
     lines = [head, "-" * len(head)]
     for name, s in summary.items():
         lines.append(
             f"{name:<24} {int(s['requests']):>5} {int(s['errors']):>4} {s['mean_ms']:>9.1f} "
             f"{s['p50_ms']:>9.1f} {s['p90_ms']:>9.1f} {s['later_turns_mean_ms']:>10.1f} "
+            f"{s.get('hit_rate', float('nan')):>6.2f} "
             f"{s['mean_ratio']:>18.3f} {s['p50_ratio']:>18.3f}"
         )
     return "\n".join(lines)
@@ -374,7 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in order:
                 seed = 1000 * r + names.index(name)
                 _progress(f"round {r + 1}/{args.rounds}: {name}")
-                runs.append(asyncio.run(run_conversations(contenders[name], w, seed, name)))
+                before = cache_counters(urls)
+                run = asyncio.run(run_conversations(contenders[name], w, seed, name))
+                after = cache_counters(urls)
+                run.hit_tokens, run.prompt_tokens = after[0] - before[0], after[1] - before[1]
+                runs.append(run)
         summary = summarize(runs, names[0])
         print(
             f"{args.instances} workers, {w.conversations} conversations x {w.turns} turns, "
