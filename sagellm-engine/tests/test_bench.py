@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from sagellm.engine.bench.runner import format_table, run
 from sagellm.engine.bench.workloads import Workload, percentile, random_prompts
 
@@ -42,3 +44,44 @@ def test_bench_reports_sagellm_and_transformers_side_by_side(tiny_llm) -> None:
     table = format_table(report)
     assert "sagellm/transformers_float32" in table
     assert "matmul peak" in table
+
+
+def test_disagg_bench_reads_counters_from_metrics_text() -> None:
+    from sagellm.engine.bench.disagg import metric_sum
+
+    text = (
+        "# HELP sagellm_kv_transfer_num_loads_total kv_transfer.num_loads\n"
+        'sagellm_kv_transfer_num_loads_total{model_name="a"} 3.0\n'
+        'sagellm_kv_transfer_num_loads_total{model_name="b"} 2.0\n'
+        'sagellm_kv_transfer_num_loads_created{model_name="a"} 1.7e9\n'
+        "sagellm_kv_transfer_load_seconds_total 0.25\n"
+    )
+    assert metric_sum(text, "sagellm_kv_transfer_num_loads_total") == 5.0
+    assert metric_sum(text, "sagellm_kv_transfer_load_seconds_total") == 0.25
+    assert metric_sum(text, "sagellm_kv_channel_bytes_received_total") == 0.0
+
+
+def test_router_bench_summary_has_the_hit_share() -> None:
+    from sagellm.engine.bench.router import RunResult, summarize
+
+    runs = [
+        RunResult("rr", ttft=[0.2, 0.4], hit_tokens=10, prompt_tokens=40),
+        RunResult("ca", ttft=[0.1, 0.1], hit_tokens=30, prompt_tokens=40),
+        RunResult("ca", ttft=[0.1], hit_tokens=5, prompt_tokens=10),
+    ]
+    out = summarize(runs, "rr")
+    assert (out["rr"]["hit_rate"], out["ca"]["hit_rate"]) == (0.25, 0.7)
+    assert out["ca"]["mean_ratio"] == pytest.approx(0.1 / 0.3)
+
+
+@pytest.mark.integration  # needs sagellm-topology
+def test_tensor_parallel_prediction_adds_the_step_s_collectives() -> None:
+    from sagellm.engine.bench.tensor_parallel import SHAPE, _predict
+
+    LinkCost = pytest.importorskip("sagellm.topology.costs").LinkCost
+
+    link = LinkCost(alpha_us=10.0, beta_gbps=2.0)
+    coll = {"all_gather_1": 50.0, "send": 20.0}
+    n = 2 * SHAPE["num_layers"] + 1
+    want = 40.0 / 2 + (n * link.time_us(SHAPE["hidden_size"] * 4) + 50.0 + 40.0) / 1e3
+    assert _predict(40.0, 1, coll, link) == pytest.approx(want)

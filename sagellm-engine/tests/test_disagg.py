@@ -28,6 +28,7 @@ from sagellm.engine.server import ServerThread, build_app
 from .conftest import make_llm
 
 pytest.importorskip("sagellm.kv_transfer")
+pytestmark = pytest.mark.integration  # needs sagellm-kv-transfer
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 PREFILL = SamplingParams(max_tokens=1, temperature=0.0)

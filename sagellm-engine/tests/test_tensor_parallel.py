@@ -24,6 +24,7 @@ from sagellm.engine.runtime.tensor_parallel import TensorParallelError
 from .conftest import make_llm
 
 pytest.importorskip("sagellm.collective_ops")
+pytestmark = pytest.mark.integration  # needs sagellm-collective-ops
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 PROMPTS = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 40)]
