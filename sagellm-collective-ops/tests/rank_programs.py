@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -54,12 +55,37 @@ def against_gloo(backend: Any) -> dict[str, Any]:
 
 
 def skip_one(backend: Any) -> str:
-    """Rank 1 skips the all_reduce rank 0 makes: rank 0 must time out, not hang."""
+    """Rank 1 skips the all_reduce rank 0 makes and stays alive past rank 0's timeout:
+    rank 0 must time out, not hang."""
     if backend.rank == 0:
         backend.all_reduce(torch.ones(16))
         return "returned"
-    time.sleep(0.1)
+    time.sleep(4.0)
     return "skipped"
+
+
+def exit_one(ctx: Any) -> str:
+    """Rank 1 exits instead of joining rank 0's all_reduce: rank 0 must fail at once.
+
+    Takes the launcher's context (it builds its own backend), so rank 0's outcome is
+    reported even though rank 1 never returns."""
+    from sagellm.collective_ops.backend import TorchCommBackend
+    from sagellm.collective_ops.config import CollectiveConfig
+
+    backend = TorchCommBackend(
+        CollectiveConfig(timeout_s=60.0),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        init_method=ctx.init_method,
+    )
+    if ctx.rank == 1:
+        os._exit(3)
+    t0 = time.monotonic()
+    try:
+        backend.all_reduce(torch.ones(16))
+    except RuntimeError as exc:
+        return f"{exc} after {time.monotonic() - t0:.1f} s"
+    return "returned"
 
 
 def nothing(backend: Any) -> int:

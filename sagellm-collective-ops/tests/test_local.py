@@ -18,7 +18,7 @@ from sagellm.collective_ops import (
     assign_buckets,
     choose,
 )
-from sagellm.collective_ops.shm import segment_bytes
+from sagellm.collective_ops.shm import segment_bytes, shm_supported
 
 
 def test_cost_model_table_exact() -> None:
@@ -152,3 +152,52 @@ def test_bench_sizes() -> None:
     assert [parse_size(s) for s in ("16", "4K", "1M", "2g")] == [16, 4096, 1 << 20, 2 << 30]
     with pytest.raises(ValueError, match="not a size: '4KB'"):
         parse_size("4KB")
+
+
+# ---------------------------------------------------------------------- a peer that exits
+
+
+def _reaped_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_process_alive_sees_running_exited_and_zombie_processes() -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from sagellm.collective_ops.shm import process_alive
+
+    assert process_alive(os.getpid())
+    assert not process_alive(_reaped_pid())
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while process_alive(zombie.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)  # exited, not yet reaped: a zombie
+    assert not process_alive(zombie.pid)
+    zombie.wait()
+
+
+@pytest.mark.skipif(not shm_supported(), reason="shared-memory collectives are x86-64 Linux")
+def test_a_wait_for_a_rank_that_exited_fails_at_once() -> None:
+    import os
+    import time
+
+    from sagellm.collective_ops.shm import ShmGroup
+
+    segment = ShmGroup.create_segment(2, 4096)
+    dead = _reaped_pid()
+    group = ShmGroup(segment, 0, 2, 4096, timeout_s=60.0, peer_pids=[os.getpid(), dead])
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=rf"rank 1 \(pid {dead}\) exited during a shared"):
+            group.all_reduce(torch.ones(8), "sum", "shm_flat")
+        assert time.monotonic() - t0 < 5.0  # not the 60 s timeout
+    finally:
+        group.close()

@@ -63,6 +63,28 @@ def test_a_rank_that_skips_a_collective_times_out_cleanly() -> None:
     assert mp.active_children() == []
 
 
+def test_a_rank_that_exits_fails_the_collective_at_once() -> None:
+    """Not after the 60 s timeout: a shared-memory wait checks that its peer still runs."""
+    import re
+
+    from sagellm.core.testing.ranks import run_programs
+
+    before = _segments()
+    programs = [(rank_programs.exit_one, ()), (rank_programs.exit_one, ())]
+    first, second = run_programs(programs, timeout_s=120, stop_on_error=False)
+    assert (second.status, second.value) == ("exit", 3)
+    assert first.status == "ok"
+    m = re.fullmatch(
+        r"rank 1 \(pid \d+\) exited during a shared-memory all_reduce on rank 0 after "
+        r"([0-9.]+) s",
+        first.value,
+    )
+    assert m is not None, first.value
+    assert float(m.group(1)) < 5.0
+    assert _segments() == before
+    assert mp.active_children() == []
+
+
 def test_a_hanging_rank_is_stopped() -> None:
     before = _segments()
     with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2 did not finish within 4 s"):

@@ -110,6 +110,25 @@ def test_a_dead_worker_fails_the_step_with_its_rank(tiny_model: Path) -> None:
         engine.close()
 
 
+def test_a_worker_killed_mid_step_fails_the_step_at_once(tiny_model: Path) -> None:
+    """Rank 0 inside a step's collectives when its peer dies: the shared-memory wait sees
+    the exit (not the collective timeout, 60 s by default)."""
+    llm = make_llm(tiny_model, num_blocks=64, num_threads=2, tensor_parallel_size=2)
+    engine = llm.engine
+    try:
+        (worker,) = engine.runtime._tp.procs
+        engine.add_request("a", list(range(5, 30)), GREEDY)
+        plan = engine.scheduler.build_plan(engine.scheduler.schedule())
+        os.kill(worker.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"rank 1 \(pid \d+\) exited during a shared"):
+            engine.runtime.execute_local(plan)  # rank 0's part of the step
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        engine.close()
+    assert gone(worker)
+
+
 def test_sizes_the_model_cannot_split_are_refused(tiny_model: Path) -> None:
     with pytest.raises(ConfigError, match="does not divide the model's 4 query heads"):
         make_llm(tiny_model, num_blocks=64, tensor_parallel_size=3)

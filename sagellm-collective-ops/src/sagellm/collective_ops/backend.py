@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 import socket
 from collections import Counter
 from typing import Any, ClassVar
@@ -19,7 +20,13 @@ import torch
 import torch.distributed as dist
 
 from sagellm.collective_ops.config import CollectiveConfig
-from sagellm.collective_ops.shm import ALGORITHMS, REDUCE_OPS, ShmGroup, shm_supported
+from sagellm.collective_ops.shm import (
+    ALGORITHMS,
+    REDUCE_OPS,
+    ShmGroup,
+    process_alive,
+    shm_supported,
+)
 from sagellm.collective_ops.tuner import CostModel, Tuner, choose
 
 __all__ = ["CommStats", "TorchCommBackend", "resolve_backend"]
@@ -180,7 +187,14 @@ class TorchCommBackend:
                 segment.close()
             return None
         assert segment is not None
-        return ShmGroup(segment, self._rank, self._world_size, slot, self.config.timeout_s)
+        pids = [int(p) for p in self._gather_bytes(str(os.getpid()).encode())]
+        # a wait notices a peer that exited only where every rank sees the others' pids
+        # (one pid namespace)
+        seen = self._gather_bytes(b"1" if all(process_alive(p) for p in pids) else b"0")
+        watch = pids if seen == [b"1"] * self._world_size else None
+        return ShmGroup(
+            segment, self._rank, self._world_size, slot, self.config.timeout_s, peer_pids=watch
+        )
 
     @property
     def tuner(self) -> Tuner | None:

@@ -35,12 +35,20 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["ALGORITHMS", "REDUCE_OPS", "Segment", "ShmGroup", "segment_bytes", "shm_supported"]
+__all__ = [
+    "ALGORITHMS",
+    "REDUCE_OPS",
+    "Segment",
+    "ShmGroup",
+    "process_alive",
+    "segment_bytes",
+    "shm_supported",
+]
 
 #: Element-wise reduction of each op name: fn(a, b, out=...).
 REDUCE_OPS: dict[str, Callable[..., Any]] = {
@@ -112,6 +120,19 @@ class Segment:
         self.unlink()
 
 
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: assume it runs, the timeout still tells
+        return True
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X")
+
+
 class ShmGroup:
     """Collectives over one shared segment. Build it with :meth:`attach` on every rank."""
 
@@ -122,11 +143,16 @@ class ShmGroup:
         world_size: int,
         slot_bytes: int,
         timeout_s: float,
+        *,
+        peer_pids: Sequence[int] | None = None,
     ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.slot_bytes = slot_bytes
         self.timeout_s = timeout_s
+        # every rank's pid: a wait gives up at once when the rank it waits for has exited
+        # (None: only the timeout tells)
+        self.peer_pids = list(peer_pids) if peer_pids is not None else None
         self._segment: Segment | None = segment
         self._header = _header_bytes(world_size)
         buf = segment.buf
@@ -198,6 +224,11 @@ class ShmGroup:
                     continue
                 os.sched_yield()  # ranks may share a core: let the peer run
                 if spins & 1023 == 0:
+                    if self.peer_pids is not None and not process_alive(self.peer_pids[r]):
+                        raise RuntimeError(
+                            f"rank {r} (pid {self.peer_pids[r]}) exited during a shared-memory "
+                            f"{what} on rank {self.rank}"
+                        )
                     now = time.monotonic()
                     if not deadline:
                         deadline = now + self.timeout_s
