@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from sagellm.core.errors import ConfigError
 from sagellm.core.ports import find_free_port
@@ -82,6 +83,46 @@ def test_quantizers_quantize_each_rank_s_slices(tiny_model: Path) -> None:
         assert [len(t) for t in out] == [GREEDY.max_tokens] * len(PROMPTS)
     finally:
         llm.engine.close()
+
+
+@pytest.mark.parametrize("weight_type", ["Q4_1", "Q8_0"])
+def test_gguf_blocks_are_split_between_the_ranks(
+    tiny_model: Path, tmp_path: Path, weight_type: str
+) -> None:
+    """Each rank computes on its slice of the checkpoint's blocks (no float fallback): the
+    column-parallel projections keep their rows' blocks, the row-parallel ones the
+    blocks of their input columns, the head its vocabulary rows."""
+    from sagellm.engine.testing import make_tiny_gguf
+
+    path = make_tiny_gguf(tiny_model, tmp_path / "tiny.gguf", weight_type=weight_type)
+    one = make_llm(path, num_blocks=64, num_threads=2)
+    two = make_llm(path, num_blocks=64, num_threads=2, tensor_parallel_size=2)
+    try:
+        assert one.engine.runtime.quantization == two.engine.runtime.quantization == "gguf"
+        full, half = one.engine.runtime.model, two.engine.runtime.model
+        for proj in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            a, b = getattr(full.layers[0], proj), getattr(half.layers[0], proj)
+            assert b.method.name == a.method.name and b.method.name.startswith("gguf")
+        assert half.layers[0].o_proj.input_size == 32  # 2 of 4 heads of 16
+        assert half.layers[0].down_proj.input_size == 64  # half of the MLP's 128
+        assert half.lm_head.method.name == full.lm_head.method.name
+        # rank 0's head holds the first half of the vocabulary's rows, exactly (Q8_0: its
+        # blocks as stored; Q4_1: int8 groups of 32 re-rounded from them)
+        head, full_head = half.lm_head, full.lm_head
+        if weight_type == "Q8_0":
+            assert torch.equal(head.block_codes, full_head.block_codes[:160])
+            assert torch.equal(head.block_scales, full_head.block_scales[:160])
+        else:
+            assert torch.equal(head.qweight, full_head.qweight[:, :160])
+        if weight_type == "Q4_1":
+            # rank 0's down_proj: the blocks of the first 64 of 128 input columns
+            down, full_down = half.layers[0].down_proj, full.layers[0].down_proj
+            assert torch.equal(down.block_codes, full_down.block_codes[:, :32])
+            assert tokens(two) == tokens(one)
+        # Q8_0 projections are re-rounded to int8 with one scale per row of the weight a
+        # rank holds (half a row for the row-parallel ones): close to one process, not equal
+    finally:
+        two.engine.close()
 
 
 def test_a_dead_worker_fails_the_step_with_its_rank(tiny_model: Path) -> None:

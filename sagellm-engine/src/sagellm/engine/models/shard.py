@@ -10,21 +10,25 @@ head in an all-gather of the vocabulary slices: two all-reduces per layer, as in
 Megatron-LM and vLLM. Collectives go through a ``CommBackend`` (core protocol, group
 ``sagellm.comm_backend``).
 
-Sharding happens on the float weights, before any quantizer: a quantization method then
-quantizes each rank's own slices, so the split composes with every method that quantizes
-float weights (int8, int4, gptq, awq, smoothquant).
+Sharding happens before any quantizer, on the float weights and on the checkpoint's
+quantized blocks alike (GGUF rows are independent, and an input slice that starts and
+ends on a 32-column block boundary is a run of whole blocks in every row): a quantization
+method then quantizes, or computes on the blocks of, each rank's own slices, so the split
+composes with every method (gguf, int8, int4, gptq, awq, smoothquant).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from sagellm.core.errors import ConfigError
+from sagellm.core.types import PackedWeight
 from sagellm.engine.layers.attention import Attention
 from sagellm.engine.layers.embedding import LMHead, VocabEmbedding
 from sagellm.engine.layers.linear import Linear
@@ -36,7 +40,13 @@ __all__ = [
     "VocabParallelEmbedding",
     "check_shardable",
     "shard_model",
+    "slice_packed",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: GGUF formats whose rows are runs of 32-column blocks (what an input slice may cut)
+_BLOCKS_OF_32 = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 
 
 def check_shardable(cfg: ModelConfig, world: int) -> None:
@@ -54,6 +64,37 @@ def check_shardable(cfg: ModelConfig, world: int) -> None:
                 f"choose a size that divides {cfg.num_heads} query heads, "
                 f"{cfg.num_kv_heads} KV heads and {cfg.intermediate_size}"
             )
+
+
+def slice_packed(
+    packed: PackedWeight | None,
+    rows: Sequence[tuple[int, int]] = (),
+    cols: tuple[int, int] | None = None,
+    pad_rows: int = 0,
+) -> PackedWeight | None:
+    """The blocks of rows ``[a, b)`` for each range of ``rows`` (all rows when empty),
+    stacked, then of input columns ``[c0, c1)``, then ``pad_rows`` zero rows (all-zero
+    bytes decode to zero weights in every block format). None when ``packed`` is None or
+    the columns do not cut whole 32-column blocks of a format made of them: the layer
+    then computes on its float slice."""
+    if packed is None:
+        return None
+    data = packed.data
+    n, k = packed.shape
+    if rows:
+        data = torch.cat([data[a:b] for a, b in rows])
+        n = sum(b - a for a, b in rows)
+    if cols is not None and cols != (0, k):
+        c0, c1 = cols
+        if packed.format not in _BLOCKS_OF_32 or c0 % 32 or c1 % 32:
+            return None
+        per_block = data.shape[1] // (k // 32)
+        data = data[:, c0 // 32 * per_block : c1 // 32 * per_block]
+        k = c1 - c0
+    if pad_rows:
+        data = torch.cat([data, data.new_zeros(pad_rows, data.shape[1])])
+        n += pad_rows
+    return PackedWeight(packed.format, data.contiguous().clone(), (n, k))
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -91,7 +132,7 @@ class VocabParallelEmbedding(VocabEmbedding):
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         local = token_ids - self.start
         outside = (local < 0) | (local >= self.shard)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = super().forward(local.masked_fill(outside, 0))  # float rows or int8 blocks
         out.masked_fill_(outside.unsqueeze(-1), 0)
         self.comm.all_reduce(out)
         return out
@@ -116,6 +157,20 @@ class ParallelLMHead(LMHead):
         return full[:, : self.vocab_size]
 
 
+def _input_slice(proj: Linear, c0: int, c1: int) -> PackedWeight | None:
+    """``proj``'s blocks of input columns ``[c0, c1)``; logs when they cannot be cut."""
+    out = slice_packed(proj.packed, cols=(c0, c1))
+    if proj.packed is not None and out is None:
+        logger.info(
+            "tensor parallelism: columns %d..%d of a %s projection do not cut whole blocks; "
+            "this rank computes on its float slice",
+            c0,
+            c1,
+            proj.packed.format,
+        )
+    return out
+
+
 def _shard_layer(layer: Any, rank: int, world: int, comm: Any) -> None:
     d = layer.head_dim
     heads, kv_heads = layer.num_heads // world, layer.num_kv_heads // world
@@ -132,6 +187,14 @@ def _shard_layer(layer: Any, rank: int, world: int, comm: Any) -> None:
         hidden, (heads * d, kv_heads * d, kv_heads * d), bias=layer.qkv_proj.bias is not None
     )
     qkv.weight = _param(torch.cat(parts))
+    qkv.packed = slice_packed(
+        layer.qkv_proj.packed,
+        rows=[
+            (q0, q0 + heads * d),
+            (q_full + k0, q_full + k0 + kv_heads * d),
+            (q_full + kv_full + k0, q_full + kv_full + k0 + kv_heads * d),
+        ],
+    )
     if layer.qkv_proj.bias is not None:
         b = layer.qkv_proj.bias.data
         qkv.bias = _param(
@@ -145,6 +208,7 @@ def _shard_layer(layer: Any, rank: int, world: int, comm: Any) -> None:
         )
     o = RowParallelLinear(heads * d, layer.o_proj.output_size, comm)
     o.weight = _param(layer.o_proj.weight.data[:, q0 : q0 + heads * d])
+    o.packed = _input_slice(layer.o_proj, q0, q0 + heads * d)
     inter_full = layer.gate_up_proj.output_sizes[0]
     inter = inter_full // world
     i0 = rank * inter
@@ -153,8 +217,13 @@ def _shard_layer(layer: Any, rank: int, world: int, comm: Any) -> None:
     gate_up.weight = _param(
         torch.cat([gw[i0 : i0 + inter], gw[inter_full + i0 : inter_full + i0 + inter]])
     )
+    gate_up.packed = slice_packed(
+        layer.gate_up_proj.packed,
+        rows=[(i0, i0 + inter), (inter_full + i0, inter_full + i0 + inter)],
+    )
     down = RowParallelLinear(inter, layer.down_proj.output_size, comm)
     down.weight = _param(layer.down_proj.weight.data[:, i0 : i0 + inter])
+    down.packed = _input_slice(layer.down_proj, i0, i0 + inter)
     layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj = qkv, o, gate_up, down
     layer.num_heads, layer.num_kv_heads = heads, kv_heads
     layer.q_size, layer.kv_size = heads * d, kv_heads * d
@@ -167,10 +236,6 @@ def shard_model(model: Any, rank: int, world: int, comm: Any) -> ModelConfig:
     the vocabulary whole, since the head's gathered logits cover all of it)."""
     cfg: ModelConfig = model.config
     check_shardable(cfg, world)
-    if any(getattr(p, "packed", None) is not None for p in model.projections().values()):
-        # the quantized blocks describe the whole matrices: only float weights are split
-        for p in model.projections().values():
-            p.packed = None
     vocab = cfg.vocab_size
     shard = -(-vocab // world)
     start = rank * shard
@@ -179,16 +244,22 @@ def shard_model(model: Any, rank: int, world: int, comm: Any) -> ModelConfig:
             _shard_layer(layer, rank, world, comm)
         table = model.embed_tokens.weight.data
         head_table = table if cfg.tie_word_embeddings else model.lm_head.weight.data
+        end = min(start + shard, vocab)
+        head_blocks = slice_packed(
+            model.lm_head.packed,
+            rows=[(start, end)] if end > start else [(0, 0)],
+            pad_rows=shard - max(end - start, 0),
+        )
         model.embed_tokens = VocabParallelEmbedding(table, start, shard, comm)
         if cfg.tie_word_embeddings:
             head_weight = model.embed_tokens.weight  # still one tensor, now a slice
         else:
             rows = torch.zeros(shard, cfg.hidden_size, dtype=head_table.dtype)
-            end = min(start + shard, vocab)
             if end > start:
                 rows[: end - start] = head_table[start:end]
             head_weight = nn.Parameter(rows, requires_grad=False)
         model.lm_head = ParallelLMHead(vocab, cfg.hidden_size, shard, world, comm, head_weight)
+        model.lm_head.packed = head_blocks
     local = dataclasses.replace(
         cfg,
         num_heads=cfg.num_heads // world,

@@ -268,12 +268,6 @@ class NativeRuntime:
                 "sparsity with tensor_parallel_size > 1 is not supported (pruning reshapes "
                 "the matrices the ranks split); prune and save the model first, or use one rank"
             )
-        if cfg.quantization == "gguf":
-            raise ConfigError(
-                "quantization 'gguf' computes on the checkpoint's quantized blocks, which "
-                "tensor parallelism does not split; use --quantization none, int8 or int4 "
-                "(each rank quantizes its own slices)"
-            )
         if cfg.skip_layers:
             raise ConfigError("skip_layers cannot be combined with tensor parallelism")
         if cfg.tensor_parallel_workers == "external" and cfg.master_port == 0:
