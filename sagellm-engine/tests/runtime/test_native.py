@@ -369,3 +369,23 @@ def test_skip_layers_leaves_layers_out_and_can_change_on_a_full_model(tiny_dir: 
         make(skip_layers=(0, 1))
     with pytest.raises(ConfigError, match="needs a model loaded with every layer"):
         skipped.set_skip_layers(())
+
+
+def test_loading_leaves_torch_s_compiler_stack_unimported(tiny_dir: Path) -> None:
+    """Building the model on the meta device must not run the meta device's Python
+    references (they import sympy and dynamo, ~70 MB resident for the process's life)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from sagellm.engine.runtime.config import NativeRuntimeConfig\n"
+        "from sagellm.engine.runtime.native import NativeRuntime\n"
+        f"NativeRuntime(NativeRuntimeConfig(model={str(tiny_dir)!r}, dtype='bfloat16'))\n"
+        "print(sorted(m for m in ('sympy', 'torch._dynamo', 'torch._inductor') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"

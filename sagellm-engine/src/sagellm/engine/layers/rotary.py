@@ -13,8 +13,12 @@ __all__ = ["RotaryEmbedding", "rope_inv_freq"]
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies (float32, ``head_dim // 2``) after the model's scaling rule."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """Inverse frequencies (float32, ``head_dim // 2``, on the CPU) after the model's
+    scaling rule. Computed on the CPU even under a ``torch.device("meta")`` context: the
+    meta device's element-wise kernels are Python references that import torch's compiler
+    stack (dynamo, inductor, sympy: 76 MB resident) on first use."""
+    steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+    inv = 1.0 / (theta ** (steps / head_dim))
     if not scaling:
         return inv
     kind = scaling.get("rope_type") or scaling.get("type")
@@ -53,7 +57,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         inv = rope_inv_freq(head_dim, theta, scaling)
-        t = torch.arange(max_positions, dtype=torch.float32)
+        t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         freqs = torch.outer(t, inv)
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_pos, head_dim/2]
         self.register_buffer("sin", freqs.sin(), persistent=False)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, cast
 
 import torch
 from pydantic import BaseModel
+from torch import nn
 
 from sagellm.core import registry
 from sagellm.core.errors import CapabilityMismatchError, ConfigError, SageLLMError
@@ -79,6 +80,29 @@ def _chunk_rows(chunks: Sequence[SequenceChunk]) -> dict[str, range]:
                 rows[c.request_id] = range(start, start + n)
                 start += n
     return rows
+
+
+def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Uninitialised storage for every meta parameter and buffer of ``model`` on
+    ``device``, floating ones in ``dtype`` (the weights are copied in next).
+
+    ``torch.empty`` of each shape directly: ``Module.to_empty(...).to(dtype)`` would hold a
+    float32 copy of the whole model on the way, and its ``empty_like`` on meta tensors
+    runs the meta device's Python references, which import torch's compiler stack
+    (sympy and the symbolic-shapes machinery) for the life of the process.
+    """
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.device.type == "meta":
+                t = torch.empty(
+                    p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device=device
+                )
+                module._parameters[name] = nn.Parameter(t, requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                module._buffers[name] = torch.empty(
+                    b.shape, dtype=dtype if b.is_floating_point() else b.dtype, device=device
+                )
 
 
 def _release_freed_memory() -> None:
@@ -205,8 +229,7 @@ class NativeRuntime:
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
         with torch.device("meta"):
             model = LlamaForCausalLM(mc, max_positions=mc.max_position_embeddings)
-        # allocate uninitialised storage in the compute dtype (weights are copied in next)
-        model = model.to_empty(device=self.device).to(self.dtype)
+        _materialize(model, self.device, self.dtype)
         model.tie_weights()
         model.rotary = RotaryEmbedding(
             mc.head_dim, mc.max_position_embeddings, mc.rope_theta, mc.rope_scaling
