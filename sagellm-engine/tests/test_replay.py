@@ -201,6 +201,46 @@ def test_fcfs_against_itself_is_exactly_equal_in_replay(
     assert a.num_met == b.num_met and a.goodput == b.goodput
 
 
+@pytest.mark.parametrize("scheduler", ["fcfs", "slo", "adaptive", "priority"])
+def test_schedule_only_replay_gives_the_native_runtime_s_schedule(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, scheduler: str
+) -> None:
+    """Without the forward pass, every request's TTFT, TPOT and the makespan are exactly
+    those of the replay through the model (fixed output lengths, chunked prefill)."""
+    monkeypatch.setattr(kv_workloads, "ENGINE_OPTIONS", {"dtype": "float32", "block_size": 4})
+    monkeypatch.setattr(kv_workloads, "_warm", lambda engine, n: None)  # vocab of 320
+    reqs = _workload(7)
+    model, dry = (
+        kv_workloads.run_goodput(
+            str(tiny_model), 1, [scheduler], [(1, reqs)], PRED, schedule_only=only
+        )[0]
+        for only in (False, True)
+    )
+    assert model.result.ttft == dry.result.ttft and model.result.tpot == dry.result.tpot
+    assert model.result.wall_seconds == dry.result.wall_seconds
+    assert model.num_met == dry.num_met
+    assert all(len(t) == r.max_tokens for t, r in zip(dry.result.tokens, reqs))
+
+
+def test_schedule_replay_runtime_runs_only_on_a_replay_clock(tiny_model: Path) -> None:
+    from sagellm.core.errors import CapabilityMismatchError
+    from sagellm.core.protocols import Runtime
+    from sagellm.engine.runtime.schedule_replay import ScheduleReplayRuntime
+
+    llm = make_llm(tiny_model, runtime={"name": "schedule_replay"}, num_blocks=64)
+    runtime = llm.engine.runtime
+    assert isinstance(runtime, ScheduleReplayRuntime) and isinstance(runtime, Runtime)
+    native = make_llm(tiny_model, num_blocks=64).engine.runtime
+    assert runtime.kv_cache_schema(4) == native.kv_cache_schema(4)
+    with pytest.raises(SageLLMError, match="before use_clock"):
+        llm.engine.add_request("a", [5, 6, 7], kv_workloads.SamplingParams(max_tokens=2))
+        llm.engine.step()
+    with pytest.raises(CapabilityMismatchError, match="runs only on a replay clock"):
+        runtime.use_clock(RealClock())
+    with pytest.raises(ValueError, match="schedule_only needs clock='replay'"):
+        kv_workloads.bench_goodput(str(tiny_model), clock="real", schedule_only=True)
+
+
 def _run(policy: str, seed: int, met: int, wall: float) -> GoodputRun:
     res = kv_workloads.RunResult(policy, [], [0.1] * 4, [0.01] * 4, wall, {})
     return GoodputRun(policy, seed, res, met)
@@ -288,7 +328,8 @@ def test_bench_cli_passes_goodput_flags(monkeypatch: pytest.MonkeyPatch) -> None
     runner.add_bench_arguments(parser)
     args = parser.parse_args(
         ["--workload", "goodput", "--seeds", "3", "--clock", "replay", "--workload-shape",
-         "bursty", "--calibration", "c.json", "--slo-scale", "2", "0.5", "--no-validate"]
+         "bursty", "--calibration", "c.json", "--slo-scale", "2", "0.5", "--no-validate",
+         "--schedule-only"]
     )  # fmt: skip
     args.num_threads, args.model, args.dtype = 2, None, None
     got: list[list[str]] = []
@@ -297,7 +338,7 @@ def test_bench_cli_passes_goodput_flags(monkeypatch: pytest.MonkeyPatch) -> None
     assert got == [
         ["goodput", "--threads", "2", "--seeds", "3", "--clock", "replay", "--workload-shape",
          "bursty", "--calibration", "c.json", "--slo-scale", "2.0", "0.5", "--no-validate",
-         "--validate-runs", "3"]
+         "--schedule-only", "--validate-runs", "3"]
     ]  # fmt: skip
 
 

@@ -462,17 +462,30 @@ class GoodputRun:
 
 
 def _goodput_engine(
-    model: str, threads: int, policy: str, predictor: StepCostPredictor | None
+    model: str,
+    threads: int,
+    policy: str,
+    predictor: StepCostPredictor | None,
+    schedule_only: bool = False,
 ) -> Any:
+    options: dict[str, Any] = {}
+    if schedule_only:
+        if predictor is None:
+            raise ValueError("schedule_only replays need the replay clock (a predictor)")
+        options["runtime"] = {"name": "schedule_replay"}
     engine = _engine(
         model,
         threads,
         scheduler=policy,
         max_model_len=1024,
         max_num_batched_tokens=GOODPUT_CHUNK,
+        **options,
     )
     if predictor is not None:
-        engine.set_clock(ReplayClock(predictor))
+        clock = ReplayClock(predictor)
+        engine.set_clock(clock)
+        if schedule_only:
+            engine.runtime.use_clock(clock)
     return engine
 
 
@@ -483,10 +496,13 @@ def run_goodput(
     workloads: Sequence[tuple[int, Sequence[Req]]],
     predictor: StepCostPredictor | None,
     warm_len: int = 768,
+    schedule_only: bool = False,
 ) -> list[GoodputRun]:
     """Every policy on every ``(seed, requests)`` workload, interleaved (seed 1: all
     policies, seed 2: all policies, ...), each run on a freshly built engine; replay clock
-    when ``predictor`` is given. A policy that cannot be built is reported and skipped."""
+    when ``predictor`` is given, with ``schedule_only`` through the schedule replay
+    runtime (no forward pass; :mod:`sagellm.engine.runtime.schedule_replay`). A policy
+    that cannot be built is reported and skipped."""
     runs: list[GoodputRun] = []
     broken: set[str] = set()
     for seed, reqs in workloads:
@@ -494,7 +510,7 @@ def run_goodput(
             if name in broken:
                 continue
             try:
-                engine = _goodput_engine(model, threads, name, predictor)
+                engine = _goodput_engine(model, threads, name, predictor, schedule_only)
             except Exception as exc:  # a policy that cannot be built is reported, not fatal
                 print(f"{name}: cannot build: {exc}")
                 broken.add(name)
@@ -627,6 +643,7 @@ def bench_goodput(
     validate_runs: int = 3,
     policies: Sequence[str] | None = None,
     slo_scale: tuple[float, float] | None = None,
+    schedule_only: bool = False,
     **shape_options: Any,
 ) -> str:
     """Goodput (requests meeting both SLOs per second) per installed scheduling policy,
@@ -637,7 +654,9 @@ def bench_goodput(
     with the predictor of ``calibration`` (default: the cached calibration of ``model`` at
     ``threads`` threads, made on first use); with ``validate`` the first seed also runs
     FCFS ``validate_runs`` times on the real clock and the TTFT/TPOT medians are compared
-    (the median over the real runs, with their spread). Every request carries
+    (the median over the real runs, with their spread). ``schedule_only`` (replay clock
+    only) leaves the model's forward pass out: the same schedule, in a fraction of the
+    time (:mod:`sagellm.engine.runtime.schedule_replay`). Every request carries
     its SLO into the engine (``add_request(slo=)``), so SLO-aware policies see what they
     are measured against.
     """
@@ -647,6 +666,8 @@ def bench_goodput(
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     if validate_runs < 1:
         raise ValueError(f"validate_runs must be at least 1, got {validate_runs}")
+    if schedule_only and clock != "replay":
+        raise ValueError("schedule_only needs clock='replay' (its steps compute nothing)")
     predictor: StepCostPredictor | None = None
     source = ""
     if clock == "replay" or shape != "mixed":
@@ -661,7 +682,14 @@ def bench_goodput(
     names = list(policies) if policies else sorted(p.name for p in registry.available("scheduler"))
     names = ["fcfs"] + [n for n in names if n != "fcfs"] + ["fcfs (again)"]
     order = [n.split(" ")[0] for n in names]
-    runs = run_goodput(model, threads, order, workloads, predictor if clock == "replay" else None)
+    runs = run_goodput(
+        model,
+        threads,
+        order,
+        workloads,
+        predictor if clock == "replay" else None,
+        schedule_only=schedule_only,
+    )
     # the second FCFS run of each seed is labelled as such
     seen: set[tuple[str, int]] = set()
     for run in runs:
@@ -670,8 +698,10 @@ def bench_goodput(
         seen.add((run.policy, run.seed))
     num = len(workloads[0][1])
     lines = [
-        f"goodput workload {shape!r}: {num} requests per seed, seeds 1..{seeds}, {clock} clock, "
-        f"{threads} threads" + (f"; {source}" if source else ""),
+        f"goodput workload {shape!r}: {num} requests per seed, seeds 1..{seeds}, {clock} clock"
+        + (" (schedule only: no forward pass)" if schedule_only else "")
+        + f", {threads} threads"
+        + (f"; {source}" if source else ""),
         goodput_table(runs),
     ]
     first = [r for r in runs if r.policy == "fcfs"]
@@ -885,6 +915,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 validate=not args.no_validate,
                 validate_runs=args.validate_runs,
                 slo_scale=tuple(args.slo_scale) if args.slo_scale else None,
+                schedule_only=args.schedule_only,
             )
         )
         return
@@ -920,6 +951,12 @@ def add_goodput_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar=("K_TTFT", "K_TPOT"),
         help="bursty/diurnal: SLOs as multiples of the predicted prefill and decode step",
+    )
+    g.add_argument(
+        "--schedule-only",
+        action="store_true",
+        help="replay: leave the model's forward pass out (the schedule does not depend on "
+        "the tokens: fixed output lengths), so many seeds take seconds",
     )
     g.add_argument(
         "--no-validate",

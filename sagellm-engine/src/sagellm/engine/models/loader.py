@@ -27,6 +27,7 @@ __all__ = [
     "load_gguf",
     "load_safetensors",
     "load_weights",
+    "read_config",
     "permute_qk",
     "unpermute_qk",
 ]
@@ -164,6 +165,22 @@ def load_safetensors(
         if progress is not None:
             progress("read", i + 1, len(keys))
     return cfg, weights
+
+
+def read_config(source: ModelSource) -> ModelConfig:
+    """The model's config alone (a GGUF header or ``config.json``), no weights read."""
+    if source.kind == "gguf":
+        f = GGUFFile(source.path)
+        names = set(f.tensors)
+        return ModelConfig.from_gguf(
+            f.metadata,
+            has_output="output.weight" in names,
+            attention_bias="blk.0.attn_q.bias" in names,
+        )
+    cfg_path = source.path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelNotFoundError(f"{source.path} has no config.json")
+    return ModelConfig.from_hf(json.loads(cfg_path.read_text()))
 
 
 def load_weights(
