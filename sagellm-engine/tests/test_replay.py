@@ -371,6 +371,16 @@ def test_goodput_workload_shapes_and_slos() -> None:
         SLO(ttft_ms=1000.0, tpot_ms=250.0),
     }
     assert kv_workloads.goodput_workload("mixed", 1) == mixed  # seeded
+    # with a predictor the mixed shape derives its SLOs too (default scales)
+    derived = kv_workloads.goodput_workload("mixed", 1, PRED)
+    k_ttft, k_tpot = kv_workloads.SLO_SCALES["mixed"]
+    _, step = kv_workloads.expected_step(mixed_trace(1), PRED)
+    assert [r.prompt for r in derived] == [r.prompt for r in mixed]
+    for r in derived:
+        assert r.slo == SLO(
+            ttft_ms=1000.0 * k_ttft * (PRED.prefill_seconds(len(r.prompt), 256) + step),
+            tpot_ms=1000.0 * k_tpot * step,
+        )
     bursty = kv_workloads.goodput_workload("bursty", 2, PRED, slo_scale=(2.0, 1.0))
     trace = bursty_trace(2)
     _, step = kv_workloads.expected_step(trace, PRED)
