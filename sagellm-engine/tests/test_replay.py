@@ -329,7 +329,7 @@ def test_bench_cli_passes_goodput_flags(monkeypatch: pytest.MonkeyPatch) -> None
     args = parser.parse_args(
         ["--workload", "goodput", "--seeds", "3", "--clock", "replay", "--workload-shape",
          "bursty", "--calibration", "c.json", "--slo-scale", "2", "0.5", "--no-validate",
-         "--schedule-only"]
+         "--schedule-only", "--recalibrate"]
     )  # fmt: skip
     args.num_threads, args.model, args.dtype = 2, None, None
     got: list[list[str]] = []
@@ -338,7 +338,7 @@ def test_bench_cli_passes_goodput_flags(monkeypatch: pytest.MonkeyPatch) -> None
     assert got == [
         ["goodput", "--threads", "2", "--seeds", "3", "--clock", "replay", "--workload-shape",
          "bursty", "--calibration", "c.json", "--slo-scale", "2.0", "0.5", "--no-validate",
-         "--schedule-only", "--validate-runs", "3"]
+         "--schedule-only", "--recalibrate", "--validate-runs", "3"]
     ]  # fmt: skip
 
 
@@ -394,3 +394,34 @@ def test_goodput_workload_shapes_and_slos() -> None:
         kv_workloads.goodput_workload("diurnal", 1)
     with pytest.raises(ValueError, match="mixed, bursty, diurnal"):
         kv_workloads.goodput_workload("flat", 1, PRED)
+
+
+def test_real_goodput_line_reports_the_spread() -> None:
+    reals = [_run("fcfs", 1, met, 2.0) for met in (10, 12, 11)]
+    line = kv_workloads.real_goodput_line(reals, _run("fcfs", 1, 11, 2.2))
+    assert line == (
+        "fcfs goodput on the real clock: 5.00 (10 met), 6.00 (12 met), 5.50 (11 met) req/s; "
+        "max - min = 18% of the median; replay 5.00 (11 met)"
+    )
+
+
+def test_recalibrate_fits_again_and_saves_where_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sagellm.engine.bench import replay as bench_replay
+
+    path = tmp_path / "calib.json"
+    PRED.save(path)
+    fitted = StepCostPredictor((1e-3, 2e-4, 3e-4, 4e-6), model="m")
+    calls: list[tuple[str, int]] = []
+
+    def fake(model: str, threads: int, **_: Any) -> StepCostPredictor:
+        calls.append((model, threads))
+        return fitted
+
+    monkeypatch.setattr(bench_replay, "calibrate", fake)
+    got, where = bench_replay.load_or_calibrate(path, "m", 2)
+    assert got.coefficients[:4] == PRED.coefficients[:4] and calls == []  # kept
+    got, where = bench_replay.load_or_calibrate(path, "m", 2, fresh=True)
+    assert calls == [("m", 2)] and where == path
+    assert StepCostPredictor.load(path).coefficients == fitted.coefficients

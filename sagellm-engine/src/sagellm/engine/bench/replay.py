@@ -173,19 +173,22 @@ def default_calibration_path(model: str, threads: int) -> Path:
 
 
 def load_or_calibrate(
-    path: str | Path | None, model: str, threads: int
+    path: str | Path | None, model: str, threads: int, *, fresh: bool = False
 ) -> tuple[StepCostPredictor, Path]:
     """The predictor in ``path``; without ``path``, the default file, calibrated (with a
     progress line on stderr) and saved there when missing. A named file that is missing
-    is an error that says how to make it."""
-    if path is not None:
-        return StepCostPredictor.load(path), Path(path)
-    target = default_calibration_path(model, threads)
-    if target.exists():
-        return StepCostPredictor.load(target), target
+    is an error that says how to make it. ``fresh``: calibrate now whatever exists and
+    save to ``path`` (or the default file), so the steps are priced as the machine runs
+    them in this session."""
+    target = Path(path) if path is not None else default_calibration_path(model, threads)
+    if not fresh:
+        if path is not None:
+            return StepCostPredictor.load(path), Path(path)
+        if target.exists():
+            return StepCostPredictor.load(target), target
+    why = "recalibrating" if fresh else "no step-cost calibration"
     print(
-        f"no step-cost calibration for {model} at {threads} threads: calibrating "
-        f"(saved to {target})",
+        f"{why} for {model} at {threads} threads: calibrating (saved to {target})",
         file=sys.stderr,
     )
     pred = calibrate(model, threads, progress=lambda m: print(m, file=sys.stderr))

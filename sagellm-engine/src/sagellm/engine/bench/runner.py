@@ -260,6 +260,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             argv += ["--slo-scale", *map(str, args.slo_scale)] if args.slo_scale else []
             argv += ["--no-validate"] if args.no_validate else []
             argv += ["--schedule-only"] if args.schedule_only else []
+            argv += ["--recalibrate"] if args.recalibrate else []
             argv += ["--validate-runs", str(args.validate_runs)]
         kv_workloads.main(argv)
         return 0
