@@ -427,12 +427,12 @@ def goodput_workload(
     elif shape in SHAPES:
         if predictor is None:
             raise ValueError(f"the {shape} workload derives its SLOs from a step-cost predictor")
-        make: Callable[..., list[TraceRequest]] = {
-            "mixed": mixed_trace,
-            "bursty": bursty_trace,
-            "diurnal": diurnal_trace,
-        }[shape]
-        trace = make(seed, **shape_options)
+        if shape == "mixed":
+            trace = mixed_trace(seed, **shape_options)
+        elif shape == "bursty":
+            trace = bursty_trace(seed, **shape_options)
+        else:
+            trace = diurnal_trace(seed, **shape_options)
         k_ttft, k_tpot = slo_scale or SLO_SCALES[shape]
         slos = derive_slos(trace, predictor, k_ttft, k_tpot)
     else:
