@@ -39,7 +39,7 @@ from sagellm.engine.runtime.batch import StepBatch, build_step_batch, is_decode_
 from sagellm.engine.runtime.config import NativeRuntimeConfig, parse_spec
 from sagellm.engine.runtime.tensor_parallel import TensorParallelError, TensorParallelGroup
 
-__all__ = ["NativeRuntime", "RowOutput", "apply_sparsifier", "resolve_dtype"]
+__all__ = ["NativeRuntime", "RowOutput", "apply_sparsifier", "kv_schema_of", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,19 @@ def _chunk_rows(chunks: Sequence[SequenceChunk]) -> dict[str, range]:
                 rows[c.request_id] = range(start, start + n)
                 start += n
     return rows
+
+
+def kv_schema_of(mc: Any, block_size: int, dtype: str) -> KVCacheSchema:
+    """The native runtime's KV layout for model config ``mc`` with elements of ``dtype``
+    (a quantized type carries its float16 scale per row)."""
+    return KVCacheSchema(
+        num_layers=mc.num_layers,
+        num_kv_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim,
+        block_size=block_size,
+        dtype=dtype,  # type: ignore[arg-type]
+        scale_bytes=_KV_SCALE_BYTES if dtype in _QUANTIZED_KV_DTYPES else 0,
+    )
 
 
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -895,15 +908,7 @@ class NativeRuntime:
                 f"of {', '.join(sorted(_KV_DTYPES | _QUANTIZED_KV_DTYPES))} (or a "
                 f"kv_cache_dtype choice: auto, {', '.join(KV_CACHE_DTYPES)})"
             )
-        mc = self.model_config
-        return KVCacheSchema(
-            num_layers=mc.num_layers,
-            num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
-            block_size=block_size,
-            dtype=name,  # type: ignore[arg-type]
-            scale_bytes=_KV_SCALE_BYTES if name in _QUANTIZED_KV_DTYPES else 0,
-        )
+        return kv_schema_of(self.model_config, block_size, name)
 
     def bind_kv_pool(self, pool: KVPool) -> None:
         """Use ``pool``'s storage for attention; CapabilityMismatchError if it cannot fit."""

@@ -36,11 +36,9 @@ from sagellm.core.types import (
 )
 from sagellm.engine.models.loader import read_config
 from sagellm.engine.models.source import resolve_model
-from sagellm.engine.runtime.native import resolve_dtype
+from sagellm.engine.runtime.native import kv_schema_of, resolve_dtype
 
 __all__ = ["ScheduleReplayRuntime", "ScheduleReplayRuntimeConfig"]
-
-_SCALE_BYTES = 2  # a quantized KV row's float16 scale, as the native runtime stores it
 
 
 class ScheduleReplayRuntimeConfig(BaseModel):
@@ -100,15 +98,7 @@ class ScheduleReplayRuntime:
         name = KV_CACHE_DTYPES.get(choice, choice)
         if name == "auto":
             name = str(self.dtype).removeprefix("torch.")
-        mc = self.model_config
-        return KVCacheSchema(
-            num_layers=mc.num_layers,
-            num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
-            block_size=block_size,
-            dtype=name,  # type: ignore[arg-type]
-            scale_bytes=_SCALE_BYTES if name in ("int8", "float8_e4m3fn", "float8_e5m2") else 0,
-        )
+        return kv_schema_of(self.model_config, block_size, name)
 
     def bind_kv_pool(self, pool: KVPool) -> None:
         """Keep ``pool`` (its blocks are allocated and freed by the engine as usual)."""
