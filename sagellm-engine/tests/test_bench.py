@@ -85,3 +85,14 @@ def test_tensor_parallel_prediction_adds_the_step_s_collectives() -> None:
     n = 2 * SHAPE["num_layers"] + 1
     want = 40.0 / 2 + (n * link.time_us(SHAPE["hidden_size"] * 4) + 50.0 + 40.0) / 1e3
     assert _predict(40.0, 1, coll, link) == pytest.approx(want)
+
+
+def test_server_itl_gaps_and_summary() -> None:
+    from sagellm.engine.bench.server_itl import gaps, summarize
+
+    times = [0.0, 0.5, 0.51, 0.53, 0.56]
+    assert gaps(times) == pytest.approx([0.01, 0.02, 0.03])  # the prefill gap left out
+    assert gaps(times, skip=0) == pytest.approx([0.5, 0.01, 0.02, 0.03])
+    text = summarize([[0.011, 0.011, 0.012]], [[0.010, 0.010, 0.010]])
+    assert text.splitlines()[1].split() == ["1", "11.00", "10.00"]
+    assert "server / offline = 1.100 (target <= 1.10)" in text
