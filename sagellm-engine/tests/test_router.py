@@ -39,7 +39,7 @@ from sagellm.engine.router import (
     WorkerPool,
 )
 from sagellm.engine.router.app import parse_load
-from sagellm.engine.router.policies import request_text
+from sagellm.engine.router.policies import TTFT_HEADER, SLOPolicy, make_policy, request_text
 from sagellm.engine.router.prefix_tree import common_prefix_len
 from sagellm.engine.router.workers import parse_worker_spec
 from sagellm.engine.server import ServerThread, build_app
@@ -182,6 +182,52 @@ def test_request_text_of_chat_extends_with_every_turn() -> None:
 
 
 # ---------------------------------------------------------------------- prefix tree
+
+
+def test_slo_policy_fits_the_objective_with_the_least_slack() -> None:
+    fast, slow = workers(2)
+    policy = make_policy("slo")
+    assert isinstance(policy, SLOPolicy)
+    plain = req("x")
+    assert policy.choose(plain, [fast, slow]) is fast and policy.last_decision == "slo_explore"
+    policy.observe(fast, 0.1, 0)  # 100 ms per open request
+    assert policy.choose(plain, [fast, slow]) is slow  # not measured yet: tried first
+    policy.observe(slow, 0.4, 1)  # 400 ms with one other open: 200 ms per request
+    assert (policy.predicted_ms(fast), policy.predicted_ms(slow)) == (100.0, 200.0)
+    assert policy.choose(plain, [fast, slow]) is fast and policy.last_decision == "slo_none"
+
+    def within(ms: float) -> RouteRequest:
+        return RouteRequest(model="m", text="x", ttft_ms=ms)
+
+    # both fit 250 ms: the one with the least slack, keeping the fast one free
+    assert policy.choose(within(250), [fast, slow]) is slow
+    assert policy.last_decision == "slo_fit"
+    assert policy.choose(within(150), [fast, slow]) is fast  # only the fast one fits
+    assert policy.choose(within(50), [fast, slow]) is fast  # none fits: the fastest
+    assert policy.last_decision == "slo_fastest"
+    fast.in_flight = 3  # predicted 400 ms now
+    assert policy.choose(within(250), [fast, slow]) is slow
+    assert policy.choose(plain, [fast, slow]) is slow  # the lower prediction
+    policy.observe(slow, 0.3, 0)  # the mean moves by alpha = 0.2 toward 300 ms
+    assert policy.predicted_ms(slow) == pytest.approx(220.0)
+    policy.forget(slow)
+    assert policy.predicted_ms(slow) is None
+    with pytest.raises(ValueError, match="default_ttft_ms must be positive"):
+        SLOPolicy(default_ttft_ms=0)
+    defaulted = SLOPolicy(default_ttft_ms=150)
+    for w, seconds in ((fast, 0.1), (slow, 0.2)):
+        defaulted.observe(w, seconds, 0)
+    fast.in_flight = 0
+    assert defaulted.choose(plain, [fast, slow]) is fast  # 150 ms: only the fast one fits
+
+
+def test_ttft_header_parsing() -> None:
+    body = {"model": "m", "prompt": "hi"}
+    assert RouteRequest.from_body(body, {TTFT_HEADER: "250"}).ttft_ms == 250.0
+    assert RouteRequest.from_body(body).ttft_ms is None
+    for bad in ("0", "-5", "soon", "inf", "nan"):
+        with pytest.raises(ValueError, match="must be a positive number of milliseconds"):
+            RouteRequest.from_body(body, {TTFT_HEADER: bad})
 
 
 def test_prefix_tree_basics() -> None:
@@ -607,6 +653,62 @@ def stub_worker(model: str, mode: str) -> ServerThread:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return ServerThread(app, ServerConfig(port=0, log_level="critical")).start()
+
+
+def timed_worker(model: str, delay: float) -> ServerThread:
+    """A fake worker whose streams send their first chunk after ``delay`` seconds."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model, "object": "model"}]}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions() -> Any:
+        async def events() -> AsyncIterator[bytes]:
+            await asyncio.sleep(delay)
+            yield b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n'
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return ServerThread(app, ServerConfig(port=0, log_level="critical")).start()
+
+
+def test_slo_routing_learns_each_worker_s_ttft_over_http() -> None:
+    fast, slow = timed_worker("m", 0.02), timed_worker("m", 0.3)
+    r = router_over([fast.url, slow.url], policy="slo", health_interval=0)
+    body = {"model": "m", "prompt": "hi", "stream": True}
+
+    def send(ttft_ms: float | None = None) -> str:
+        headers = {} if ttft_ms is None else {TTFT_HEADER: str(ttft_ms)}
+        with httpx.stream("POST", r.url + "/v1/completions", json=body, headers=headers) as resp:
+            assert resp.status_code == 200
+            assert b"[DONE]" in resp.read()
+        return str(r.router.policy.last_decision)
+
+    try:
+        assert [send(), send()] == ["slo_explore", "slo_explore"]  # each measured once
+        predicted = {
+            w: r.router.policy.predicted_ms(r.router.pool.get(w)) for w in (fast.url, slow.url)
+        }
+        assert 20 <= predicted[fast.url] < 250 <= 300 <= predicted[slow.url] < 1000
+        before = {w: routed_count(r, w, "slo_fit") for w in (fast.url, slow.url)}
+        assert send(5000) == "slo_fit"  # both fit: the slow one (least slack)
+        assert send(150) == "slo_fit"  # only the fast one fits
+        assert routed_count(r, slow.url, "slo_fit") == before[slow.url] + 1
+        assert routed_count(r, fast.url, "slo_fit") == before[fast.url] + 1
+        assert send(1) == "slo_fastest"
+        resp = httpx.post(r.url + "/v1/completions", json=body, headers={TTFT_HEADER: "soon"})
+        assert resp.status_code == 400 and TTFT_HEADER in resp.json()["error"]["message"]
+    finally:
+        r.stop()
+        fast.stop()
+        slow.stop()
 
 
 def test_5xx_is_retried_and_a_broken_stream_ends_with_an_error(

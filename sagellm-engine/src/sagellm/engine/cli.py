@@ -189,6 +189,7 @@ def cmd_router(args: argparse.Namespace) -> int:
             balance_rel_threshold=args.balance_rel_threshold,
             max_tree_chars=args.max_tree_chars,
             scrape_metrics=args.scrape_metrics,
+            default_ttft_ms=args.default_ttft_ms,
         )
         prefill, decode = args.prefill or [], args.decode or []
         if len(prefill) != len(decode):
@@ -538,9 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--policy",
-        choices=("round_robin", "least_load", "cache_aware"),
+        choices=("round_robin", "least_load", "cache_aware", "slo"),
         default="cache_aware",
-        help="routing policy (default: cache_aware)",
+        help="routing policy (default: cache_aware; slo: by predicted TTFT against the "
+        "request's x-sagellm-ttft-ms header or --default-ttft-ms)",
+    )
+    p.add_argument(
+        "--default-ttft-ms",
+        type=float,
+        metavar="MS",
+        help="slo: the TTFT objective of requests without the x-sagellm-ttft-ms header",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument(

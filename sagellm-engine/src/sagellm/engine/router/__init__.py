@@ -14,6 +14,7 @@ from sagellm.engine.router.policies import (
     Policy,
     RoundRobinPolicy,
     RouteRequest,
+    SLOPolicy,
     make_policy,
 )
 from sagellm.engine.router.pool import (
@@ -40,6 +41,7 @@ __all__ = [
     "RouteRequest",
     "RouterConfig",
     "RouterThread",
+    "SLOPolicy",
     "RoutingError",
     "UnknownModelError",
     "Worker",

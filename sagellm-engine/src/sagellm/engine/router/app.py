@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from sagellm.engine._version import __version__
-from sagellm.engine.router.policies import Policy, RouteRequest, make_policy
+from sagellm.engine.router.policies import TTFT_HEADER, Policy, RouteRequest, make_policy
 from sagellm.engine.router.pool import RoutingError, WorkerPool
 from sagellm.engine.router.workers import HealthPolicy, Worker, parse_worker_spec
 
@@ -68,6 +68,7 @@ class RouterConfig:
     scrape_metrics: bool = False  # refresh loads from the workers' /metrics
     connect_timeout: float = 5.0
     request_timeout: float = 600.0  # longest silence while reading a worker's answer
+    default_ttft_ms: float | None = None  # slo policy: objective of requests without one
 
     def make_policy(self) -> Policy:
         options: dict[str, Any] = {}
@@ -78,6 +79,8 @@ class RouterConfig:
                 "balance_rel_threshold": self.balance_rel_threshold,
                 "max_tree_chars": self.max_tree_chars,
             }
+        if self.policy == "slo":
+            options = {"default_ttft_ms": self.default_ttft_ms}
         return make_policy(self.policy, **options)
 
     @property
@@ -364,7 +367,10 @@ class HTTPRouter:
             return _error(400, "the request body must be a JSON object")
         if not isinstance(body.get("model"), str) or not body["model"]:
             return _error(400, "model: a model name is required", param="model")
-        route = RouteRequest.from_body(body)
+        try:
+            route = RouteRequest.from_body(body, request.headers)
+        except ValueError as exc:
+            return _error(400, str(exc), param=TTFT_HEADER)
         stream = bool(body.get("stream"))
         headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_HEADERS}
         headers.update((k, v) for k, v in request.headers.items() if k.startswith("x-"))
@@ -404,6 +410,8 @@ class HTTPRouter:
         self, worker: Worker, path: str, raw: bytes, headers: dict[str, str], stream: bool
     ) -> Response:
         assert self.client is not None and worker.url is not None
+        open_before = worker.load
+        sent = time.perf_counter()
         worker.in_flight += 1
         resp: httpx.Response | None = None
         handed_off = False  # the stream below now owns resp and the in-flight count
@@ -426,6 +434,9 @@ class HTTPRouter:
                 first = await chunks.__anext__()
             except StopAsyncIteration:
                 first = b""
+            observe = getattr(self.policy, "observe", None)
+            if observe is not None and first:
+                observe(worker, time.perf_counter() - sent, open_before)
             handed_off = True
         except httpx.HTTPError as exc:
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

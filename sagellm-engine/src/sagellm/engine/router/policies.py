@@ -9,7 +9,7 @@ why that worker was picked (a label of the router's metrics).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,27 +23,49 @@ __all__ = [
     "Policy",
     "RouteRequest",
     "RoundRobinPolicy",
+    "SLOPolicy",
+    "TTFT_HEADER",
     "make_policy",
     "request_text",
 ]
 
 
+#: Request header carrying a request's TTFT objective in milliseconds (the ``slo`` policy).
+TTFT_HEADER = "x-sagellm-ttft-ms"
+
+
 @dataclass(frozen=True)
 class RouteRequest:
-    """What a policy may look at: the model, the prompt as text, its token count if known."""
+    """What a policy may look at: the model, the prompt as text, its token count if known,
+    and its TTFT objective if the client gave one (header :data:`TTFT_HEADER`)."""
 
     model: str
     text: str = ""
     num_prompt_tokens: int | None = None  # known when the prompt is token ids
+    ttft_ms: float | None = None
 
     @classmethod
-    def from_body(cls, body: dict[str, Any]) -> RouteRequest:
-        """From an OpenAI completions or chat body."""
+    def from_body(
+        cls, body: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> RouteRequest:
+        """From an OpenAI completions or chat body (and the request's headers). Raises
+        ValueError for a TTFT header that is not a positive number."""
         prompt = body.get("prompt")
         num_tokens = None
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             num_tokens = len(prompt)
-        return cls(str(body.get("model", "")), request_text(body), num_tokens)
+        ttft: float | None = None
+        raw = (headers or {}).get(TTFT_HEADER)
+        if raw is not None:
+            try:
+                ttft = float(raw)
+            except ValueError:
+                ttft = -1.0
+            if not ttft > 0 or ttft == float("inf"):
+                raise ValueError(
+                    f"{TTFT_HEADER} must be a positive number of milliseconds, got {raw!r}"
+                )
+        return cls(str(body.get("model", "")), request_text(body), num_tokens, ttft)
 
 
 def _content_text(content: Any) -> str:
@@ -211,15 +233,81 @@ class CacheAwarePolicy:
         self.trees.pop(worker.name, None)
 
 
-POLICIES = ("round_robin", "least_load", "cache_aware")
+class SLOPolicy:
+    """Route by predicted time to first token against the request's TTFT objective.
+
+    The router measures, per worker, the time from sending a streamed request to its first
+    chunk and the requests it had open then; ``observe`` keeps an exponentially weighted
+    mean of the time per open request (``ttft / (open + 1)``), so a worker's predicted TTFT
+    for one more request is that mean times (its load + 1). Workers of different speed
+    (another engine, another accelerator) so get different predictions at the same load.
+
+    A request with an objective (``RouteRequest.ttft_ms``, else ``default_ttft_ms``) goes
+    to the worker that meets it with the least slack (best fit), keeping faster workers
+    free for tighter objectives; when none is predicted to meet it, or without an
+    objective, to the lowest prediction. A worker without a measurement yet is tried first
+    (its prediction is unknown, not zero). Decisions: ``slo_explore``, ``slo_fit``,
+    ``slo_fastest`` (none fits), ``slo_none`` (no objective: the lowest prediction).
+    """
+
+    name = "slo"
+
+    def __init__(self, default_ttft_ms: float | None = None, alpha: float = 0.2) -> None:
+        if default_ttft_ms is not None and not default_ttft_ms > 0:
+            raise ValueError(f"default_ttft_ms must be positive, got {default_ttft_ms}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.default_ttft_ms = default_ttft_ms
+        self.alpha = alpha
+        self._per_request: dict[str, float] = {}  # worker -> seconds per open request
+        self.last_decision = "slo_none"
+
+    def observe(self, worker: Worker, ttft_s: float, open_before: int) -> None:
+        """One streamed request's time to first chunk on ``worker``, sent while it had
+        ``open_before`` other requests open."""
+        sample = ttft_s / (open_before + 1)
+        old = self._per_request.get(worker.name)
+        self._per_request[worker.name] = (
+            sample if old is None else old + self.alpha * (sample - old)
+        )
+
+    def predicted_ms(self, worker: Worker) -> float | None:
+        """Predicted TTFT of one more request on ``worker`` (None: not measured yet)."""
+        per = self._per_request.get(worker.name)
+        return None if per is None else 1000.0 * per * (worker.load + 1)
+
+    def choose(self, request: RouteRequest, workers: Sequence[Worker]) -> Worker:
+        unknown = [w for w in workers if w.name not in self._per_request]
+        if unknown:
+            self.last_decision = "slo_explore"
+            return _least_loaded(unknown)
+        predicted = [(self.predicted_ms(w) or 0.0, i, w) for i, w in enumerate(workers)]
+        objective = request.ttft_ms if request.ttft_ms is not None else self.default_ttft_ms
+        if objective is not None:
+            fits = [p for p in predicted if p[0] <= objective]
+            if fits:
+                self.last_decision = "slo_fit"
+                return max(fits, key=lambda p: (p[0], -p[1]))[2]
+            self.last_decision = "slo_fastest"
+        else:
+            self.last_decision = "slo_none"
+        return min(predicted, key=lambda p: (p[0], p[1]))[2]
+
+    def forget(self, worker: Worker) -> None:
+        self._per_request.pop(worker.name, None)
+
+
+POLICIES = ("round_robin", "least_load", "cache_aware", "slo")
 
 
 def make_policy(name: str, **options: Any) -> Policy:
-    """A policy by name; ``options`` go to the cache-aware policy (others take none)."""
+    """A policy by name; ``options`` go to the cache-aware and slo policies."""
     if name == "round_robin":
         return RoundRobinPolicy()
     if name == "least_load":
         return LeastLoadPolicy()
     if name == "cache_aware":
         return CacheAwarePolicy(**options)
+    if name == "slo":
+        return SLOPolicy(**options)
     raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
