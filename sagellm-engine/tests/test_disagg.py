@@ -414,3 +414,81 @@ def test_router_takes_a_dead_decode_worker_out(tiny_model: Path) -> None:
         rt.stop()
         p_srv.stop()
         cons.engine.close()
+
+
+def test_a_decode_instance_killed_mid_transfer(tiny_model: Path, tmp_path: Path) -> None:
+    """The decode instance is a process, killed while it loads the prompt's KV: the
+    request fails with the router's message, the router takes the pair's decode out, and
+    the producer frees every block and keeps serving."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    from sagellm.core.ports import find_free_port
+    from sagellm.engine.bench.serve_peers import ServerProcess
+
+    prod = make_llm(
+        tiny_model,
+        num_blocks=64,
+        kv_transfer_config={
+            "kv_role": "kv_producer",
+            "kv_port": 0,
+            "kv_connector_extra_config": {"timeout_s": 5.0, "lease_s": 1.0},
+        },
+    )
+    kv_port = int(prod.engine.kv_transfer.address.rpartition(":")[2])
+    channel = prod.engine.kv_transfer.channel
+    serving = threading.Event()
+    real_serve = channel._serve
+
+    def slow_serve(*args: Any) -> Any:  # the load is under way when the consumer dies
+        serving.set()
+        time.sleep(1.0)
+        return real_serve(*args)
+
+    channel._serve = slow_serve
+    p_srv = _serve(prod)
+    port = find_free_port()
+    consumer = {"kv_role": "kv_consumer", "kv_port": kv_port}
+    consumer["kv_connector_extra_config"] = {"timeout_s": 5.0}
+    cmd = [sys.executable, "-m", "sagellm.engine.cli", "serve", "--model", str(tiny_model)]
+    cmd += ["--port", str(port), "--dtype", "float32", "--block-size", "4"]
+    cmd += ["--max-model-len", "256", "--num-blocks", "64", "--seed", "0"]
+    cmd += ["--kv-transfer-config", json.dumps(consumer)]
+    cons = ServerProcess("consumer", cmd, port, log_path=tmp_path / "consumer.log", timeout=180)
+    c_url = f"http://127.0.0.1:{port}"
+    router = HTTPRouter(
+        [], RouterConfig(health_interval=0, health_failures=1), pd_pairs=[(p_srv.url, c_url)]
+    )
+    rt = RouterThread(router).start()
+    try:
+        model = httpx.get(p_srv.url + "/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": "a b c d e f g h i j", "max_tokens": 4}
+        answer: dict[str, httpx.Response] = {}
+
+        def call() -> None:
+            answer["resp"] = httpx.post(rt.url + "/v1/completions", json=body, timeout=60)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert serving.wait(60), "the decode leg never started its load"
+        os.killpg(cons.proc.pid, signal.SIGKILL)
+        caller.join(60)
+        resp = answer["resp"]
+        assert resp.status_code == 503, resp.text
+        assert "failed" in resp.json()["error"]["message"]
+        assert not router.pool.workers[0].decode.healthy
+        again = httpx.post(rt.url + "/v1/completions", json=body, timeout=30)
+        assert again.status_code == 503  # the pair cannot serve without its decode
+        deadline = time.monotonic() + 10
+        while used(prod) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert used(prod) == 0  # the survivor frees the offer's blocks
+        plain = _complete(p_srv.url, {"model": model, "prompt": "a b c", "max_tokens": 3})
+        assert plain["usage"]["completion_tokens"] == 3  # and keeps serving
+    finally:
+        rt.stop()
+        p_srv.stop()
+        cons.stop()
+        prod.engine.close()

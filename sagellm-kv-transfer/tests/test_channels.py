@@ -83,3 +83,40 @@ def test_nixl_missing_names_the_package() -> None:
 
     with pytest.raises(TransportUnavailableError, match="pip install nixl"):
         NixlKVChannel(NixlChannelConfig(role="producer"))
+
+
+def test_a_consumer_may_come_long_after_its_producer() -> None:
+    """The producer waits for its consumer for as long as it is open, not ``timeout_s``:
+    a decode instance started minutes after the prefill one still pairs with it."""
+    import time
+
+    import torch
+
+    schema = KVCacheSchema(num_layers=2, num_kv_heads=1, head_dim=4, block_size=2)
+    src = HostKVPool(HostKVPoolConfig(num_blocks=4), schema=schema)
+    dst = HostKVPool(HostKVPoolConfig(num_blocks=4), schema=schema)
+    producer = TorchKVChannel(TorchChannelConfig(role="producer", timeout_s=1.0), pool=src)
+    consumer = None
+    try:
+        ids = src.allocate(2)
+        for layer in range(2):
+            for j, kv in enumerate(src.layer_cache(layer)):
+                kv[ids] = torch.arange(16, dtype=kv.dtype).view(2, 2, 1, 4) + 100 * layer + 10 * j
+        _, plan = producer.request_finished("r", ids)
+        assert plan is not None
+        time.sleep(2.5)  # more than twice the producer's timeout_s
+        consumer = TorchKVChannel(
+            TorchChannelConfig(role="consumer", address=producer.address, timeout_s=1.0), pool=dst
+        )
+        consumer.add_remote_request(plan)
+        dst_ids = dst.allocate(2)
+        load = consumer.update_state_after_alloc("r", dst_ids, plan.num_tokens)
+        consumer.start_load(load)
+        consumer.wait(load)
+        for layer in range(2):
+            for a, b in zip(src.layer_cache(layer), dst.layer_cache(layer)):
+                assert torch.equal(a[ids], b[dst_ids])
+    finally:
+        if consumer is not None:
+            consumer.close()
+        producer.close()

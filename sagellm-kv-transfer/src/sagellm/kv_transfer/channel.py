@@ -42,6 +42,10 @@ __all__ = ["BaseKVChannel", "KVTransferStats", "offer_key"]
 # The control thread waits this long for the next message; close() wakes it earlier by
 # posting a stop message itself (a store wait that times out logs a warning each time).
 _IDLE = timedelta(days=1)
+#: How often a producer waiting for its consumer looks at its stop flag.
+_POLL = timedelta(seconds=0.5)
+#: Store key a consumer posts before it joins the transport (see ``_await_consumer``).
+_HELLO = "hello"
 
 
 def offer_key(plan: TransferPlan) -> str:
@@ -146,6 +150,8 @@ class BaseKVChannel:
         # time, so a thread blocked in wait() would hold up every other caller of it
         self._ctl: Any = self._store
         self.instance_id = config.instance_id or f"{config.role}@{self.address}"
+        if config.role == "consumer":
+            self._store.set(_HELLO, self.instance_id)  # the producer joins the transport now
         target = self._producer_loop if config.role == "producer" else self._consumer_loop
         self._thread = threading.Thread(target=target, name=f"kv-{config.role}", daemon=True)
 
@@ -430,12 +436,30 @@ class BaseKVChannel:
         out: dict[str, Any] = json.loads(raw)
         return out
 
+    def _await_consumer(self) -> bool:
+        """Producer: wait, for as long as the channel is open, until a consumer announces
+        itself (it posts ``hello`` before joining the transport); True once one has.
+
+        A prefill instance usually starts before its decode instance, by any delay: the
+        transport (a gloo pair, a Mooncake or NIXL handshake) is formed only once the
+        consumer is there, each side then waiting at most ``timeout_s``.
+        """
+        while not self._stop.is_set():
+            try:
+                self._ctl.wait([_HELLO], _POLL)
+                return True
+            except Exception:  # timed out: look at the stop flag, then wait again
+                continue
+        return False
+
     def _producer_loop(self) -> None:
         from torch.distributed import PrefixStore, TCPStore
 
         try:
             client = TCPStore(self.config.host, self._port, None, False, self._timeout)
             self._ctl = PrefixStore("sagellm-kv/", client)
+            if not self._await_consumer():
+                return  # closed before any consumer came
             self._connect_producer()
         except Exception as exc:
             self._fatal = f"the consumer did not connect to {self.address}: {exc}"
