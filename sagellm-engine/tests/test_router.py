@@ -628,8 +628,9 @@ def test_a_killed_worker_is_taken_out_and_comes_back(
     assert port_is_free(port) and port_is_free(r.port)
 
 
-def stub_worker(model: str, mode: str) -> ServerThread:
-    """A fake worker: ``fail`` answers 500, ``break`` cuts its stream after one event."""
+def stub_worker(model: str, mode: str, delay: float = 0.0) -> ServerThread:
+    """A fake worker: ``fail`` answers 500, ``break`` cuts its stream after one event,
+    ``timed`` streams one event after ``delay`` seconds, then ends."""
     app = FastAPI()
 
     @app.get("/v1/models")
@@ -646,7 +647,11 @@ def stub_worker(model: str, mode: str) -> ServerThread:
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)
 
         async def events() -> AsyncIterator[bytes]:
+            await asyncio.sleep(delay)
             yield b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n'
+            if mode == "timed":
+                yield b"data: [DONE]\n\n"
+                return
             await asyncio.sleep(0.05)
             raise RuntimeError("the worker died mid-stream")
 
@@ -655,32 +660,8 @@ def stub_worker(model: str, mode: str) -> ServerThread:
     return ServerThread(app, ServerConfig(port=0, log_level="critical")).start()
 
 
-def timed_worker(model: str, delay: float) -> ServerThread:
-    """A fake worker whose streams send their first chunk after ``delay`` seconds."""
-    app = FastAPI()
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model, "object": "model"}]}
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.post("/v1/completions", response_model=None)
-    async def completions() -> Any:
-        async def events() -> AsyncIterator[bytes]:
-            await asyncio.sleep(delay)
-            yield b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n'
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    return ServerThread(app, ServerConfig(port=0, log_level="critical")).start()
-
-
 def test_slo_routing_learns_each_worker_s_ttft_over_http() -> None:
-    fast, slow = timed_worker("m", 0.02), timed_worker("m", 0.3)
+    fast, slow = stub_worker("m", "timed", 0.02), stub_worker("m", "timed", 0.3)
     r = router_over([fast.url, slow.url], policy="slo", health_interval=0)
     body = {"model": "m", "prompt": "hi", "stream": True}
 
