@@ -39,9 +39,15 @@ from sagellm.engine.router import (
     WorkerPool,
 )
 from sagellm.engine.router.app import parse_load
-from sagellm.engine.router.policies import TTFT_HEADER, SLOPolicy, make_policy, request_text
+from sagellm.engine.router.policies import (
+    DEVICE_HEADER,
+    TTFT_HEADER,
+    SLOPolicy,
+    make_policy,
+    request_text,
+)
 from sagellm.engine.router.prefix_tree import common_prefix_len
-from sagellm.engine.router.workers import parse_worker_spec
+from sagellm.engine.router.workers import parse_worker_spec, split_device
 from sagellm.engine.server import ServerThread, build_app
 
 from .conftest import make_llm
@@ -228,6 +234,27 @@ def test_ttft_header_parsing() -> None:
     for bad in ("0", "-5", "soon", "inf", "nan"):
         with pytest.raises(ValueError, match="must be a positive number of milliseconds"):
             RouteRequest.from_body(body, {TTFT_HEADER: bad})
+
+
+def test_device_kinds_in_worker_specs_and_requests() -> None:
+    assert split_device("http://h:1@m,n#NPU") == ("http://h:1@m,n", "npu")
+    assert split_device("http://h:1") == ("http://h:1", None)
+    for bad in ("http://h:1#", "http://h:1#a/b"):
+        with pytest.raises(ValueError, match="URL\\[@models\\]#kind"):
+            split_device(bad)
+    cuda, npu, unknown = workers(3)
+    cuda.device, npu.device = "cuda", "npu"
+    pool = WorkerPool(RoundRobinPolicy())
+    for w in (cuda, npu, unknown):
+        pool.add(w)
+    on = lambda kind: RouteRequest.from_body({"model": "m"}, {DEVICE_HEADER: kind})  # noqa: E731
+    assert [pool.select(on("NPU")) for _ in range(2)] == [npu, npu]
+    assert pool.select(on("cuda")) is cuda
+    with pytest.raises(
+        UnknownModelError, match=r"'xpu'; it is served on: cuda, npu \(and 1 worker"
+    ):
+        pool.select(on("xpu"))
+    assert {pool.select(req("x")).name for _ in range(3)} == {"w0", "w1", "w2"}
 
 
 def test_prefix_tree_basics() -> None:
@@ -628,14 +655,19 @@ def test_a_killed_worker_is_taken_out_and_comes_back(
     assert port_is_free(port) and port_is_free(r.port)
 
 
-def stub_worker(model: str, mode: str, delay: float = 0.0) -> ServerThread:
+def stub_worker(
+    model: str, mode: str, delay: float = 0.0, device: str | None = None
+) -> ServerThread:
     """A fake worker: ``fail`` answers 500, ``break`` cuts its stream after one event,
     ``timed`` streams one event after ``delay`` seconds, then ends."""
     app = FastAPI()
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model, "object": "model"}]}
+        card: dict[str, Any] = {"id": model, "object": "model"}
+        if device is not None:
+            card["device"] = device
+        return {"object": "list", "data": [card]}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -658,6 +690,33 @@ def stub_worker(model: str, mode: str, delay: float = 0.0) -> ServerThread:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return ServerThread(app, ServerConfig(port=0, log_level="critical")).start()
+
+
+def test_device_routing_over_http(two_workers: list[ServerThread]) -> None:
+    reported = stub_worker("m", "timed", device="CUDA")  # read from its model card
+    declared = stub_worker("m", "timed")
+    r = router_over([reported.url, declared.url + "#npu"], policy="round_robin")
+    body = {"model": "m", "prompt": "hi", "stream": True}
+    try:
+        assert r.router.pool.get(reported.url).device == "cuda"
+        assert r.router.pool.get(declared.url).device == "npu"
+        card = httpx.get(r.url + "/v1/models").json()["data"][0]
+        assert card["devices"] == ["cuda", "npu"] and "device" not in card
+        for kind, url in (("npu", declared.url), ("cuda", reported.url), ("npu", declared.url)):
+            before = routed_count(r, url, "round_robin")
+            resp = httpx.post(r.url + "/v1/completions", json=body, headers={DEVICE_HEADER: kind})
+            assert resp.status_code == 200
+            assert routed_count(r, url, "round_robin") == before + 1
+        resp = httpx.post(r.url + "/v1/completions", json=body, headers={DEVICE_HEADER: "xpu"})
+        assert resp.status_code == 404 and "served on: cuda, npu" in resp.json()["error"]["message"]
+    finally:
+        r.stop()
+        reported.stop()
+        declared.stop()
+    # a sageLLM server reports the device kind it runs on
+    assert httpx.get(two_workers[0].url + "/v1/models").json()["data"][0]["device"] == "cpu"
+    cp = ControlPlaneManager("round_robin")
+    assert cp.register_url(two_workers[0].url).device == "cpu"
 
 
 def test_slo_routing_learns_each_worker_s_ttft_over_http() -> None:

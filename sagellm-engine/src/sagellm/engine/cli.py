@@ -521,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="URL",
         help="workers: URL, or URL@model[,model] to declare the models instead of "
-        "reading them from the worker's /v1/models",
+        "reading them from the worker's /v1/models; a trailing #kind declares the device "
+        "kind (URL#npu), which requests may ask for with the x-sagellm-device header",
     )
     p.add_argument(
         "--prefill",

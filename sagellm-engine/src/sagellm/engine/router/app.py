@@ -35,7 +35,7 @@ from starlette.types import Receive, Scope, Send
 from sagellm.engine._version import __version__
 from sagellm.engine.router.policies import TTFT_HEADER, Policy, RouteRequest, make_policy
 from sagellm.engine.router.pool import RoutingError, WorkerPool
-from sagellm.engine.router.workers import HealthPolicy, Worker, parse_worker_spec
+from sagellm.engine.router.workers import HealthPolicy, Worker, parse_worker_spec, split_device
 
 __all__ = ["HTTPRouter", "RouterConfig", "build_router_app", "error_body", "parse_load"]
 
@@ -231,6 +231,7 @@ class HTTPRouter:
         return self.pool.policy
 
     def add_url(self, spec: str) -> Worker:
+        spec, device = split_device(spec)
         url, models = parse_worker_spec(spec)
         worker = Worker(
             name=url,
@@ -238,6 +239,8 @@ class HTTPRouter:
             models=dict.fromkeys(models),
             declared=bool(models),
             health=self.config.health,
+            device=device,
+            device_declared=device is not None,
         )
         return self.pool.add(worker)
 
@@ -245,7 +248,7 @@ class HTTPRouter:
         """Register a prefill worker (a ``kv_producer``) and its decode partner (the
         ``kv_consumer`` paired with it); only the prefill worker is routed to."""
         worker = self.add_url(prefill_spec)
-        url, models = parse_worker_spec(decode_spec)
+        url, models = parse_worker_spec(split_device(decode_spec)[0])
         worker.decode = Worker(
             name=url,
             url=url,
@@ -303,6 +306,8 @@ class HTTPRouter:
             limit = card.get("max_model_len")
             found[str(card["id"])] = int(limit) if isinstance(limit, int) else None
             worker.model_cards[str(card["id"])] = card
+            if not worker.device_declared and isinstance(card.get("device"), str):
+                worker.device = card["device"].lower()
         if worker.declared:  # keep the operator's names; take the limits that match
             for m in worker.models:
                 if m in found:
@@ -528,6 +533,8 @@ class HTTPRouter:
                     break
             limits = [n for w in workers if (n := w.models[model]) is not None]
             card["max_model_len"] = max(limits) if limits else None
+            card.pop("device", None)  # one worker's; the router serves the model on these:
+            card["devices"] = sorted({w.device for w in workers if w.device is not None})
             card.setdefault("created", int(time.time()))
             data.append(card)
         return {"object": "list", "data": data}

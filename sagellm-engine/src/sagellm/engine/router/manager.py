@@ -14,9 +14,9 @@ from typing import Any
 
 from sagellm.core.protocols import InferenceEngine
 from sagellm.core.types import RequestOutput, SamplingParams
-from sagellm.engine.router.policies import Policy, RouteRequest, make_policy
+from sagellm.engine.router.policies import DEVICE_HEADER, Policy, RouteRequest, make_policy
 from sagellm.engine.router.pool import UnknownModelError, WorkerPool
-from sagellm.engine.router.workers import HealthPolicy, Worker, parse_worker_spec
+from sagellm.engine.router.workers import HealthPolicy, Worker, parse_worker_spec, split_device
 
 __all__ = ["ControlPlaneManager"]
 
@@ -47,14 +47,19 @@ class ControlPlaneManager:
     def workers(self) -> list[Worker]:
         return self.pool.workers
 
-    def register_engine(self, name: str, engine: InferenceEngine) -> Worker:
+    def register_engine(
+        self, name: str, engine: InferenceEngine, *, device: str | None = None
+    ) -> Worker:
         """An in-process engine; its model and context come from ``capabilities()``.
 
         The model name is the engine's ``model_name`` when it has one (the name it
         serves under) and the capability descriptor's ``name`` otherwise; the context
-        is the engine's ``max_model_len`` when it has one, else the descriptor's.
+        is the engine's ``max_model_len`` when it has one, else the descriptor's. The
+        device kind is ``device``, else the descriptor's only device when it lists one.
         """
         caps = engine.capabilities()
+        if device is None and len(caps.devices) == 1:
+            device = caps.devices[0]
         model = getattr(engine, "model_name", None) or caps.name
         limit = getattr(engine, "max_model_len", None)
         if not isinstance(limit, int):
@@ -66,6 +71,8 @@ class ControlPlaneManager:
             declared=True,
             health=self.health,
             healthy=engine.is_healthy(),
+            device=device.lower() if device else None,
+            device_declared=device is not None,
         )
         return self.pool.add(worker)
 
@@ -77,13 +84,15 @@ class ControlPlaneManager:
         name: str | None = None,
         timeout: float = 5.0,
     ) -> Worker:
-        """A server by URL (``URL@model`` works too); models read from its ``/v1/models``.
+        """A server by URL (``URL@model`` and ``URL#device`` work too); models (and the
+        device kind, if the server reports one) read from its ``/v1/models``.
 
         A server that cannot be reached is registered as down, with the models given.
         """
         import httpx
 
-        base, declared = parse_worker_spec(url)
+        spec, device = split_device(url)
+        base, declared = parse_worker_spec(spec)
         declared = list(models or declared)
         worker = Worker(
             name=name or base,
@@ -91,6 +100,8 @@ class ControlPlaneManager:
             models=dict.fromkeys(declared),
             declared=bool(declared),
             health=self.health,
+            device=device,
+            device_declared=device is not None,
         )
         try:
             resp = httpx.get(base + "/v1/models", timeout=timeout, trust_env=False)
@@ -103,6 +114,9 @@ class ControlPlaneManager:
                 for c in cards
                 if isinstance(c, dict) and "id" in c
             }
+            reported = [c["device"] for c in cards if isinstance(c, dict) and "device" in c]
+            if worker.device is None and reported and isinstance(reported[0], str):
+                worker.device = reported[0].lower()
             if worker.declared:
                 for m in worker.models:
                     worker.models[m] = found.get(m)
@@ -132,6 +146,7 @@ class ControlPlaneManager:
         messages: Sequence[dict[str, Any]] | None = None,
         *,
         exclude: Sequence[Worker] = (),
+        device: str | None = None,
     ) -> Worker:
         """The worker for a request (raises a ``RoutingError`` when none can take it).
 
@@ -145,7 +160,8 @@ class ControlPlaneManager:
             body["messages"] = list(messages)
         elif prompt is not None:
             body["prompt"] = prompt if isinstance(prompt, str) else list(prompt)
-        return self.pool.select(RouteRequest.from_body(body), exclude=exclude)
+        headers = {DEVICE_HEADER: device} if device else None
+        return self.pool.select(RouteRequest.from_body(body, headers), exclude=exclude)
 
     async def generate(
         self,

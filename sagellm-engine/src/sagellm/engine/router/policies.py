@@ -23,6 +23,7 @@ __all__ = [
     "Policy",
     "RouteRequest",
     "RoundRobinPolicy",
+    "DEVICE_HEADER",
     "SLOPolicy",
     "TTFT_HEADER",
     "make_policy",
@@ -32,6 +33,8 @@ __all__ = [
 
 #: Request header carrying a request's TTFT objective in milliseconds (the ``slo`` policy).
 TTFT_HEADER = "x-sagellm-ttft-ms"
+#: Request header naming the device kind a request must run on (``cuda``, ``npu``, ...).
+DEVICE_HEADER = "x-sagellm-device"
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class RouteRequest:
     text: str = ""
     num_prompt_tokens: int | None = None  # known when the prompt is token ids
     ttft_ms: float | None = None
+    device: str | None = None  # only workers of this device kind (header DEVICE_HEADER)
 
     @classmethod
     def from_body(
@@ -65,7 +69,14 @@ class RouteRequest:
                 raise ValueError(
                     f"{TTFT_HEADER} must be a positive number of milliseconds, got {raw!r}"
                 )
-        return cls(str(body.get("model", "")), request_text(body), num_tokens, ttft)
+        device = (headers or {}).get(DEVICE_HEADER)
+        return cls(
+            str(body.get("model", "")),
+            request_text(body),
+            num_tokens,
+            ttft,
+            device.strip().lower() if device else None,
+        )
 
 
 def _content_text(content: Any) -> str:

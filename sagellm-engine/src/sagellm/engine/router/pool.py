@@ -73,6 +73,8 @@ class WorkerPool:
     def candidates(self, request: RouteRequest) -> list[Worker]:
         """Workers serving the model whose context fits a token-id prompt (may be empty)."""
         serving = [w for w in self._workers.values() if w.serves(request.model)]
+        if request.device is not None:
+            serving = [w for w in serving if w.device == request.device]
         n = request.num_prompt_tokens
         if n is None:
             return serving
@@ -82,6 +84,18 @@ class WorkerPool:
     def select(self, request: RouteRequest, exclude: Iterable[Worker] = ()) -> Worker:
         """The policy's pick among the healthy candidates not in ``exclude``."""
         serving = self.candidates(request)
+        if not serving and request.device is not None:
+            model_workers = [w for w in self._workers.values() if w.serves(request.model)]
+            if model_workers:
+                kinds = sorted({w.device for w in model_workers if w.device is not None})
+                unknown = sum(w.device is None for w in model_workers)
+                where = ", ".join(kinds) if kinds else "no declared device"
+                if unknown:
+                    where += f" (and {unknown} worker(s) whose device kind is unknown)"
+                raise UnknownModelError(
+                    f"no worker serves model {request.model!r} on device {request.device!r}; "
+                    f"it is served on: {where}"
+                )
         if not serving:
             known = sorted(self.models())
             served = ", ".join(known) if known else "none (no worker has reported a model)"

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["HealthPolicy", "Worker", "parse_worker_spec"]
+__all__ = ["HealthPolicy", "Worker", "parse_worker_spec", "split_device"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ class Worker:
     reported_load: int | None = None  # running + waiting from the worker's /metrics
     reported_at: float = 0.0
     model_cards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the device kind it computes on ("cuda", "npu", "cpu", ...): declared as URL#kind,
+    # else read from its /v1/models card (sageLLM reports it; None: unknown)
+    device: str | None = None
+    device_declared: bool = False
     # a prefill instance's decode partner (prefill/decode disaggregation): requests routed
     # here are prefilled here, then decoded there with the prompt's KV (None: standalone)
     decode: Worker | None = None
@@ -101,6 +105,17 @@ class Worker:
             "reported_load": self.reported_load,
             **({"decode": self.decode.describe()} if self.decode is not None else {}),
         }
+
+
+def split_device(spec: str) -> tuple[str, str | None]:
+    """``SPEC#kind`` -> (SPEC, kind); a spec without ``#`` -> (spec, None). A base URL has
+    no fragment, so ``#`` is free to carry the worker's device kind."""
+    head, sep, kind = spec.partition("#")
+    if not sep:
+        return spec, None
+    if not kind or "/" in kind or "@" in kind:
+        raise ValueError(f"worker {spec!r}: write the device kind last, as URL[@models]#kind")
+    return head, kind.lower()
 
 
 def parse_worker_spec(spec: str) -> tuple[str, list[str]]:

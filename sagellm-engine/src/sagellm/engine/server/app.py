@@ -1172,6 +1172,7 @@ class _Server:
                     "owned_by": "sagellm",
                     "root": self.engine.engine.config.model,
                     "max_model_len": self.engine.max_model_len,
+                    "device": str(self.engine.engine.config.device).partition(":")[0],
                 }
             ],
         }

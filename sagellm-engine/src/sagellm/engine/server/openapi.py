@@ -235,6 +235,7 @@ class _ModelCard(BaseModel):
     owned_by: str
     root: str
     max_model_len: int
+    device: str  # the device kind the engine runs on ("cpu", "cuda", "npu", ...)
 
 
 class ModelList(BaseModel):
