@@ -110,12 +110,7 @@ def load_gguf(
     f = GGUFFile(path)
     if progress is not None:
         progress("parse", 1, 1)
-    names = set(f.tensors)
-    cfg = ModelConfig.from_gguf(
-        f.metadata,
-        has_output="output.weight" in names,
-        attention_bias="blk.0.attn_q.bias" in names,
-    )
+    cfg = _gguf_config(f)
     # llama.cpp permutes Q/K rows for the llama architecture only (qwen2 keeps the layout)
     permuted = cfg.architecture in ("llama", "mistral")
     weights: dict[str, torch.Tensor] = {}
@@ -150,10 +145,7 @@ def load_safetensors(
     """Config and float32 weights of a Hugging Face safetensors folder."""
     from safetensors import safe_open
 
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise ModelNotFoundError(f"{folder} has no config.json")
-    cfg = ModelConfig.from_hf(json.loads(cfg_path.read_text()))
+    cfg = _hf_config(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelNotFoundError(f"{folder} has no *.safetensors files")
@@ -167,20 +159,27 @@ def load_safetensors(
     return cfg, weights
 
 
+def _gguf_config(f: GGUFFile) -> ModelConfig:
+    names = set(f.tensors)
+    return ModelConfig.from_gguf(
+        f.metadata,
+        has_output="output.weight" in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+    )
+
+
+def _hf_config(folder: Path) -> ModelConfig:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelNotFoundError(f"{folder} has no config.json")
+    return ModelConfig.from_hf(json.loads(cfg_path.read_text()))
+
+
 def read_config(source: ModelSource) -> ModelConfig:
     """The model's config alone (a GGUF header or ``config.json``), no weights read."""
     if source.kind == "gguf":
-        f = GGUFFile(source.path)
-        names = set(f.tensors)
-        return ModelConfig.from_gguf(
-            f.metadata,
-            has_output="output.weight" in names,
-            attention_bias="blk.0.attn_q.bias" in names,
-        )
-    cfg_path = source.path / "config.json"
-    if not cfg_path.is_file():
-        raise ModelNotFoundError(f"{source.path} has no config.json")
-    return ModelConfig.from_hf(json.loads(cfg_path.read_text()))
+        return _gguf_config(GGUFFile(source.path))
+    return _hf_config(source.path)
 
 
 def load_weights(

@@ -9,6 +9,7 @@ why that worker was picked (a label of the router's metrics).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -64,8 +65,8 @@ class RouteRequest:
             try:
                 ttft = float(raw)
             except ValueError:
-                ttft = -1.0
-            if not ttft > 0 or ttft == float("inf"):
+                ttft = math.nan
+            if not (math.isfinite(ttft) and ttft > 0):
                 raise ValueError(
                     f"{TTFT_HEADER} must be a positive number of milliseconds, got {raw!r}"
                 )

@@ -51,6 +51,8 @@ _QUANTIZED_KV_DTYPES = {"int8", "float8_e4m3fn", "float8_e5m2"}
 #: scales in place); decodes over float8 caches gather and dequantize instead.
 _PAGED_DECODE_KV_DTYPES = {"float32", "bfloat16", "float16", "int8"}
 _KV_SCALE_BYTES = 2
+#: Every KV element type the native runtime stores (and the schedule replay lays out).
+KV_DTYPES = frozenset(_KV_DTYPES | _QUANTIZED_KV_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -885,7 +887,7 @@ class NativeRuntime:
             name=f"native:{self.source.name}",
             devices=("cpu", "cuda"),
             dtypes=("float32", "bfloat16"),
-            kv_dtypes=tuple(sorted(_KV_DTYPES | _QUANTIZED_KV_DTYPES)),  # type: ignore[arg-type]
+            kv_dtypes=tuple(sorted(KV_DTYPES)),  # type: ignore[arg-type]
             kv_schema=self.kv_cache_schema(16),
             max_model_len=self.model_config.max_position_embeddings,
             features=("paged_attention", "chunked_prefill", "prefix_caching", "mixed_batch"),

@@ -36,7 +36,7 @@ from sagellm.core.types import (
 )
 from sagellm.engine.models.loader import read_config
 from sagellm.engine.models.source import resolve_model
-from sagellm.engine.runtime.native import kv_schema_of, resolve_dtype
+from sagellm.engine.runtime.native import KV_DTYPES, kv_schema_of, resolve_dtype
 
 __all__ = ["ScheduleReplayRuntime", "ScheduleReplayRuntimeConfig"]
 
@@ -86,7 +86,7 @@ class ScheduleReplayRuntime:
             name=f"schedule_replay:{self.source.name}",
             devices=("cpu", "cuda"),
             dtypes=("float32", "bfloat16"),
-            kv_dtypes=("bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2", "int8"),
+            kv_dtypes=tuple(sorted(KV_DTYPES)),  # type: ignore[arg-type]
             kv_schema=self.kv_cache_schema(16),
             max_model_len=self.model_config.max_position_embeddings,
             features=("paged_attention", "chunked_prefill", "prefix_caching", "mixed_batch"),
